@@ -1,0 +1,46 @@
+"""clusca-trt: Cluster-Driven Feature Caching (ClusCa) for Diffusion Transformers, compiled
+into static ONNX / TensorRT engines.
+
+    from clusca_trt import Pipeline
+    pipe = Pipeline.load("engines/dit")
+    out = pipe.generate(class_labels=[207, 360], seed=0)
+"""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+from .config import ClusCaConfig, FreshPolicy, Method
+from .errors import (
+    BackendUnavailableError,
+    CheckpointError,
+    ClusCaError,
+    ConfigError,
+    EngineError,
+    EngineMismatchError,
+    InputError,
+)
+
+__all__ = [
+    "BackendUnavailableError",
+    "CheckpointError",
+    "ClusCaConfig",
+    "ClusCaError",
+    "ConfigError",
+    "EngineError",
+    "EngineMismatchError",
+    "FreshPolicy",
+    "InputError",
+    "Method",
+    "Pipeline",
+    "__version__",
+]
+
+
+def __getattr__(name: str):
+    # the runtime pulls in numpy and ONNX Runtime; keep ``import clusca_trt`` light
+    if name == "Pipeline":
+        from .runtime.pipeline import Pipeline
+
+        return Pipeline
+    raise AttributeError(f"module 'clusca_trt' has no attribute {name!r}")

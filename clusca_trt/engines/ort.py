@@ -1,0 +1,189 @@
+"""ONNX Runtime engines: a provider probe and an IOBinding engine whose state stays in
+``OrtValue`` buffers on the provider's device.
+
+``onnxruntime-gpu`` lists the CUDA and TensorRT providers even where their libraries are
+missing and then silently falls back to the CPU; ``probe_providers`` creates a tiny session
+per provider and keeps only those that really load. Every engine says which provider ran.
+
+State tensors have two buffers each (ping-pong): a graph that reads ``mlp_f0`` and writes
+``mlp_f0_out`` reads one buffer and writes the other; the two swap after the call.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import io
+import logging
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import BackendUnavailableError, EngineError
+from ..spec import OUT, ExportSpec
+from .base import NP_DTYPES, StepEngine
+
+log = logging.getLogger(__name__)
+
+PROVIDERS = {
+    "tensorrt": "TensorrtExecutionProvider",
+    "cuda": "CUDAExecutionProvider",
+    "cpu": "CPUExecutionProvider",
+}
+PREFERENCE = ("tensorrt", "cuda", "cpu")
+
+
+def _probe_model() -> bytes:
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph(
+        [helper.make_node("Add", ["a", "a"], ["b"])],
+        "probe",
+        [helper.make_tensor_value_info("a", TensorProto.FLOAT, [1])],
+        [helper.make_tensor_value_info("b", TensorProto.FLOAT, [1])],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    model.ir_version = 9
+    return model.SerializeToString()
+
+
+@functools.lru_cache(maxsize=1)
+def probe_providers() -> tuple[str, ...]:
+    """The short names (tensorrt, cuda, cpu) of the providers that really create a session here."""
+    import onnxruntime as ort
+
+    listed = set(ort.get_available_providers())
+    working = []
+    model = _probe_model()
+    ort.set_default_logger_severity(4)  # a provider whose libraries are missing logs errors: expected here
+    try:
+        _probe_each(ort, listed, model, working)
+    finally:
+        ort.set_default_logger_severity(2)
+    log.debug("ONNX Runtime providers that load here: %s", working)
+    return tuple(working)
+
+
+def _probe_each(ort, listed: set, model: bytes, working: list) -> None:
+    for short in PREFERENCE:
+        name = PROVIDERS[short]
+        if name not in listed:
+            continue
+        if short == "cpu":
+            working.append(short)
+            continue
+        so = ort.SessionOptions()
+        so.log_severity_level = 4
+        sink = io.StringIO()
+        try:
+            with contextlib.redirect_stdout(sink), contextlib.redirect_stderr(sink):
+                session = ort.InferenceSession(model, so, providers=[name])
+            if session.get_providers()[0] == name:
+                working.append(short)
+        except Exception as e:  # a provider that cannot load is simply not available
+            log.debug("provider %s does not load: %s", name, e)
+
+
+def choose_provider(requested: str = "auto") -> str:
+    working = probe_providers()
+    if requested == "auto":
+        return working[0]
+    if requested not in PROVIDERS:
+        raise BackendUnavailableError(f"provider must be one of auto, {', '.join(PROVIDERS)}, got {requested!r}")
+    if requested not in working:
+        raise BackendUnavailableError(
+            f"ONNX Runtime provider {requested} does not load on this machine (working: {', '.join(working)}); "
+            f"install onnxruntime-gpu with CUDA/TensorRT libraries or choose --provider cpu"
+        )
+    return requested
+
+
+class OrtEngine(StepEngine):
+    backend = "onnxruntime"
+
+    def __init__(
+        self,
+        spec: ExportSpec,
+        graph_paths: dict[str, Path],
+        provider: str = "auto",
+        threads: int | None = None,
+        trt_cache_dir: Path | None = None,
+    ):
+        import onnxruntime as ort
+
+        super().__init__(spec)
+        self._ort = ort
+        self.provider = choose_provider(provider)
+        self.device = "cpu" if self.provider == "cpu" else "cuda"
+        providers: list = [PROVIDERS[self.provider]]
+        if self.provider == "tensorrt" and trt_cache_dir is not None:
+            providers = [(PROVIDERS["tensorrt"], {"trt_engine_cache_enable": True, "trt_engine_cache_path": str(trt_cache_dir)})]
+        if self.provider != "cpu":
+            providers.append(PROVIDERS["cpu"])
+        so = ort.SessionOptions()
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        so.log_severity_level = 3
+        if threads:
+            so.intra_op_num_threads = threads
+        self.sessions = {}
+        for name, path in graph_paths.items():
+            try:
+                self.sessions[name] = ort.InferenceSession(str(path), so, providers=providers)
+            except Exception as e:
+                raise EngineError(
+                    f"engine file {Path(path).name} cannot be loaded by ONNX Runtime "
+                    f"({type(e).__name__}: {e}".splitlines()[0][:300] + "); rebuild with clusca-trt build"
+                ) from e
+            ran = self.sessions[name].get_providers()[0]
+            if ran != PROVIDERS[self.provider]:
+                log.warning("graph %s runs on %s, not %s", name, ran, PROVIDERS[self.provider])
+        self._state: dict[str, object] = {}
+        self._spare: dict[str, object] = {}
+        self._out = {}
+        for n, g in spec.graphs.items():
+            for t in g.outputs:
+                if t.name == OUT:
+                    self._out[n] = self._alloc(t.shape, t.dtype)
+        for n, t in self.state_specs.items():
+            self._state[n] = self._alloc(t.shape, t.dtype)
+            self._spare[n] = self._alloc(t.shape, t.dtype)
+        log.info("ONNX Runtime engine on %s (%s)", self.provider, PROVIDERS[self.provider])
+
+    def _alloc(self, shape, dtype):
+        return self._ort.OrtValue.ortvalue_from_numpy(np.zeros(shape, NP_DTYPES[dtype]), self.device, 0)
+
+    def reset(self) -> None:
+        for n, t in self.state_specs.items():
+            self._state[n].update_inplace(np.zeros(t.shape, NP_DTYPES[t.dtype]))
+
+    def run(self, graph: str, feeds: dict[str, np.ndarray]) -> np.ndarray | None:
+        g = self.spec.graphs[graph]
+        self.check_feeds(g, feeds)
+        session = self.sessions[graph]
+        binding = session.io_binding()
+        for t in g.inputs:
+            if t.name in self._state:
+                binding.bind_ortvalue_input(t.name, self._state[t.name])
+            else:
+                binding.bind_ortvalue_input(
+                    t.name, self._ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(feeds[t.name]), self.device, 0)
+                )
+        written = []
+        for t in g.outputs:
+            if t.name == OUT:
+                binding.bind_ortvalue_output(OUT, self._out[graph])
+            else:
+                binding.bind_ortvalue_output(t.name, self._spare[t.state_name])
+                written.append(t.state_name)
+        session.run_with_iobinding(binding)
+        for n in written:
+            self._state[n], self._spare[n] = self._spare[n], self._state[n]
+        return self._out[graph].numpy().copy() if graph in self._out else None
+
+    def read_state(self, name: str) -> np.ndarray:
+        return self._state[name].numpy().copy()
+
+    def close(self) -> None:
+        self.sessions.clear()
+        self._state.clear()
+        self._spare.clear()

@@ -1,0 +1,29 @@
+"""Typed errors. Every message is one line that says what was expected and what was got."""
+
+
+class ClusCaError(Exception):
+    """Base class of every error clusca-trt raises on purpose."""
+
+
+class ConfigError(ClusCaError, ValueError):
+    """An option or configuration value is out of range or inconsistent."""
+
+
+class CheckpointError(ClusCaError):
+    """A checkpoint is missing, unreadable or does not match the model configuration."""
+
+
+class EngineError(ClusCaError):
+    """An engine directory or engine file is missing, corrupt or unusable."""
+
+
+class EngineMismatchError(EngineError):
+    """An engine directory was built with other settings than the ones requested."""
+
+
+class BackendUnavailableError(ClusCaError):
+    """A backend or execution provider was requested that this machine cannot run."""
+
+
+class InputError(ClusCaError, ValueError):
+    """A run-time input (labels, prompt, shapes) is invalid."""

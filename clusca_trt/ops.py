@@ -1,0 +1,124 @@
+"""ClusCa's tensor operations, written once for every model family and every backend.
+
+Pure torch functions over static shapes; each traces into a small, static ONNX subgraph.
+
+* ``taylor_refresh``:  F_0 <- y; F_{i+1} <- (F_i(new) - F_i(old)) * coef_i        (full step)
+* ``taylor_forecast``: sum_i F_i * c_i, with c_i = d^i / i!                         (partial step)
+* ``propagate``:       F_0[n] <- f_c(n) if n is its cluster's fresh token,
+                       else gamma * f_c(n) + (1 - gamma) * F_0[n]                   (partial step)
+* ``kmeans``:          warm-started Lloyd iterations, fixed count, one-hot centroid updates
+* ``select_fresh``:    one token per cluster: the member with the smallest key
+"""
+
+from __future__ import annotations
+
+import torch
+
+_BIG = 3.0e38  # larger than any key or distance; stands for "not a member"
+
+
+def taylor_refresh(
+    y: torch.Tensor, f0_old: torch.Tensor, fhi_old: torch.Tensor | None, coef: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """New Taylor factors of one module cache after a full step.
+
+    y: [B, T, D] the branch output; f0_old: [B, T, D]; fhi_old: [O, B, T, D] (F_1..F_O) or None;
+    coef: [O], ``coef[i] = 1/dt`` when order i+1 has enough history, else 0.
+    Returns (F_0 new, F_1..F_O new stacked as [O, B, T, D] or None).
+    """
+    if fhi_old is None:
+        return y, None
+    order = fhi_old.shape[0]
+    new = [y]
+    for i in range(order):
+        old_i = f0_old if i == 0 else fhi_old[i - 1]
+        new.append((new[i] - old_i) * coef[i])
+    return y, torch.stack(new[1:], dim=0)
+
+
+def taylor_forecast(f0: torch.Tensor, fhi: torch.Tensor | None, coef: torch.Tensor) -> torch.Tensor:
+    """``sum_i F_i * coef[i]``; coef [O+1] holds d^i / i! (coef[0] = 1)."""
+    out = f0 * coef[0]
+    if fhi is not None:
+        for i in range(fhi.shape[0]):
+            out = out + fhi[i] * coef[i + 1]
+    return out
+
+
+def gather_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """x [B, T, D], index [B, R] -> [B, R, D]."""
+    return torch.gather(x, 1, index.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+
+
+def propagate(
+    f0: torch.Tensor,
+    fresh_values: torch.Tensor,
+    fresh_index: torch.Tensor,
+    assign: torch.Tensor,
+    gamma: torch.Tensor,
+) -> torch.Tensor:
+    """Scatter the fresh rows into F_0 and propagate them within their clusters.
+
+    f0 [B, T, D]; fresh_values [B, K, D] (row c computed at token fresh_index[:, c]);
+    fresh_index [B, K]; assign [B, T] cluster of every token; gamma [1].
+    A token is fresh when it is the chosen token of its own cluster, so an empty cluster
+    (whose row is computed but belongs to no token) never writes anywhere.
+    """
+    per_token = gather_rows(fresh_values, assign)  # f of the token's cluster, [B, T, D]
+    chosen = torch.gather(fresh_index, 1, assign)  # the fresh token of the token's cluster, [B, T]
+    positions = torch.arange(f0.shape[1], device=f0.device, dtype=assign.dtype).unsqueeze(0)
+    is_fresh = (chosen == positions).unsqueeze(-1)
+    blended = per_token * gamma + f0 * (1.0 - gamma)
+    return torch.where(is_fresh, per_token, blended)
+
+
+def pairwise_distance(x: torch.Tensor, centroids: torch.Tensor, metric: str) -> torch.Tensor:
+    """x [B, T, D], centroids [B, K, D] -> [B, T, K]. ``l1`` (the reference) or squared ``l2``."""
+    if metric == "l1":
+        return (x.unsqueeze(2) - centroids.unsqueeze(1)).abs().sum(-1)
+    if metric == "l2":
+        x2 = (x * x).sum(-1, keepdim=True)
+        c2 = (centroids * centroids).sum(-1).unsqueeze(1)
+        return x2 - 2.0 * torch.matmul(x, centroids.transpose(1, 2)) + c2
+    raise ValueError(f"distance must be 'l1' or 'l2', got {metric!r}")
+
+
+def kmeans(
+    x: torch.Tensor,
+    centroids: torch.Tensor,
+    init_index: torch.Tensor,
+    warm: torch.Tensor,
+    iterations: int,
+    metric: str = "l1",
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Lloyd's k-means per batch element with a fixed iteration count.
+
+    x [B, T, D]; centroids [B, K, D] from the previous full step; init_index [B, K] distinct
+    token indices for a cold start; warm [1] = 1 to start from ``centroids``, 0 from ``x[init_index]``.
+    Returns (assign [B, T] int64, centroids [B, K, D], distance of each token to its centroid [B, T]).
+    An empty cluster keeps its previous centroid.
+    """
+    k = centroids.shape[1]
+    c = centroids * warm + gather_rows(x, init_index) * (1.0 - warm)
+    for _ in range(iterations):
+        assign = pairwise_distance(x, c, metric).argmin(-1)
+        onehot = torch.nn.functional.one_hot(assign, k).to(x.dtype)  # [B, T, K]
+        sums = torch.matmul(onehot.transpose(1, 2), x)  # [B, K, D]
+        counts = onehot.sum(1).unsqueeze(-1)  # [B, K, 1]
+        c = torch.where(counts > 0, sums / counts.clamp(min=1.0), c)
+    dist = pairwise_distance(x, c, metric)
+    assign = dist.argmin(-1)
+    own = torch.gather(dist, 2, assign.unsqueeze(-1)).squeeze(-1)
+    return assign, c, own
+
+
+def select_fresh(assign: torch.Tensor, key: torch.Tensor, clusters: int) -> torch.Tensor:
+    """One token per cluster: the member with the smallest key.
+
+    assign [B, T]; key [L, B, T] (uniform noise: a uniformly random member, anew per block;
+    distance to the centroid: the nearest member). Returns [L, B, K] int64.
+    An empty cluster gets index 0; ``propagate`` never lets it write.
+    """
+    member = torch.nn.functional.one_hot(assign, clusters).bool().unsqueeze(0)  # [1, B, T, K]
+    masked = torch.where(member, key.unsqueeze(-1), torch.full_like(key.unsqueeze(-1), _BIG))
+    return masked.argmin(2)

@@ -1,0 +1,1 @@
+"""The sampler loop that drives engines through ClusCa cycles, and the embedded ``Pipeline``."""

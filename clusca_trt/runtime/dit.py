@@ -1,0 +1,106 @@
+"""Class-conditional DiT sampling with classifier-free guidance, over any denoiser: the
+ClusCa engines (``ScheduledDenoiser``) or a plain model call (the test oracle).
+
+Batch layout as in DiT: the graph batch is ``[cond (B) | uncond (B)]`` with the null class
+``num_classes``; guidance mixes the eps channels, the learned variance comes from the cond half.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Callable
+
+import numpy as np
+
+from ..errors import InputError
+from .samplers import GaussianDiffusion
+
+log = logging.getLogger(__name__)
+
+Denoise = Callable[[int, dict], np.ndarray]
+
+
+def check_labels(labels, num_classes: int) -> list[int]:
+    labels = [int(v) for v in labels]
+    if not labels:
+        raise InputError("expected at least one class label, got none")
+    bad = [v for v in labels if not 0 <= v < num_classes]
+    if bad:
+        raise InputError(f"class labels must be in 0..{num_classes - 1}, got {bad[0]}")
+    return labels
+
+
+def initial_noise(seed: int, n: int, shape: tuple[int, int, int]) -> np.ndarray:
+    return np.random.default_rng(seed).standard_normal((n, *shape), dtype=np.float32)
+
+
+def step_rng(seed: int, chunk: int) -> np.random.Generator:
+    """The generator of one chunk's per-step draws (fresh keys, k-means starts, DDPM noise)."""
+    return np.random.default_rng([seed, chunk, 1])
+
+
+def apply_cfg(out: np.ndarray, batch: int, channels: int, scale: float) -> np.ndarray:
+    cond, uncond = out[:batch], out[batch:]
+    eps = uncond[:, :channels] + scale * (cond[:, :channels] - uncond[:, :channels])
+    return np.concatenate([eps, cond[:, channels:]], axis=1)
+
+
+def sample_chunk(
+    denoise: Denoise,
+    diffusion: GaussianDiffusion,
+    x: np.ndarray,
+    labels: list[int],
+    num_classes: int,
+    cfg_scale: float,
+    rng: np.random.Generator,
+    progress: Callable[[int], None] | None = None,
+) -> np.ndarray:
+    """Denoise one chunk ``x`` [B, C, H, W] (B = the engine batch) through all steps."""
+    B, C = x.shape[0], x.shape[1]
+    y = np.array(list(labels) + [num_classes] * B, dtype=np.int64)
+    for s in range(diffusion.steps):
+        i = diffusion.steps - 1 - s
+        feeds = {
+            "x": np.concatenate([x, x], axis=0),
+            "t": np.full((2 * B,), diffusion.model_timestep(i), dtype=np.float32),
+            "y": y,
+        }
+        out = denoise(s, feeds)
+        model_out = apply_cfg(out, B, C, cfg_scale)
+        noise = rng.standard_normal(x.shape, dtype=np.float32) if diffusion.sampler == "ddpm" else None
+        x = diffusion.step(x, model_out, i, noise)
+        if progress:
+            progress(s)
+    return x
+
+
+def sample(
+    make_denoiser: Callable[[np.random.Generator], Denoise],
+    batch: int,
+    latent_shape: tuple[int, int, int],
+    labels: list[int],
+    seed: int,
+    steps: int,
+    sampler: str,
+    cfg_scale: float,
+    num_classes: int,
+    progress: Callable[[int], None] | None = None,
+) -> np.ndarray:
+    """All ``labels`` in chunks of the engine batch (the last chunk padded). The initial noise
+    of every sample comes from ``seed`` first; each chunk then draws its per-step randomness
+    (fresh-token keys, k-means starts, DDPM noise) from its own generator."""
+    labels = check_labels(labels, num_classes)
+    diffusion = GaussianDiffusion(steps, sampler)
+    x_all = initial_noise(seed, len(labels), latent_shape)
+    out = []
+    for j, start in enumerate(range(0, len(labels), batch)):
+        chunk = labels[start : start + batch]
+        pad = batch - len(chunk)
+        x = x_all[start : start + batch]
+        if pad:
+            x = np.concatenate([x, np.zeros((pad, *latent_shape), np.float32)])
+        rng = step_rng(seed, j)
+        denoise = make_denoiser(rng)
+        result = sample_chunk(denoise, diffusion, x, chunk + [0] * pad, num_classes, cfg_scale, rng, progress)
+        out.append(result[: len(chunk)])
+    return np.concatenate(out, axis=0)

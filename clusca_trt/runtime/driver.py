@@ -1,0 +1,80 @@
+"""The ClusCa cycle over any engine: full step (+ k-means when partial steps follow), then
+partial steps (fresh-token selection, partial graph) or forecast steps, by the static plan.
+
+The driver feeds only small host inputs (latents, timesteps, labels, coefficients, random
+keys); caches, hidden states, centroids, assignments and fresh indices stay in the engine.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+
+import numpy as np
+
+from ..config import ClusCaConfig, FreshPolicy
+from ..engines.base import StepEngine
+from ..schedule import PlannedStep, StepKind
+from ..spec import GRAPH_FORECAST, GRAPH_FULL, GRAPH_PARTIAL
+
+
+class ScheduledDenoiser:
+    """Callable ``(step, model_feeds) -> out`` that runs the planned step kind on the engine.
+
+    ``rng`` draws the cold-start centroids and the fresh-token keys, so a seed fixes the run.
+    ``timings`` collects seconds per graph name (host wall time around each engine call).
+    """
+
+    def __init__(self, engine: StepEngine, planned: list[PlannedStep], config: ClusCaConfig, rng: np.random.Generator):
+        self.engine = engine
+        self.spec = engine.spec
+        self.planned = planned
+        self.config = config
+        self.rng = rng
+        self.timings: dict[str, list[float]] = defaultdict(list)
+        self.groups = self.spec.clustered_groups if config.clusters > 0 else ()
+        missing = {GRAPH_PARTIAL if p.kind is StepKind.PARTIAL else GRAPH_FORECAST for p in planned if p.kind is not StepKind.FULL}
+        missing = [g for g in missing if not engine.has_graph(g)]
+        if missing:
+            raise ValueError(f"engines lack the {missing[0]} graph this schedule needs")
+
+    def reset(self) -> None:
+        self.engine.reset()
+
+    def _run(self, graph: str, feeds: dict) -> np.ndarray | None:
+        t0 = time.perf_counter()
+        out = self.engine.run(graph, feeds)
+        self.timings[graph].append(time.perf_counter() - t0)
+        return out
+
+    def __call__(self, step: int, model_feeds: dict[str, np.ndarray]) -> np.ndarray:
+        p = self.planned[step]
+        B = self.spec.graph_batch
+        order = self.spec.options.order
+        if p.kind is StepKind.FULL:
+            feeds = dict(model_feeds)
+            if order > 0:
+                feeds["taylor_coef"] = p.coef
+            out = self._run(GRAPH_FULL, feeds)
+            if p.cluster:
+                for g in self.groups:
+                    init = np.stack([self.rng.choice(g.tokens, g.clusters, replace=False) for _ in range(B)])
+                    self._run(
+                        f"cluster_{g.name}",
+                        {f"init_{g.name}": init.astype(np.int64), "warm": np.array([float(p.warm_start)], np.float32)},
+                    )
+            return out
+        feeds = dict(model_feeds, forecast_coef=p.coef)
+        if p.kind is StepKind.FORECAST:
+            return self._run(GRAPH_FORECAST, feeds)
+        nearest = self.config.fresh is FreshPolicy.NEAREST
+        for g in self.groups:
+            layers = self.spec.fresh_layers(g.name)
+            shape = (layers, B, g.tokens)
+            key = np.zeros(shape, np.float32) if nearest else self.rng.random(shape, dtype=np.float32)
+            self._run(
+                f"select_{g.name}",
+                {f"key_{g.name}": key, "dist_weight": np.array([1.0 if nearest else 0.0], np.float32)},
+            )
+        feeds["gamma"] = np.array([self.config.propagation], np.float32)
+        return self._run(GRAPH_PARTIAL, feeds)

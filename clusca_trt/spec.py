@@ -1,0 +1,259 @@
+"""One spec drives export, build and run.
+
+``ExportSpec`` names every graph (full, partial, forecast, cluster_<group>, select_<group>),
+with the names, static shapes and dtypes of its inputs and outputs. The exporter traces
+from it, the engines check their inputs against it and allocate device buffers from it,
+the runtime knows from it which tensors stay on the device between steps (the *state*:
+every graph output but ``out``; an output ``X_out`` replaces the state tensor ``X``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+from .errors import ConfigError
+
+OUT = "out"  # the model output: the only tensor the runtime brings to the host each step
+STATE_SUFFIX = "_out"
+
+GRAPH_FULL = "full"
+GRAPH_PARTIAL = "partial"
+GRAPH_FORECAST = "forecast"
+
+DTYPES = ("float32", "int64")
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    shape: tuple[int, ...]
+    dtype: str = "float32"
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "shape", tuple(int(d) for d in self.shape))
+        if self.dtype not in DTYPES:
+            raise ConfigError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
+
+    @property
+    def state_name(self) -> str:
+        return self.name[: -len(STATE_SUFFIX)] if self.name.endswith(STATE_SUFFIX) else self.name
+
+
+@dataclass(frozen=True)
+class GraphSpec:
+    name: str
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+
+    def input(self, name: str) -> TensorSpec:
+        for t in self.inputs:
+            if t.name == name:
+                return t
+        raise KeyError(name)
+
+
+@dataclass(frozen=True)
+class CacheSlot:
+    """A module cache: one branch output (before gating) of ``layers`` blocks.
+
+    fresh_group: the token group whose clusters pick this branch's fresh rows in a partial
+    step (the MLP branches), or None for a branch that is only forecast (attention).
+    """
+
+    name: str
+    layers: int
+    tokens: int
+    dim: int
+    fresh_group: str | None = None
+
+
+@dataclass(frozen=True)
+class TokenGroup:
+    """Tokens that are clustered together (DiT: all image tokens; FLUX: image, text)."""
+
+    name: str
+    tokens: int
+    dim: int
+    clusters: int
+
+
+@dataclass(frozen=True)
+class BuildOptions:
+    """What a build is static in. ``batch`` counts samples per engine call; with classifier-free
+    guidance the graphs run ``2 * batch`` rows."""
+
+    batch: int = 1
+    clusters: int = 16
+    order: int = 2
+    kmeans_iterations: int = 10
+    distance: str = "l1"
+    dtype: str = "float32"
+    opset: int = 18
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.batch, int) or self.batch < 1:
+            raise ConfigError(f"batch must be an integer >= 1, got {self.batch!r}")
+        if not isinstance(self.clusters, int) or self.clusters < 0:
+            raise ConfigError(f"clusters must be an integer >= 0, got {self.clusters!r}")
+        if not isinstance(self.order, int) or not 0 <= self.order <= 8:
+            raise ConfigError(f"order must be an integer in [0, 8], got {self.order!r}")
+        if self.kmeans_iterations < 1:
+            raise ConfigError(f"kmeans iterations must be >= 1, got {self.kmeans_iterations}")
+        if self.distance not in ("l1", "l2"):
+            raise ConfigError(f"distance must be 'l1' or 'l2', got {self.distance!r}")
+        if self.dtype != "float32":
+            raise ConfigError(f"dtype must be 'float32' for ONNX export, got {self.dtype!r}")
+        if not 18 <= self.opset <= 20:
+            raise ConfigError(f"opset must be in 18..20, got {self.opset}")
+
+
+@dataclass(frozen=True)
+class ExportSpec:
+    family: str
+    options: BuildOptions
+    model_inputs: tuple[TensorSpec, ...]
+    output_shape: tuple[int, ...]
+    slots: tuple[CacheSlot, ...]
+    groups: tuple[TokenGroup, ...]
+    graph_batch: int
+    graphs: dict[str, GraphSpec] = field(default_factory=dict)
+
+    # -- names ---------------------------------------------------------------------------
+    def group(self, name: str) -> TokenGroup:
+        for g in self.groups:
+            if g.name == name:
+                return g
+        raise KeyError(name)
+
+    def fresh_layers(self, group: str) -> int:
+        return max((s.layers for s in self.slots if s.fresh_group == group), default=0)
+
+    @property
+    def clustered_groups(self) -> tuple[TokenGroup, ...]:
+        return tuple(g for g in self.groups if g.clusters > 0 and self.fresh_layers(g.name) > 0)
+
+    def cache_tensors(self) -> list[TensorSpec]:
+        B, O = self.graph_batch, self.options.order
+        out = []
+        for s in self.slots:
+            out.append(TensorSpec(f"{s.name}_f0", (s.layers, B, s.tokens, s.dim)))
+            if O > 0:
+                out.append(TensorSpec(f"{s.name}_fhi", (s.layers, O, B, s.tokens, s.dim)))
+        return out
+
+    def _make_graphs(self) -> dict[str, GraphSpec]:
+        B, O = self.graph_batch, self.options.order
+        caches = self.cache_tensors()
+        model_out = TensorSpec(OUT, self.output_shape)
+        graphs: dict[str, GraphSpec] = {}
+
+        full_in = list(self.model_inputs)
+        if O > 0:
+            full_in += [TensorSpec("taylor_coef", (O,))] + caches
+        full_out = [model_out]
+        full_out += [TensorSpec(f"hidden_{g.name}", (B, g.tokens, g.dim)) for g in self.clustered_groups]
+        full_out += [TensorSpec(c.name + STATE_SUFFIX, c.shape) for c in caches]
+        graphs[GRAPH_FULL] = GraphSpec(GRAPH_FULL, tuple(full_in), tuple(full_out))
+
+        coef = TensorSpec("forecast_coef", (O + 1,))
+        graphs[GRAPH_FORECAST] = GraphSpec(
+            GRAPH_FORECAST, tuple(list(self.model_inputs) + [coef] + caches), (model_out,)
+        )
+
+        if self.clustered_groups:
+            part_in = list(self.model_inputs) + [coef, TensorSpec("gamma", (1,))]
+            for g in self.clustered_groups:
+                part_in.append(TensorSpec(f"assign_{g.name}", (B, g.tokens), "int64"))
+                part_in.append(TensorSpec(f"fresh_{g.name}", (self.fresh_layers(g.name), B, g.clusters), "int64"))
+            part_in += caches
+            part_out = [model_out] + [
+                TensorSpec(f"{s.name}_f0{STATE_SUFFIX}", (s.layers, B, s.tokens, s.dim))
+                for s in self.slots
+                if s.fresh_group is not None and self.group(s.fresh_group).clusters > 0
+            ]
+            graphs[GRAPH_PARTIAL] = GraphSpec(GRAPH_PARTIAL, tuple(part_in), tuple(part_out))
+
+        for g in self.clustered_groups:
+            K, T, D, L = g.clusters, g.tokens, g.dim, self.fresh_layers(g.name)
+            graphs[f"cluster_{g.name}"] = GraphSpec(
+                f"cluster_{g.name}",
+                (
+                    TensorSpec(f"hidden_{g.name}", (B, T, D)),
+                    TensorSpec(f"centroids_{g.name}", (B, K, D)),
+                    TensorSpec(f"init_{g.name}", (B, K), "int64"),
+                    TensorSpec("warm", (1,)),
+                ),
+                (
+                    TensorSpec(f"assign_{g.name}{STATE_SUFFIX}", (B, T), "int64"),
+                    TensorSpec(f"centroids_{g.name}{STATE_SUFFIX}", (B, K, D)),
+                    TensorSpec(f"dist_{g.name}{STATE_SUFFIX}", (B, T)),
+                ),
+            )
+            graphs[f"select_{g.name}"] = GraphSpec(
+                f"select_{g.name}",
+                (
+                    TensorSpec(f"assign_{g.name}", (B, T), "int64"),
+                    TensorSpec(f"dist_{g.name}", (B, T)),
+                    TensorSpec(f"key_{g.name}", (L, B, T)),
+                    TensorSpec("dist_weight", (1,)),
+                ),
+                (TensorSpec(f"fresh_{g.name}{STATE_SUFFIX}", (L, B, K), "int64"),),
+            )
+        return graphs
+
+    def state_tensors(self) -> dict[str, TensorSpec]:
+        """Every tensor that lives in the engine between calls, by state name."""
+        state: dict[str, TensorSpec] = {}
+        for g in self.graphs.values():
+            for t in g.outputs:
+                if t.name != OUT:
+                    state[t.state_name] = TensorSpec(t.state_name, t.shape, t.dtype)
+        return state
+
+    # -- serialisation -------------------------------------------------------------------
+    def to_dict(self) -> dict:
+        return {
+            "family": self.family,
+            "options": asdict(self.options),
+            "graph_batch": self.graph_batch,
+            "output_shape": list(self.output_shape),
+            "model_inputs": [asdict(t) for t in self.model_inputs],
+            "slots": [asdict(s) for s in self.slots],
+            "groups": [asdict(g) for g in self.groups],
+            "graphs": {
+                n: {"inputs": [asdict(t) for t in g.inputs], "outputs": [asdict(t) for t in g.outputs]}
+                for n, g in self.graphs.items()
+            },
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ExportSpec":
+        return make_spec(
+            d["family"],
+            BuildOptions(**d["options"]),
+            [TensorSpec(t["name"], tuple(t["shape"]), t["dtype"]) for t in d["model_inputs"]],
+            [CacheSlot(**s) for s in d["slots"]],
+            [TokenGroup(**g) for g in d["groups"]],
+            d["graph_batch"],
+            tuple(d["output_shape"]),
+        )
+
+
+def make_spec(
+    family: str,
+    options: BuildOptions,
+    model_inputs: list[TensorSpec],
+    slots: list[CacheSlot],
+    groups: list[TokenGroup],
+    graph_batch: int,
+    output_shape: tuple[int, ...],
+) -> ExportSpec:
+    """Build an ``ExportSpec`` (the model output shape is needed before the graphs are named)."""
+    for g in groups:
+        if g.clusters > g.tokens:
+            raise ConfigError(f"clusters must be <= the {g.tokens} {g.name} tokens, got {g.clusters}")
+    spec = ExportSpec(
+        family, options, tuple(model_inputs), tuple(int(d) for d in output_shape), tuple(slots), tuple(groups), graph_batch
+    )
+    object.__setattr__(spec, "graphs", spec._make_graphs())
+    return spec

@@ -1,0 +1,141 @@
+"""End to end: the ONNX Runtime engines against plain PyTorch DiT sampling and against the
+PyTorch reference ClusCa (the same step modules run eagerly)."""
+
+import numpy as np
+import pytest
+import torch
+
+from clusca_trt.engines.build import build_engines
+from clusca_trt.errors import ConfigError, EngineMismatchError, InputError
+from clusca_trt.models import load_model
+from clusca_trt.runtime import dit as dit_runtime
+from clusca_trt.runtime.pipeline import Pipeline
+from clusca_trt.spec import BuildOptions
+from tests.conftest import make_diffusers_dit
+
+LABELS = [3, 1, 4]  # 3 samples: two chunks at batch 2 (one padded)
+STEPS = 20
+
+
+def rel_err(a, b):
+    return float(np.abs(a - b).max() / np.abs(b).max())
+
+
+def plain_sampling(forward, manifest, labels, seed, steps, sampler="ddim", cfg_scale=1.5):
+    """DiT sampling with a plain model call every step (no caching, no engines)."""
+    m = manifest.model["config"]
+
+    def make(rng):
+        def denoise(step, feeds):
+            with torch.no_grad():
+                x, t, y = (torch.from_numpy(feeds[k]) for k in ("x", "t", "y"))
+                return forward(x, t, y).numpy()
+
+        return denoise
+
+    return dit_runtime.sample(
+        make, manifest.spec.options.batch, (m["in_channels"], m["input_size"], m["input_size"]),
+        labels, seed, steps, sampler, cfg_scale, m["num_classes"],
+    )
+
+
+@pytest.fixture(scope="module")
+def pipes(tiny_model, engines_k4, engines_k16):
+    out = {}
+    for k, manifest in ((4, engines_k4), (16, engines_k16)):
+        out[k] = (Pipeline.load(manifest.directory), Pipeline.from_adapter(tiny_model.adapter, manifest.spec))
+    return out
+
+
+@pytest.mark.parametrize("sampler", ["ddim", "ddpm"])
+def test_interval_1_equals_plain_pytorch_sampling(tiny_model, engines_k4, pipes, sampler):
+    engine, _ = pipes[4]
+    got = engine.generate(LABELS, seed=0, method="full", steps=STEPS, sampler=sampler).latents
+    want = plain_sampling(tiny_model.adapter.model, engines_k4, LABELS, 0, STEPS, sampler)
+    assert got.shape == (3, 4, 16, 16)
+    assert rel_err(got, want) < 1e-4
+
+
+def test_interval_1_equals_diffusers_model_sampling(tmp_path):
+    theirs = make_diffusers_dit(tmp_path / "dit")
+    loaded = load_model("dit", checkpoint=tmp_path / "dit")
+    manifest = build_engines(loaded, BuildOptions(batch=2, clusters=4, order=1), tmp_path / "eng").manifest
+    got = Pipeline.load(manifest.directory).generate(LABELS, seed=1, method="full", steps=STEPS).latents
+    want = plain_sampling(lambda x, t, y: theirs(x, timestep=t, class_labels=y).sample, manifest, LABELS, 1, STEPS)
+    assert rel_err(got, want) < 1e-4
+
+
+@pytest.mark.parametrize("K", [4, 16])
+@pytest.mark.parametrize("order", [0, 1, 2])
+@pytest.mark.parametrize("gamma", [0.0, 0.005])
+def test_clusca_engines_equal_reference(pipes, K, order, gamma):
+    engine, reference = pipes[K]
+    kw = dict(seed=0, method="clusca", interval=4, order=order, propagation=gamma, steps=STEPS)
+    got = engine.generate(LABELS, **kw)
+    want = reference.generate(LABELS, **kw)
+    assert got.step_counts == {"full": 6, "partial": 14, "forecast": 0}
+    assert got.provider == "cpu" and want.backend == "torch"
+    assert rel_err(got.latents, want.latents) < 1e-4
+
+
+@pytest.mark.parametrize(
+    "method, kw", [("taylorseer", {"order": 2}), ("taylorseer", {"order": 1}), ("fora", {}), ("clusca", {"fresh": "nearest"})]
+)
+def test_peer_methods_from_the_same_engines_equal_reference(pipes, method, kw):
+    engine, reference = pipes[4]
+    got = engine.generate(LABELS, seed=2, method=method, interval=3, steps=STEPS, **kw)
+    want = reference.generate(LABELS, seed=2, method=method, interval=3, steps=STEPS, **kw)
+    assert rel_err(got.latents, want.latents) < 1e-4
+
+
+def test_methods_really_differ_and_seeds_matter(pipes):
+    engine, _ = pipes[4]
+    runs = {m: engine.generate(LABELS, seed=0, method=m, steps=STEPS).latents for m in ("full", "clusca", "taylorseer", "fora")}
+    for a in runs:
+        for b in runs:
+            if a < b:
+                assert rel_err(runs[a], runs[b]) > 1e-4, (a, b)
+    assert rel_err(engine.generate(LABELS, seed=0, steps=STEPS).latents, runs["clusca"]) == 0.0
+    assert rel_err(engine.generate(LABELS, seed=1, steps=STEPS).latents, runs["clusca"]) > 1e-2
+    # propagation changes the result
+    g0 = engine.generate(LABELS, seed=0, steps=STEPS, propagation=0.0).latents
+    g5 = engine.generate(LABELS, seed=0, steps=STEPS, propagation=0.5).latents
+    assert rel_err(g0, g5) > 1e-5
+
+
+def test_caches_stay_in_the_engine(pipes, monkeypatch):
+    """The driver never reads state back: only ``out`` comes to the host each step."""
+    engine, _ = pipes[4]
+    monkeypatch.setattr(type(engine.engine), "read_state", lambda *a: pytest.fail("state read by the runtime"))
+    calls = []
+    real_run = engine.engine.run
+
+    def spy(graph, feeds):
+        calls.append((graph, sorted(feeds)))
+        return real_run(graph, feeds)
+
+    monkeypatch.setattr(engine.engine, "run", spy)
+    engine.generate([1, 2], seed=0, steps=8, interval=3)
+    fed = {name for _, names in calls for name in names}
+    assert fed <= {"x", "t", "y", "taylor_coef", "forecast_coef", "gamma", "init_img", "warm", "key_img", "dist_weight"}
+    assert [g for g, _ in calls][:5] == ["full", "full", "cluster_img", "select_img", "partial"]
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, message",
+    [
+        ({"clusters": 8}, EngineMismatchError, "engines were built with --clusters 4, requested 8"),
+        ({"order": 3}, ConfigError, "order must be <= the built Taylor order 2, got 3"),
+        ({"interval": 0}, ConfigError, "interval must be an integer >= 1, got 0"),
+        ({"class_labels": [10]}, InputError, "class labels must be in 0..9, got 10"),
+        ({"class_labels": []}, InputError, "expected at least one class label"),
+        ({"steps": 0}, ConfigError, "steps must be >= 1, got 0"),
+        ({"sampler": "euler"}, ConfigError, "sampler must be one of ddim, ddpm"),
+    ],
+)
+def test_bad_run_settings(pipes, kwargs, error, message):
+    engine, _ = pipes[4]
+    kwargs = {"class_labels": [1], **kwargs}
+    with pytest.raises(error) as e:
+        engine.generate(**kwargs)
+    assert message in str(e.value) and "\n" not in str(e.value)

@@ -1,0 +1,115 @@
+"""ClusCa's tensor operations against literal, per-token readings of the spec."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from clusca_trt import ops
+
+
+def _gen(seed=0):
+    return torch.Generator().manual_seed(seed)
+
+
+@pytest.mark.parametrize("gamma", [0.0, 0.005, 0.5, 1.0])
+def test_propagate_matches_the_spec_token_by_token(gamma):
+    g = _gen(1)
+    B, T, K, D = 2, 24, 5, 3
+    f0 = torch.randn(B, T, D, generator=g)
+    assign = torch.randint(0, K - 1, (B, T), generator=g)  # cluster K-1 is empty
+    fresh_index = torch.stack([ops.select_fresh(assign, torch.rand(1, B, T, generator=g), K)[0][b] for b in range(B)])
+    values = torch.randn(B, K, D, generator=g)
+    got = ops.propagate(f0, values, fresh_index, assign, torch.tensor([gamma]))
+    want = f0.clone()
+    for b in range(B):
+        fresh = {int(fresh_index[b, c]): c for c in range(K) if (assign[b] == c).any()}
+        for n in range(T):
+            c = int(assign[b, n])
+            members_fresh = [values[b, cc] for j, cc in fresh.items() if cc == c]
+            mean = torch.stack(members_fresh).mean(0)
+            want[b, n] = values[b, fresh[n]] if n in fresh else gamma * mean + (1 - gamma) * f0[b, n]
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-6)
+
+
+def test_empty_cluster_never_writes_and_never_double_counts():
+    B, T, K, D = 1, 6, 4, 2
+    assign = torch.tensor([[0, 0, 1, 1, 1, 0]])  # clusters 2, 3 empty
+    key = torch.tensor([[[0.9, 0.1, 0.5, 0.2, 0.7, 0.3]]])
+    idx = ops.select_fresh(assign, key, K)[0]
+    assert idx.tolist() == [[1, 3, 0, 0]]  # empty clusters point at token 0, which is not fresh
+    f0 = torch.zeros(B, T, D)
+    values = torch.tensor([[[1.0, 1.0], [2.0, 2.0], [99.0, 99.0], [77.0, 77.0]]])
+    out = ops.propagate(f0, values, idx, assign, torch.tensor([0.0]))
+    assert out[0, 0].tolist() == [0.0, 0.0]  # token 0 is not fresh: empty clusters' rows do not land on it
+    assert out[0, 1].tolist() == [1.0, 1.0] and out[0, 3].tolist() == [2.0, 2.0]
+    assert not (out == 99.0).any() and not (out == 77.0).any()
+
+
+def test_select_fresh_is_a_uniform_member():
+    g = _gen(2)
+    T, K = 12, 3
+    assign = torch.tensor([[0, 1, 2] * 4])
+    picks = np.zeros((K, T))
+    for _ in range(3000):
+        idx = ops.select_fresh(assign, torch.rand(1, 1, T, generator=g), K)[0, 0]
+        for c in range(K):
+            assert assign[0, idx[c]] == c
+            picks[c, idx[c]] += 1
+    for c in range(K):
+        members = picks[c][picks[c] > 0]
+        assert len(members) == 4
+        assert members.min() > 0.8 * 3000 / 4  # roughly uniform over the 4 members
+
+
+def test_taylor_refresh_and_forecast_literal():
+    g = _gen(3)
+    y, f0, f1, f2 = (torch.randn(1, 4, 2, generator=g) for _ in range(4))
+    dt = 4.0
+    coef = torch.tensor([1 / dt, 1 / dt])
+    new0, hi = ops.taylor_refresh(y, f0, torch.stack([f1, f2]), coef)
+    torch.testing.assert_close(new0, y)
+    torch.testing.assert_close(hi[0], (y - f0) / dt)
+    torch.testing.assert_close(hi[1], ((y - f0) / dt - f1) / dt)
+    d = 3
+    fc = torch.tensor([d**i / math.factorial(i) for i in range(3)])
+    torch.testing.assert_close(
+        ops.taylor_forecast(new0, hi, fc), new0 + hi[0] * d + hi[1] * d * d / 2, atol=1e-6, rtol=1e-6
+    )
+    # no history yet: higher factors are zero
+    _, hi0 = ops.taylor_refresh(y, f0, torch.stack([f1, f2]), torch.zeros(2))
+    assert not hi0.any()
+
+
+def _kmeans_numpy(x, c, iters, metric):
+    def dist(x, c):
+        if metric == "l1":
+            return np.abs(x[:, None] - c[None]).sum(-1)
+        return ((x[:, None] - c[None]) ** 2).sum(-1)
+
+    for _ in range(iters):
+        a = dist(x, c).argmin(1)
+        for k in range(len(c)):
+            if (a == k).any():
+                c[k] = x[a == k].mean(0)
+    d = dist(x, c)
+    return d.argmin(1), c
+
+
+@pytest.mark.parametrize("metric", ["l1", "l2"])
+def test_kmeans_matches_lloyd(metric):
+    g = _gen(4)
+    centers = torch.tensor([[0.0, 0.0], [5.0, 5.0], [-5.0, 5.0]])
+    x = (centers[torch.arange(30) % 3] + 0.3 * torch.randn(30, 2, generator=g)).unsqueeze(0)
+    init = torch.tensor([[0, 1, 2]])
+    assign, c, dist = ops.kmeans(x, torch.zeros(1, 3, 2), init, torch.tensor([0.0]), 5, metric)
+    a_np, c_np = _kmeans_numpy(x[0].numpy().astype(np.float64), x[0, [0, 1, 2]].numpy().astype(np.float64), 5, metric)
+    assert assign[0].tolist() == a_np.tolist()
+    np.testing.assert_allclose(c[0].numpy(), c_np, atol=1e-5)
+    assert (assign[0] == torch.arange(30) % 3).all()
+    # warm start from the result changes nothing
+    assign2, c2, _ = ops.kmeans(x, c, torch.tensor([[5, 6, 7]]), torch.tensor([1.0]), 3, metric)
+    assert torch.equal(assign2, assign)
+    torch.testing.assert_close(c2, c)
+    assert dist.shape == (1, 30) and (dist >= -1e-4).all()
