@@ -1,80 +1,85 @@
 """Model families and their named configs: ``load_model`` turns a name plus a checkpoint
-(or ``random_init``) into an adapter the exporter and the torch backend use."""
+(or ``random_init``) into an adapter the exporter and the torch backend use.
+
+A family is a module with ``FAMILY``, ``model_names()`` and
+``load(name, checkpoint, random_init, seed, **options) -> LoadedModel``; it is registered in
+``_FAMILIES`` by import path and imported only when one of its names is used.
+"""
 
 from __future__ import annotations
 
+import importlib
 import logging
 from dataclasses import dataclass, field
-from pathlib import Path
 
-from ..errors import CheckpointError, ConfigError
-from ..hashing import tree_sha256
-from . import dit
+from ..errors import ConfigError
 
 log = logging.getLogger(__name__)
 
 DEFAULT_MODEL = "dit-tiny"
 
+# family -> module; each module's model_names() says which --model names it serves
+_FAMILIES: dict[str, str] = {
+    "dit": "clusca_trt.models.dit",
+}
+
 
 @dataclass(frozen=True)
 class LoadedModel:
+    """A model ready to export.
+
+    model_config: the architecture (JSON-able; recorded in the manifest and the cache key).
+    options:      family build options (resolution, text length, ...), passed back to ``load``.
+    source:       kind, path, sha256 or seed: what the engines are built from.
+    decoder:      how outputs become images (None: latents only), e.g. {"kind": "pixels"}.
+    """
+
     name: str
     family: str
     adapter: object
     model_config: dict
-    source: dict = field(default_factory=dict)  # kind, path, sha256 or seed: what the engines are built from
+    source: dict = field(default_factory=dict)
+    options: dict = field(default_factory=dict)
+    decoder: dict | None = None
+
+
+def family_module(family: str):
+    if family not in _FAMILIES:
+        raise ConfigError(f"model family must be one of {', '.join(_FAMILIES)}, got {family!r}")
+    return importlib.import_module(_FAMILIES[family])
+
+
+def _name_index() -> dict[str, str]:
+    index = {}
+    for family in _FAMILIES:
+        for name in family_module(family).model_names():
+            index[name] = family
+    return index
 
 
 def model_names() -> list[str]:
-    return ["dit", *dit.NAMED_CONFIGS]
+    return list(_name_index())
+
+
+def family_of(name: str) -> str:
+    index = _name_index()
+    if name not in index:
+        raise ConfigError(f"model must be one of {', '.join(index)}, got {name!r}")
+    return index[name]
 
 
 def load_model(
     name: str = DEFAULT_MODEL,
-    checkpoint: str | Path | None = None,
+    checkpoint=None,
     random_init: bool = False,
     seed: int = 0,
+    **options,
 ) -> LoadedModel:
-    """Load ``name`` from ``checkpoint`` (a file or a diffusers folder), or with random weights."""
-    if name != "dit" and name not in dit.NAMED_CONFIGS:
-        raise ConfigError(f"model must be one of {', '.join(model_names())}, got {name!r}")
+    """Load ``name`` from ``checkpoint`` (a file or a diffusers folder), or with random weights.
+
+    ``options`` are family build options (e.g. FLUX's height/width); unset ones are dropped."""
+    family = family_of(name)
     if checkpoint is not None and random_init:
         raise ConfigError("give either a checkpoint or random_init, got both")
-    if checkpoint is None and not random_init:
-        raise ConfigError(f"model {name} needs a checkpoint (or random_init for tests), got neither")
-    if random_init:
-        if name == "dit":
-            raise ConfigError("random_init needs a named config (dit-xl-2, dit-b-2, ...), got 'dit'")
-        cfg = dit.NAMED_CONFIGS[name]
-        log.warning("model %s has RANDOM weights (random_init, seed %d): not for real use", name, seed)
-        model = dit.init_random(dit.DiT(cfg), seed)
-        source = {"kind": "random-init", "seed": seed}
-    else:
-        path = Path(checkpoint)
-        if not path.exists():
-            raise CheckpointError(f"checkpoint not found: expected a file or folder at {path}")
-        expect = dit.NAMED_CONFIGS.get(name)
-        if path.is_dir():
-            model = dit.load_diffusers(path, expect)
-            kind = "diffusers"
-        else:
-            if expect is None:
-                raise ConfigError(
-                    "an original DiT checkpoint file needs a named config (--model dit-xl-2, ...), got 'dit'"
-                )
-            model = dit.load_original(path, expect)
-            kind = "original"
-        log.info("hashing checkpoint %s", path)
-        source = {"kind": kind, "path": str(path.resolve()), "sha256": tree_sha256(path)}
-        cfg = model.cfg
-    return LoadedModel(name, dit.FAMILY, dit.DiTAdapter(model), cfg.to_dict(), source)
-
-
-def adapter_from_config(family: str, model_config: dict, state_dict=None):
-    """Rebuild an adapter from a manifest's model config (weights from ``state_dict`` if given)."""
-    if family != dit.FAMILY:
-        raise ConfigError(f"model family must be {dit.FAMILY!r}, got {family!r}")
-    model = dit.DiT(dit.DiTConfig(**model_config))
-    if state_dict is not None:
-        model.load_state_dict(state_dict)
-    return dit.DiTAdapter(model)
+    options = {k: v for k, v in options.items() if v is not None}
+    return family_module(family).load(name, checkpoint=checkpoint, random_init=random_init, seed=seed, **options)

@@ -23,6 +23,7 @@ from torch import nn
 
 from ..config import ClusCaConfig
 from ..errors import CheckpointError, ConfigError
+from ..hashing import tree_sha256
 from ..spec import BuildOptions, CacheSlot, ExportSpec, TensorSpec, TokenGroup, make_spec
 
 log = logging.getLogger(__name__)
@@ -290,6 +291,49 @@ class DiTAdapter(nn.Module):
 
 # --------------------------------------------------------------------------------------------
 # loading
+
+
+def model_names() -> list[str]:
+    return ["dit", *NAMED_CONFIGS]
+
+
+def load(name: str, checkpoint=None, random_init: bool = False, seed: int = 0, **options):
+    """The family entry point (see ``clusca_trt.models``): a ``LoadedModel`` for ``name``."""
+    from . import LoadedModel
+
+    if options:
+        raise ConfigError(f"DiT takes no build options beyond the config, got {', '.join(sorted(options))}")
+    if checkpoint is None and not random_init:
+        raise ConfigError(f"model {name} needs a checkpoint (or random_init for tests), got neither")
+    decoder = None
+    if random_init:
+        if name == "dit":
+            raise ConfigError("random_init needs a named config (dit-xl-2, dit-b-2, ...), got 'dit'")
+        cfg = NAMED_CONFIGS[name]
+        log.warning("model %s has RANDOM weights (random_init, seed %d): not for real use", name, seed)
+        model = init_random(DiT(cfg), seed)
+        source = {"kind": "random-init", "seed": seed}
+    else:
+        path = Path(checkpoint)
+        if not path.exists():
+            raise CheckpointError(f"checkpoint not found: expected a file or folder at {path}")
+        expect = NAMED_CONFIGS.get(name)
+        if path.is_dir():
+            model = load_diffusers(path, expect)
+            kind = "diffusers"
+            vae = path / "vae"
+            if (vae / "config.json").is_file():
+                decoder = {"kind": "vae", "path": str(vae.resolve())}
+        else:
+            if expect is None:
+                raise ConfigError(
+                    "an original DiT checkpoint file needs a named config (--model dit-xl-2, ...), got 'dit'"
+                )
+            model = load_original(path, expect)
+            kind = "original"
+        log.info("hashing checkpoint %s", path)
+        source = {"kind": kind, "path": str(path.resolve()), "sha256": tree_sha256(path)}
+    return LoadedModel(name, FAMILY, DiTAdapter(model), model.cfg.to_dict(), source, decoder=decoder)
 
 
 def _check_state_dict(model: DiT, sd: dict, what: str) -> None:

@@ -8,6 +8,7 @@ Batch layout as in DiT: the graph batch is ``[cond (B) | uncond (B)]`` with the 
 from __future__ import annotations
 
 import logging
+import time
 from typing import Callable
 
 import numpy as np
@@ -104,3 +105,34 @@ def sample(
         result = sample_chunk(denoise, diffusion, x, chunk + [0] * pad, num_classes, cfg_scale, rng, progress)
         out.append(result[: len(chunk)])
     return np.concatenate(out, axis=0)
+
+
+def generate(
+    pipe,
+    config,
+    class_labels,
+    seed: int = 0,
+    steps: int = 50,
+    sampler: str = "ddim",
+    cfg_scale: float = 1.5,
+    progress: Callable[[int], None] | None = None,
+):
+    """``Pipeline.generate`` for DiT: class-conditional sampling with guidance."""
+    planned = pipe.plan(steps, config)
+    mcfg = pipe.model["config"]
+    factory = pipe.denoisers(planned, config)
+    labels = check_labels(class_labels, mcfg["num_classes"])
+    t0 = time.perf_counter()
+    latents = sample(
+        factory,
+        pipe.spec.options.batch,
+        (mcfg["in_channels"], mcfg["input_size"], mcfg["input_size"]),
+        labels,
+        seed,
+        steps,
+        sampler,
+        cfg_scale,
+        mcfg["num_classes"],
+        progress,
+    )
+    return pipe.result(factory, latents, labels, time.perf_counter() - t0)

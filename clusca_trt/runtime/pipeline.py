@@ -3,12 +3,16 @@
     pipe = Pipeline.load("engines/dit")               # best ONNX Runtime provider that really loads
     out = pipe.generate(class_labels=[207, 360], seed=0)
     out.latents, out.images, out.provider, out.timings
+
+The ClusCa settings (method, interval, propagation, order, warm-up, fresh policy) are the
+same for every model family; the family's runtime module (``runtime/<family>.py``) takes
+the rest (class labels or prompts, sampler, guidance) and drives the denoiser.
 """
 
 from __future__ import annotations
 
+import importlib
 import logging
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -17,21 +21,23 @@ import numpy as np
 from ..config import ClusCaConfig, Method
 from ..engines.base import StepEngine
 from ..engines.manifest import Manifest
-from ..errors import EngineError, EngineMismatchError
-from ..schedule import count_kinds, plan
+from ..errors import ConfigError, EngineError, EngineMismatchError
+from ..schedule import PlannedStep, count_kinds, plan
 from ..spec import ExportSpec
-from . import dit
 from .driver import ScheduledDenoiser
 
 log = logging.getLogger(__name__)
 
 BACKENDS = ("onnxruntime", "torch")
 
+# family -> module with ``generate(pipe, config, *args, **kwargs) -> GenerateResult``
+FAMILY_RUNTIMES = {"dit": "clusca_trt.runtime.dit"}
+
 
 @dataclass
 class GenerateResult:
     latents: np.ndarray
-    labels: np.ndarray
+    labels: np.ndarray | None
     config: ClusCaConfig
     provider: str
     backend: str
@@ -39,6 +45,7 @@ class GenerateResult:
     images: np.ndarray | None = None  # [n, H, W, C] float32 in [0, 1], where a decoder exists
     timings: dict[str, list[float]] = field(default_factory=dict)
     step_counts: dict[str, int] = field(default_factory=dict)
+    extra: dict = field(default_factory=dict)
 
     @property
     def method(self) -> Method:
@@ -48,12 +55,24 @@ class GenerateResult:
 class Pipeline:
     """ClusCa sampling over a set of step engines (ONNX Runtime, torch; TensorRT later)."""
 
-    def __init__(self, engine: StepEngine, model: dict, defaults: ClusCaConfig, manifest: Manifest | None = None):
+    def __init__(
+        self,
+        engine: StepEngine,
+        model: dict,
+        defaults: ClusCaConfig,
+        manifest: Manifest | None = None,
+        decoder: dict | None = None,
+    ):
         self.engine = engine
         self.spec: ExportSpec = engine.spec
         self.model = model
         self.defaults = defaults
         self.manifest = manifest
+        self.decoder = decoder
+        family = model["family"]
+        if family not in FAMILY_RUNTIMES:
+            raise ConfigError(f"model family must be one of {', '.join(FAMILY_RUNTIMES)}, got {family!r}")
+        self.family = importlib.import_module(FAMILY_RUNTIMES[family])
 
     # -- construction ---------------------------------------------------------------------
     @classmethod
@@ -78,15 +97,15 @@ class Pipeline:
         else:
             raise EngineError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
         log.info("engines from %s run on %s/%s", directory, engine.backend, engine.provider)
-        return cls(engine, manifest.model, _defaults(manifest.defaults), manifest)
+        return cls(engine, manifest.model, _defaults(manifest.defaults), manifest, manifest.data.get("decoder"))
 
     @classmethod
-    def from_adapter(cls, adapter, spec: ExportSpec, device: str = "cpu") -> "Pipeline":
+    def from_adapter(cls, adapter, spec: ExportSpec, device: str = "cpu", decoder: dict | None = None) -> "Pipeline":
         """The PyTorch reference: the step graphs run eagerly over ``adapter`` (no export)."""
         from ..engines.torch_backend import TorchEngine
 
         model = {"family": adapter.family, "config": adapter.cfg.to_dict()}
-        return cls(TorchEngine(adapter, spec, device), model, adapter.default_run)
+        return cls(TorchEngine(adapter, spec, device), model, adapter.default_run, decoder=decoder)
 
     # -- settings -------------------------------------------------------------------------
     def resolve_config(
@@ -120,55 +139,37 @@ class Pipeline:
     # -- sampling -------------------------------------------------------------------------
     def generate(
         self,
-        class_labels,
-        seed: int = 0,
+        *args,
         method: str = "clusca",
         interval: int | None = None,
         propagation: float | None = None,
         order: int | None = None,
-        steps: int = 50,
-        sampler: str = "ddim",
-        cfg_scale: float = 1.5,
         warmup: int | None = None,
         fresh: str | None = None,
         clusters: int | None = None,
-        progress=None,
+        **kwargs,
     ) -> GenerateResult:
+        """Sample. ClusCa settings here; the family's inputs (DiT: ``class_labels``, ``seed``,
+        ``steps``, ``sampler``, ``cfg_scale``) in ``args``/``kwargs``."""
         config = self.resolve_config(method, interval, propagation, order, warmup, fresh, clusters)
-        planned = plan(steps, config, self.spec.options.order)
-        mcfg = self.model["config"]
-        latent_shape = (mcfg["in_channels"], mcfg["input_size"], mcfg["input_size"])
-        denoisers: list[ScheduledDenoiser] = []
+        return self.family.generate(self, config, *args, **kwargs)
 
-        def make(rng):
-            d = ScheduledDenoiser(self.engine, planned, config, rng)
-            d.reset()
-            denoisers.append(d)
-            return d
+    def plan(self, steps: int, config: ClusCaConfig) -> list[PlannedStep]:
+        return plan(steps, config, self.spec.options.order)
 
-        t0 = time.perf_counter()
-        latents = dit.sample(
-            make,
-            self.spec.options.batch,
-            latent_shape,
-            list(class_labels),
-            seed,
-            steps,
-            sampler,
-            cfg_scale,
-            mcfg["num_classes"],
-            progress,
-        )
-        seconds = time.perf_counter() - t0
-        timings: dict[str, list[float]] = {}
-        for d in denoisers:
-            for k, v in d.timings.items():
-                timings.setdefault(k, []).extend(v)
-        counts = {k.value: v for k, v in count_kinds(planned).items()}
+    def denoisers(self, planned: list[PlannedStep], config: ClusCaConfig) -> "DenoiserFactory":
+        return DenoiserFactory(self.engine, planned, config)
+
+    def result(self, factory: "DenoiserFactory", latents, labels, seconds: float, **extra) -> GenerateResult:
+        """Package a run: decode images where a decoder exists, sum the engine timings, log."""
+        from .decode import decode
+
+        counts = {k.value: v for k, v in count_kinds(factory.planned).items()}
+        config = factory.config
         log.info(
             "%s: %d steps (%s) on %s/%s in %.3f s",
             config.method.value,
-            steps,
+            len(factory.planned),
             ", ".join(f"{v} {k}" for k, v in counts.items() if v),
             self.engine.backend,
             self.engine.provider,
@@ -176,14 +177,15 @@ class Pipeline:
         )
         return GenerateResult(
             latents=latents,
-            labels=np.asarray(list(class_labels), dtype=np.int64),
+            labels=None if labels is None else np.asarray(labels, dtype=np.int64),
             config=config,
             provider=self.engine.provider,
             backend=self.engine.backend,
             seconds=seconds,
-            images=None,
-            timings=timings,
+            images=decode(self.decoder, latents),
+            timings=factory.timings(),
             step_counts=counts,
+            extra=extra,
         )
 
     def close(self) -> None:
@@ -196,6 +198,27 @@ class Pipeline:
         self.close()
 
 
+class DenoiserFactory:
+    """Makes one ``ScheduledDenoiser`` per chunk (each with its own generator, state reset)."""
+
+    def __init__(self, engine: StepEngine, planned: list[PlannedStep], config: ClusCaConfig):
+        self.engine, self.planned, self.config = engine, planned, config
+        self.made: list[ScheduledDenoiser] = []
+
+    def __call__(self, rng: np.random.Generator) -> ScheduledDenoiser:
+        d = ScheduledDenoiser(self.engine, self.planned, self.config, rng)
+        d.reset()
+        self.made.append(d)
+        return d
+
+    def timings(self) -> dict[str, list[float]]:
+        out: dict[str, list[float]] = {}
+        for d in self.made:
+            for k, v in d.timings.items():
+                out.setdefault(k, []).extend(v)
+        return out
+
+
 def _defaults(d: dict) -> ClusCaConfig:
     return ClusCaConfig(**d) if d else ClusCaConfig()
 
@@ -206,10 +229,13 @@ def _torch_engine_from_manifest(manifest: Manifest, spec: ExportSpec):
 
     m = manifest.model
     src = m["source"]
+    options = m.get("options", {})
     if src["kind"] == "random-init":
-        loaded = load_model(m["name"], random_init=True, seed=src["seed"])
+        loaded = load_model(m["name"], random_init=True, seed=src["seed"], **options)
+    elif src["kind"] == "builtin":
+        loaded = load_model(m["name"], **options)
     else:
-        loaded = load_model(m["name"], checkpoint=src["path"])
+        loaded = load_model(m["name"], checkpoint=src["path"], **options)
         if loaded.source["sha256"] != src["sha256"]:
             raise EngineMismatchError(
                 f"checkpoint {src['path']} changed since the engines were built (sha256 differs); rebuild"

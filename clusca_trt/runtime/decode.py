@@ -1,0 +1,48 @@
+"""Decoders: model outputs -> images ``[n, H, W, C]`` float32 in [0, 1].
+
+    {"kind": "pixels"}                 a pixel-space model: images = (x + 1) / 2
+    {"kind": "vae", "path": FOLDER}    a diffusers AutoencoderKL folder: decode(x / scaling_factor)
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+
+import numpy as np
+
+from ..errors import CheckpointError, ConfigError
+
+log = logging.getLogger(__name__)
+
+
+def to_images(x: np.ndarray) -> np.ndarray:
+    """[n, C, H, W] in [-1, 1] -> [n, H, W, C] in [0, 1]."""
+    return np.clip((x.astype(np.float32) + 1.0) / 2.0, 0.0, 1.0).transpose(0, 2, 3, 1).copy()
+
+
+@functools.lru_cache(maxsize=2)
+def _vae(path: str):
+    from diffusers import AutoencoderKL
+
+    try:
+        return AutoencoderKL.from_pretrained(path).eval()
+    except Exception as e:
+        raise CheckpointError(f"cannot load the VAE at {path}: {type(e).__name__}: {e}".splitlines()[0]) from e
+
+
+def decode(decoder: dict | None, latents: np.ndarray) -> np.ndarray | None:
+    """Images for ``latents``, or None where the engines have no decoder."""
+    if not decoder:
+        return None
+    if decoder["kind"] == "pixels":
+        return to_images(latents)
+    if decoder["kind"] == "vae":
+        import torch
+
+        vae = _vae(decoder["path"])
+        scale = float(getattr(vae.config, "scaling_factor", 0.18215))
+        with torch.no_grad():
+            x = vae.decode(torch.from_numpy(latents) / scale).sample.numpy()
+        return to_images(x)
+    raise ConfigError(f"decoder kind must be 'pixels' or 'vae', got {decoder['kind']!r}")
