@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import functools
 import json
+import io
 import logging
 import sys
 from pathlib import Path
@@ -21,8 +22,11 @@ METHODS = ("clusca", "taylorseer", "fora", "full")
 
 
 def _setup_logging(verbose: int, quiet: bool) -> None:
+    """Our own log at INFO (progress, which provider ran); other libraries' at WARNING (-vv: all DEBUG)."""
     level = logging.WARNING if quiet else (logging.DEBUG if verbose else logging.INFO)
-    logging.basicConfig(level=level, format="clusca-trt: %(message)s", stream=sys.stderr, force=True)
+    root = logging.DEBUG if verbose > 1 else logging.WARNING
+    logging.basicConfig(level=root, format="clusca-trt: %(message)s", stream=sys.stderr, force=True)
+    logging.getLogger("clusca_trt").setLevel(level)
 
 
 def _errors(fn):
@@ -91,6 +95,12 @@ def build(model_name, checkpoint, random_init, seed, clusters, order, batch, kme
                f"{', '.join(result.manifest.data['graphs'])})")
 
 
+def _progress(total: int, label: str):
+    """A progress bar on stderr for interactive use; silent when stderr is not a terminal or with -q."""
+    quiet = not logging.getLogger("clusca_trt").isEnabledFor(logging.INFO)
+    return click.progressbar(length=total, label=label, file=io.StringIO() if quiet else sys.stderr)
+
+
 @main.command()
 @click.argument("engine_dir", type=click.Path(path_type=Path))
 @click.option("--method", type=click.Choice(METHODS), default="clusca", show_default=True)
@@ -119,10 +129,13 @@ def generate(engine_dir, method, interval, propagation, order, clusters, warmup,
         raise click.BadParameter(f"expected a .npz or .png file, got {out_file.name}", param_hint="--out")
     with Pipeline.load(engine_dir, provider=provider, backend=backend) as pipe:
         labels = _labels(class_labels) or list(range(pipe.spec.options.batch))
-        result = pipe.generate(
-            labels, seed=seed, method=method, interval=interval, propagation=propagation, order=order,
-            steps=steps, sampler=sampler, cfg_scale=cfg_scale, warmup=warmup, fresh=fresh, clusters=clusters,
-        )
+        chunks = -(-len(labels) // pipe.spec.options.batch)
+        with _progress(steps * chunks, "sampling") as bar:
+            result = pipe.generate(
+                labels, seed=seed, method=method, interval=interval, propagation=propagation, order=order,
+                steps=steps, sampler=sampler, cfg_scale=cfg_scale, warmup=warmup, fresh=fresh, clusters=clusters,
+                progress=lambda _step: bar.update(1),
+            )
     write_result(result, out_file)
     c = result.config
     click.echo(f"{out_file}: {len(result.labels)} samples, {c.method.value} (N={c.interval}, K={c.clusters}, "
