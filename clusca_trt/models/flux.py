@@ -1,0 +1,397 @@
+"""FLUX.1 (Black Forest Labs) through diffusers' ``FluxTransformer2DModel``: its named configs,
+its checkpoint folders (a FLUX pipeline folder or just its ``transformer/``) and its ClusCa adapter.
+
+The adapter's ``forward_step`` is diffusers' FLUX forward written against a step context, on
+diffusers' own modules (no re-implementation of the weights' layout):
+
+* double-stream block ``i``: the joint attention gives the image and the text stream's outputs
+  in one call, ``ctx.branches(("attn_img", "attn_txt"), i, ...)``, forecast in partial steps;
+  the image MLP and the text MLP are ``ctx.fresh_branch("mlp_img" | "mlp_txt", ...)`` on the
+  fresh rows of the ``img`` and ``txt`` token groups;
+* single-stream block ``j``: the joint output projection ``proj_out(cat(attn, mlp))`` is
+  ``ctx.branch("single", j, ...)``, a pure forecast in partial steps;
+* the image and the text stream after the last double block are the hidden states to cluster.
+
+Modulation (shift, scale, gate from the timestep/guidance/pooled-text embedding) and every
+residual add are redone every step. Shapes are static: the resolution (``height``, ``width``)
+and the text length are build options; the rotary embeddings of the text and image positions
+are a constant of the build.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..config import ClusCaConfig
+from ..errors import CheckpointError, ConfigError
+from ..hashing import tree_sha256
+from ..spec import BuildOptions, CacheSlot, ExportSpec, TensorSpec, TokenGroup, make_spec
+
+log = logging.getLogger(__name__)
+
+FAMILY = "flux"
+MAX_TEXT_LENGTH = 512  # T5's limit in the FLUX pipeline
+BUILD_OPTIONS = ("height", "width", "text_length")
+
+# FlowMatchEulerDiscreteScheduler configs of the released checkpoints (used where a folder has none)
+SCHEDULER_DEV = {
+    "num_train_timesteps": 1000,
+    "shift": 3.0,
+    "use_dynamic_shifting": True,
+    "base_shift": 0.5,
+    "max_shift": 1.15,
+    "base_image_seq_len": 256,
+    "max_image_seq_len": 4096,
+}
+SCHEDULER_SCHNELL = dict(SCHEDULER_DEV, shift=1.0, use_dynamic_shifting=False)
+
+
+@dataclass(frozen=True)
+class FluxConfig:
+    """The transformer's architecture (diffusers' config names) and the build's static shapes."""
+
+    in_channels: int = 64  # packed latent channels: 4 x the VAE's latent channels
+    out_channels: int = 64
+    num_layers: int = 19  # double-stream blocks
+    num_single_layers: int = 38
+    attention_head_dim: int = 128
+    num_attention_heads: int = 24
+    joint_attention_dim: int = 4096  # T5 hidden size
+    pooled_projection_dim: int = 768  # CLIP pooled size
+    guidance_embeds: bool = True  # dev: distilled guidance; schnell: none
+    axes_dims_rope: tuple[int, ...] = (16, 56, 56)
+    height: int = 1024  # pixels
+    width: int = 1024
+    text_length: int = 512  # T5 tokens
+    vae_scale_factor: int = 8
+    scheduler: dict = field(default_factory=lambda: dict(SCHEDULER_DEV))
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "axes_dims_rope", tuple(int(a) for a in self.axes_dims_rope))
+        multiple = 2 * self.vae_scale_factor
+        for side in ("height", "width"):
+            v = getattr(self, side)
+            if not isinstance(v, int) or v < multiple or v % multiple:
+                raise ConfigError(f"{side} must be a positive multiple of {multiple}, got {v!r}")
+        if not isinstance(self.text_length, int) or not 1 <= self.text_length <= MAX_TEXT_LENGTH:
+            raise ConfigError(f"text length must be an integer in 1..{MAX_TEXT_LENGTH}, got {self.text_length!r}")
+        if self.in_channels % 4:
+            raise ConfigError(f"in_channels must be 4 x the latent channels, got {self.in_channels}")
+        if sum(self.axes_dims_rope) != self.attention_head_dim:
+            raise ConfigError(
+                f"axes_dims_rope must sum to the head dim {self.attention_head_dim}, got {list(self.axes_dims_rope)}"
+            )
+        if self.num_layers < 1:
+            raise ConfigError(f"FLUX needs >= 1 double-stream block (its output is clustered), got {self.num_layers}")
+
+    @property
+    def hidden_size(self) -> int:
+        return self.num_attention_heads * self.attention_head_dim
+
+    @property
+    def latent_channels(self) -> int:
+        return self.in_channels // 4
+
+    @property
+    def latent_size(self) -> tuple[int, int]:
+        """The VAE latent's (height, width), as diffusers' ``prepare_latents`` computes it."""
+        f = self.vae_scale_factor
+        return 2 * (self.height // (2 * f)), 2 * (self.width // (2 * f))
+
+    @property
+    def image_tokens(self) -> int:
+        lh, lw = self.latent_size
+        return (lh // 2) * (lw // 2)
+
+    @property
+    def variant(self) -> str:
+        return "dev" if self.guidance_embeds else "schnell"
+
+    @property
+    def default_steps(self) -> int:
+        return 50 if self.guidance_embeds else 4
+
+    def transformer_config(self) -> dict:
+        """Keyword arguments of diffusers' ``FluxTransformer2DModel``."""
+        names = ("in_channels", "out_channels", "num_layers", "num_single_layers", "attention_head_dim",
+                 "num_attention_heads", "joint_attention_dim", "pooled_projection_dim", "guidance_embeds")
+        return dict({n: getattr(self, n) for n in names}, patch_size=1, axes_dims_rope=self.axes_dims_rope)
+
+    def replace(self, **changes) -> "FluxConfig":
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["axes_dims_rope"] = list(self.axes_dims_rope)
+        return d
+
+
+_ARCH = ("in_channels", "out_channels", "num_layers", "num_single_layers", "attention_head_dim",
+         "num_attention_heads", "joint_attention_dim", "pooled_projection_dim", "guidance_embeds", "axes_dims_rope")
+
+NAMED_CONFIGS: dict[str, FluxConfig] = {
+    "flux-dev": FluxConfig(),
+    "flux-schnell": FluxConfig(guidance_embeds=False, text_length=256, scheduler=dict(SCHEDULER_SCHNELL)),
+    # A small config for tests and demos. Random weights: labelled as such wherever it is used.
+    "flux-tiny": FluxConfig(
+        in_channels=16, out_channels=16, num_layers=2, num_single_layers=2, attention_head_dim=16,
+        num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=16, axes_dims_rope=(4, 6, 6),
+        height=128, width=128, text_length=16,
+    ),
+}
+
+
+# --------------------------------------------------------------------------------------------
+# ClusCa adapter
+
+
+def _modulation(norm: nn.Module, temb: torch.Tensor, parts: int) -> tuple[torch.Tensor, ...]:
+    """The shifts, scales and gates of an ``AdaLayerNormZero[Single]``, without normalising anything."""
+    return norm.linear(norm.silu(temb)).chunk(parts, dim=1)
+
+
+def _modulate(x: torch.Tensor, norm: nn.Module, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return norm(x) * (1 + scale[:, None]) + shift[:, None]
+
+
+def position_ids(cfg: FluxConfig) -> torch.Tensor:
+    """Text positions (all zero) then image positions (0, row, column), as the FLUX pipeline makes them."""
+    lh, lw = cfg.latent_size
+    img = torch.zeros(lh // 2, lw // 2, 3)
+    img[..., 1] = img[..., 1] + torch.arange(lh // 2)[:, None]
+    img[..., 2] = img[..., 2] + torch.arange(lw // 2)[None, :]
+    return torch.cat([torch.zeros(cfg.text_length, 3), img.reshape(-1, 3)], dim=0)
+
+
+class FluxAdapter(nn.Module):
+    """Where FLUX's blocks, branches, gates and tokens are."""
+
+    family = FAMILY
+    cfg_multiplier = 1  # guidance is distilled into the model (dev) or absent (schnell): one row per sample
+    default_run = ClusCaConfig(interval=6, clusters=16, propagation=0.005, order=1, warmup=3)
+
+    def __init__(self, model: nn.Module, cfg: FluxConfig):
+        super().__init__()
+        self.model = model.eval()
+        self.cfg = cfg
+        with torch.no_grad():
+            cos, sin = model.pos_embed(position_ids(cfg))
+        self.register_buffer("rope_cos", cos.float(), persistent=False)
+        self.register_buffer("rope_sin", sin.float(), persistent=False)
+
+    def export_spec(self, options: BuildOptions) -> ExportSpec:
+        return export_spec(self.cfg, options)
+
+    def forward_step(self, ctx, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        m = self.model
+        x = m.x_embedder(inputs["hidden_states"])
+        timestep = inputs["timestep"].to(x.dtype) * 1000
+        pooled = inputs["pooled_projections"]
+        if self.cfg.guidance_embeds:
+            temb = m.time_text_embed(timestep, inputs["guidance"].to(x.dtype) * 1000, pooled)
+        else:
+            temb = m.time_text_embed(timestep, pooled)
+        c = m.context_embedder(inputs["encoder_hidden_states"])
+        rope = (self.rope_cos, self.rope_sin)
+        for i, blk in enumerate(m.transformer_blocks):
+            x, c = self._double_block(ctx, i, blk, x, c, temb, rope)
+        ctx.hidden("img", x)
+        ctx.hidden("txt", c)
+        h = torch.cat([c, x], dim=1)
+        for j, blk in enumerate(m.single_transformer_blocks):
+            h = self._single_block(ctx, j, blk, h, temb, rope)
+        return m.proj_out(m.norm_out(h[:, c.shape[1] :], temb))
+
+    @staticmethod
+    def _double_block(ctx, i, blk, x, c, temb, rope):
+        s_msa, c_msa, g_msa, s_mlp, c_mlp, g_mlp = _modulation(blk.norm1, temb, 6)
+        ts_msa, tc_msa, tg_msa, ts_mlp, tc_mlp, tg_mlp = _modulation(blk.norm1_context, temb, 6)
+
+        def joint_attention():
+            return blk.attn(
+                hidden_states=_modulate(x, blk.norm1.norm, s_msa, c_msa),
+                encoder_hidden_states=_modulate(c, blk.norm1_context.norm, ts_msa, tc_msa),
+                image_rotary_emb=rope,
+            )
+
+        a_img, a_txt = ctx.branches(("attn_img", "attn_txt"), i, joint_attention)
+        x = x + g_msa.unsqueeze(1) * a_img
+        f = ctx.fresh_branch("mlp_img", i, x, lambda rows: blk.ff(_modulate(rows, blk.norm2, s_mlp, c_mlp)))
+        x = x + g_mlp.unsqueeze(1) * f
+        c = c + tg_msa.unsqueeze(1) * a_txt
+        f = ctx.fresh_branch(
+            "mlp_txt", i, c, lambda rows: blk.ff_context(_modulate(rows, blk.norm2_context, ts_mlp, tc_mlp))
+        )
+        c = c + tg_mlp.unsqueeze(1) * f
+        return x, c
+
+    @staticmethod
+    def _single_block(ctx, j, blk, h, temb, rope):
+        shift, scale, gate = _modulation(blk.norm, temb, 3)
+
+        def joint_output():
+            n = _modulate(h, blk.norm.norm, shift, scale)
+            mlp = blk.act_mlp(blk.proj_mlp(n))
+            attn = blk.attn(hidden_states=n, image_rotary_emb=rope)
+            return blk.proj_out(torch.cat([attn, mlp], dim=2))
+
+        return h + gate.unsqueeze(1) * ctx.branch("single", j, joint_output)
+
+
+def export_spec(cfg: FluxConfig, options: BuildOptions) -> ExportSpec:
+    """The graphs of a build, from the config alone (no weights: the real model's spec is cheap)."""
+    B = options.batch * FluxAdapter.cfg_multiplier
+    T_img, T_txt, D = cfg.image_tokens, cfg.text_length, cfg.hidden_size
+    inputs = [
+        TensorSpec("hidden_states", (B, T_img, cfg.in_channels)),
+        TensorSpec("encoder_hidden_states", (B, T_txt, cfg.joint_attention_dim)),
+        TensorSpec("pooled_projections", (B, cfg.pooled_projection_dim)),
+        TensorSpec("timestep", (B,)),
+    ]
+    if cfg.guidance_embeds:
+        inputs.append(TensorSpec("guidance", (B,)))
+    L2, L1 = cfg.num_layers, cfg.num_single_layers
+    slots = [
+        CacheSlot("attn_img", L2, T_img, D),
+        CacheSlot("attn_txt", L2, T_txt, D),
+        CacheSlot("mlp_img", L2, T_img, D, fresh_group="img"),
+        CacheSlot("mlp_txt", L2, T_txt, D, fresh_group="txt"),
+    ]
+    if L1:
+        slots.append(CacheSlot("single", L1, T_txt + T_img, D))
+    k_txt = options.clusters if options.text_clusters is None else options.text_clusters
+    groups = [TokenGroup("img", T_img, D, options.clusters), TokenGroup("txt", T_txt, D, k_txt)]
+    return make_spec(FAMILY, options, inputs, slots, groups, B, (B, T_img, cfg.out_channels))
+
+
+# --------------------------------------------------------------------------------------------
+# loading
+
+
+def model_names() -> list[str]:
+    return ["flux", *NAMED_CONFIGS]
+
+
+def load(name: str, checkpoint=None, random_init: bool = False, seed: int = 0, **options):
+    """The family entry point (see ``clusca_trt.models``): a ``LoadedModel`` for ``name``.
+
+    ``options``: ``height``, ``width`` (pixels, multiples of 16) and ``text_length`` (T5 tokens);
+    unset ones come from the named config (1024 x 1024; 512 tokens for dev, 256 for schnell).
+    """
+    from . import LoadedModel
+
+    unknown = sorted(set(options) - set(BUILD_OPTIONS))
+    if unknown:
+        raise ConfigError(f"FLUX build options are {', '.join(BUILD_OPTIONS)}, got {', '.join(unknown)}")
+    if checkpoint is None and not random_init:
+        raise ConfigError(f"model {name} needs a checkpoint folder (or random_init for tests), got neither")
+    decoder = None
+    if random_init:
+        if name == "flux":
+            raise ConfigError("random_init needs a named config (flux-dev, flux-schnell, flux-tiny), got 'flux'")
+        cfg = _with_options(NAMED_CONFIGS[name], options)
+        log.warning("model %s has RANDOM weights (random_init, seed %d): not for real use", name, seed)
+        model = init_random(cfg, seed)
+        source = {"kind": "random-init", "seed": seed}
+    else:
+        path = Path(checkpoint)
+        if not path.exists():
+            raise CheckpointError(f"checkpoint not found: expected a FLUX folder at {path}")
+        folder = transformer_dir(path)
+        root = pipeline_dir(path)
+        cfg = _with_options(folder_config(folder, root, NAMED_CONFIGS.get(name)), options)
+        model = load_transformer(folder)
+        if root is not None and (root / "vae" / "config.json").is_file():
+            decoder = {"kind": "vae", "path": str((root / "vae").resolve())}
+        log.info("hashing checkpoint %s", folder)
+        source = {"kind": "diffusers", "path": str(path.resolve()), "sha256": tree_sha256(folder)}
+    chosen = {k: getattr(cfg, k) for k in BUILD_OPTIONS}
+    return LoadedModel(
+        name, FAMILY, FluxAdapter(model, cfg), cfg.to_dict(), source, options=chosen, decoder=decoder,
+        build_name=f"{cfg.height}x{cfg.width}",
+    )
+
+
+def _with_options(cfg: FluxConfig, options: dict) -> FluxConfig:
+    return cfg.replace(**options) if options else cfg
+
+
+def init_random(cfg: FluxConfig, seed: int) -> nn.Module:
+    """diffusers' own initialisation under ``seed`` (the global RNG is left as it was)."""
+    from diffusers import FluxTransformer2DModel
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return FluxTransformer2DModel(**cfg.transformer_config()).eval()
+
+
+def transformer_dir(path: Path) -> Path:
+    """The ``FluxTransformer2DModel`` folder: ``path`` itself or ``path/transformer``."""
+    for folder in (path, path / "transformer"):
+        config = folder / "config.json"
+        if config.is_file():
+            try:
+                cls = json.loads(config.read_text()).get("_class_name")
+            except ValueError as e:
+                raise CheckpointError(f"{config} is not readable JSON: {e}".splitlines()[0]) from e
+            if cls != "FluxTransformer2DModel":
+                raise CheckpointError(f"expected a FluxTransformer2DModel config in {folder}, got {cls}")
+            return folder
+    raise CheckpointError(
+        f"expected a FLUX pipeline folder (transformer/config.json) or a FluxTransformer2DModel folder "
+        f"(config.json) at {path}, got neither"
+    )
+
+
+def pipeline_dir(path: Path) -> Path | None:
+    """The pipeline folder around the transformer (text encoders, VAE, scheduler), if there is one."""
+    path = Path(path)
+    if (path / "transformer" / "config.json").is_file():
+        return path
+    if path.name == "transformer" and (path.parent / "model_index.json").is_file():
+        return path.parent
+    return None
+
+
+def folder_config(folder: Path, root: Path | None, expect: FluxConfig | None) -> FluxConfig:
+    raw = json.loads((folder / "config.json").read_text())
+    if raw.get("patch_size", 1) != 1:
+        raise CheckpointError(f"expected a FLUX transformer with patch_size 1, got {raw.get('patch_size')}")
+    defaults = FluxConfig()
+    arch = {n: raw.get(n, getattr(defaults, n)) for n in _ARCH}
+    arch["out_channels"] = arch["out_channels"] or arch["in_channels"]
+    base = expect or (defaults if arch["guidance_embeds"] else NAMED_CONFIGS["flux-schnell"])
+    if expect is not None:
+        for n in _ARCH:
+            want, got = getattr(expect, n), arch[n]
+            if (tuple(want) if n == "axes_dims_rope" else want) != (tuple(got) if n == "axes_dims_rope" else got):
+                raise CheckpointError(f"checkpoint {folder} does not match the config: expected {n}={want}, got {got}")
+    extra = {"scheduler": dict(base.scheduler), "vae_scale_factor": 8}
+    if root is not None:
+        sched = root / "scheduler" / "scheduler_config.json"
+        if sched.is_file():
+            extra["scheduler"] = {k: v for k, v in json.loads(sched.read_text()).items() if not k.startswith("_")}
+        vae = root / "vae" / "config.json"
+        if vae.is_file():
+            extra["vae_scale_factor"] = 2 ** (len(json.loads(vae.read_text()).get("block_out_channels", [0] * 4)) - 1)
+    try:
+        return base.replace(**arch, **extra)
+    except ConfigError as e:
+        raise CheckpointError(f"unsupported FLUX config in {folder}: {e}") from e
+
+
+def load_transformer(folder: Path) -> nn.Module:
+    from diffusers import FluxTransformer2DModel
+
+    try:
+        return FluxTransformer2DModel.from_pretrained(str(folder)).eval()
+    except Exception as e:  # diffusers raises many types for a bad folder
+        message = f"cannot load FLUX transformer from {folder}: {type(e).__name__}: {e}"
+        raise CheckpointError(message.splitlines()[0]) from e
