@@ -1,0 +1,137 @@
+"""The built-in trained model ``dit-digits``: its shipped weights load through the loader users
+use for their checkpoints, give the named config, and really denoise digits."""
+
+import numpy as np
+import pytest
+import torch
+
+from clusca_trt.errors import CheckpointError
+from clusca_trt.hashing import file_sha256
+from clusca_trt.models import DEFAULT_MODEL, dit, load_model
+
+WEIGHTS = dit.DATA_DIR / dit.BUILTIN_WEIGHTS["dit-digits"]
+
+
+@pytest.fixture(scope="module")
+def builtin():
+    return load_model("dit-digits")
+
+
+def test_the_default_model_is_the_trained_digits_model():
+    assert DEFAULT_MODEL == "dit-digits"
+    cfg = dit.NAMED_CONFIGS["dit-digits"]
+    assert (cfg.input_size, cfg.patch_size, cfg.in_channels, cfg.num_classes, cfg.learn_sigma) == (32, 2, 1, 10, False)
+    assert cfg.tokens == 256  # DiT-XL/2's token grid at 256 px
+
+
+def test_builtin_weights_load_through_the_checkpoint_loader(builtin):
+    assert builtin.source == {"kind": "builtin", "path": str(WEIGHTS), "sha256": file_sha256(WEIGHTS)}
+    assert builtin.model_config == dit.NAMED_CONFIGS["dit-digits"].to_dict()
+    assert builtin.decoder == {"kind": "pixels"}
+    # the same file given as a user's checkpoint: same weights, same content hash
+    user = load_model("dit-digits", checkpoint=WEIGHTS)
+    assert user.source["kind"] == "original" and user.source["sha256"] == builtin.source["sha256"]
+    ours, theirs = builtin.adapter.model.state_dict(), user.adapter.model.state_dict()
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
+
+
+def test_builtin_weights_are_a_few_megabytes_of_float32():
+    from safetensors import safe_open
+
+    with safe_open(str(WEIGHTS), "pt") as f:
+        dtypes = {f.get_slice(k).get_dtype() for k in f.keys()}
+    assert dtypes == {"F32"} and 0.2e6 < WEIGHTS.stat().st_size < 20e6
+
+
+def test_trained_weights_denoise_real_digits(builtin):
+    """eps-prediction error on noised held-out digits: the trained model is far below the
+    error of predicting zero (1.0); random weights are not."""
+    pytest.importorskip("sklearn")
+    from clusca_trt.digits import load_split
+    from clusca_trt.training import alphas_cumprod, q_sample
+
+    ref = load_split("reference")
+    g = torch.Generator().manual_seed(0)
+    x0 = torch.from_numpy(ref.images[:40])
+    y = torch.from_numpy(ref.labels[:40])
+    t = torch.tensor([100, 300, 500, 700] * 10)
+    eps = torch.randn(x0.shape, generator=g)
+    xt = q_sample(x0, t, eps, alphas_cumprod())
+    random = load_model("dit-digits", random_init=True, seed=0).adapter.model
+    with torch.no_grad():
+        trained_mse = torch.mean((builtin.adapter.model(xt, t.float(), y) - eps) ** 2).item()
+        random_mse = torch.mean((random(xt, t.float(), y) - eps) ** 2).item()
+    assert trained_mse < 0.25 < random_mse
+
+
+def test_safetensors_checkpoints_load_like_pt_files(tmp_path):
+    from safetensors.torch import save_file
+
+    model = dit.init_random(dit.DiT(dit.NAMED_CONFIGS["dit-tiny"]), seed=4)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp_path / "tiny.safetensors"))
+    loaded = load_model("dit-tiny", checkpoint=tmp_path / "tiny.safetensors")
+    assert loaded.source["kind"] == "original" and loaded.decoder is None
+    x = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(0))
+    t, y = torch.tensor([10.0, 900.0]), torch.tensor([3, 10])
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.adapter.model(x, t, y), model(x, t, y), atol=0, rtol=0)
+
+
+@pytest.mark.parametrize(
+    "setup, message",
+    [
+        ("garbage", "cannot read DiT checkpoint"),
+        ("wrong-config", "does not match the config: expected pos_embed of shape [1, 256, 64]"),
+        ("no-builtin", "built-in weights of dit-digits not found"),
+    ],
+)
+def test_bad_safetensors_and_missing_builtin_are_one_line_errors(tmp_path, monkeypatch, setup, message):
+    from safetensors.torch import save_file
+
+    path = tmp_path / "x.safetensors"
+    kwargs = {"checkpoint": path}
+    if setup == "garbage":
+        path.write_bytes(b"\x00" * 64)
+    elif setup == "wrong-config":
+        save_file(dit.DiT(dit.NAMED_CONFIGS["dit-tiny"]).state_dict(), str(path))
+    else:
+        monkeypatch.setattr(dit, "DATA_DIR", tmp_path / "nowhere")
+        kwargs = {}
+    with pytest.raises(CheckpointError) as e:
+        load_model("dit-digits", **kwargs)
+    assert message in str(e.value) and "\n" not in str(e.value)
+
+
+def test_training_forward_process_matches_the_sampler():
+    """x_t from the training forward process, mapped back by the sampler's own x0 formula at
+    the respaced index that sees timestep t, gives x0 again (so DDIM is exact for the model)."""
+    from clusca_trt.runtime.samplers import GaussianDiffusion
+    from clusca_trt.training import alphas_cumprod, q_sample
+
+    abar = alphas_cumprod()
+    np.testing.assert_allclose(abar.numpy(), GaussianDiffusion(1000, "ddim").acp, rtol=1e-12)
+    d = GaussianDiffusion(50, "ddim")
+    g = torch.Generator().manual_seed(0)
+    x0 = torch.rand(3, 1, 4, 4, generator=g, dtype=torch.float64) * 2 - 1
+    eps = torch.randn(3, 1, 4, 4, generator=g, dtype=torch.float64)
+    for i in (0, 17, 49):
+        t = torch.full((3,), int(d.timestep_map[i]))
+        xt = q_sample(x0, t, eps, abar)
+        np.testing.assert_allclose(d._xstart(xt.numpy(), eps.numpy(), i), x0.numpy(), atol=1e-9)
+
+
+def test_train_dit_is_seeded():
+    from clusca_trt.training import DiTTrainOptions, train_dit
+
+    cfg = dit.DiTConfig(input_size=8, patch_size=2, in_channels=1, hidden_size=16, depth=1, num_heads=2,
+                        num_classes=10, learn_sigma=False)
+    rng = np.random.default_rng(0)
+    images = rng.uniform(-1, 1, (20, 1, 8, 8)).astype(np.float32)
+    labels = rng.integers(0, 10, 20)
+    opt = DiTTrainOptions(steps=3, batch=8, warmup=1, threads=1)
+    a, losses = train_dit(cfg, images, labels, opt, progress=False)
+    b, _ = train_dit(cfg, images, labels, opt, progress=False)
+    assert len(losses) == 3 and all(np.isfinite(losses))
+    assert all(torch.equal(p, q) for p, q in zip(a.state_dict().values(), b.state_dict().values()))
+    # adaLN-Zero: training moved the zero-initialised output layer
+    assert a.final_layer.linear.weight.abs().sum() > 0
