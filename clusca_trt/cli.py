@@ -14,7 +14,7 @@ from pathlib import Path
 
 import click
 
-from .errors import ClusCaError
+from .errors import ClusCaError, InputError
 
 log = logging.getLogger("clusca_trt.cli")
 
@@ -61,38 +61,80 @@ def _labels(value: str | None) -> list[int] | None:
 
 
 @main.command()
-@click.option("--model", "model_name", default=None, help="Model name (default: the built-in dit-tiny).")
+@click.option("--model", "model_name", default=None, help="Model name (default: the built-in, trained dit-digits).")
 @click.option("--checkpoint", type=click.Path(path_type=Path), default=None,
               help="Original DiT .pt file or diffusers folder.")
 @click.option("--random-init", is_flag=True, help="Random weights (tests and benchmarks only).")
 @click.option("--seed", default=0, show_default=True, help="Seed of --random-init.")
-@click.option("--clusters", "-K", default=16, show_default=True, help="K, clusters (0: TaylorSeer/FORA only).")
-@click.option("--order", "-O", default=2, show_default=True, help="Highest Taylor order the engines keep.")
+@click.option("--clusters", "-K", type=int, default=None,
+              help="K, clusters (0: TaylorSeer/FORA only) [default: the model's: DiT/FLUX 16, HunyuanVideo 32].")
+@click.option("--order", "-O", type=int, default=None,
+              help="Highest Taylor order the engines keep [default: the model's: DiT 2, FLUX/HunyuanVideo 1].")
 @click.option("--batch", "-B", default=1, show_default=True, help="Samples per engine call (CFG doubles it).")
 @click.option("--kmeans-iterations", default=10, show_default=True, help="Lloyd iterations in the cluster graph.")
 @click.option("--distance", type=click.Choice(["l1", "l2"]), default="l1", show_default=True)
 @click.option("--opset", default=18, show_default=True, type=click.IntRange(18, 20))
+@click.option("--height", type=int, default=None, help="FLUX: image height in pixels, multiple of 16 [default: 1024].")
+@click.option("--width", type=int, default=None, help="FLUX: image width in pixels, a multiple of 16 [default: 1024].")
+@click.option("--text-length", type=int, default=None, help="FLUX: T5 tokens per prompt [default: 512; schnell 256].")
+@click.option("--frames", type=int, default=None, help="HunyuanVideo: video frames, 4 k + 1 [default: 65].")
+@click.option("--text-clusters", type=int, default=None, help="FLUX: K of the text tokens [default: --clusters].")
 @click.option("--out", type=click.Path(path_type=Path), default=None, help="Engine directory (default engines/<model>).")
 @click.option("--force", is_flag=True, help="Rebuild even if the engines are up to date.")
+@click.option("--backend", type=click.Choice(["onnxruntime", "tensorrt"]), default="onnxruntime", show_default=True,
+              help="tensorrt: also build TensorRT plans (checks every graph for TensorRT first).")
+@click.option("--precision", type=click.Choice(["fp32", "fp16", "bf16"]), default=None,
+              help="TensorRT plan precision of the model graphs [default: fp16]; k-means/selection stay fp32.")
+@click.option("--opt-level", type=click.IntRange(0, 5), default=3, show_default=True,
+              help="TensorRT builder optimisation level.")
+@click.option("--workspace", type=click.IntRange(min=1), default=None, help="TensorRT workspace limit in MiB.")
+@click.option("--timing-cache", type=click.Path(path_type=Path), default=None,
+              help="TensorRT timing cache file, reused across builds (default: a per-user cache).")
+@click.option("--device", type=click.IntRange(min=0), default=0, show_default=True, help="CUDA device for TensorRT.")
 @_errors
-def build(model_name, checkpoint, random_init, seed, clusters, order, batch, kmeans_iterations, distance, opset, out, force):
+def build(model_name, checkpoint, random_init, seed, clusters, order, batch, kmeans_iterations, distance, opset, out, force,
+          backend, precision, opt_level, workspace, timing_cache, device, height, width, text_length, text_clusters,
+          frames):
     """Export the full, partial, forecast and clustering graphs of a model into an engine directory."""
+    from .engines.trt_compat import check_graphs
+
+    trt_options = None
+    if backend == "tensorrt":
+        from .engines.tensorrt import TrtBuildOptions, require_tensorrt
+
+        require_tensorrt()  # before any export work: a one-line error saying how to install it
+        trt_options = TrtBuildOptions(precision=precision or "fp16", optimization_level=opt_level,
+                                      workspace_mib=workspace, timing_cache=timing_cache)
+    elif precision not in (None, "fp32") or workspace is not None or timing_cache is not None:
+        raise click.UsageError("--precision, --workspace and --timing-cache apply to --backend tensorrt "
+                               "(ONNX Runtime graphs are float32)")
     from .engines.build import build_engines
     from .models import DEFAULT_MODEL, load_model
     from .spec import BuildOptions
 
     name = model_name or DEFAULT_MODEL
-    if model_name is None and checkpoint is None and not random_init:
-        random_init = True  # the built-in default has no trained weights yet (labelled in the log)
+    loaded = load_model(name, checkpoint=checkpoint, random_init=random_init, seed=seed,
+                        height=height, width=width, text_length=text_length, frames=frames)
+    family_defaults = loaded.adapter.default_run
+    clusters = family_defaults.clusters if clusters is None else clusters
+    order = family_defaults.order if order is None else order
     options = BuildOptions(
-        batch=batch, clusters=clusters, order=order, kmeans_iterations=kmeans_iterations, distance=distance, opset=opset
+        batch=batch, clusters=clusters, order=order, kmeans_iterations=kmeans_iterations, distance=distance,
+        opset=opset, text_clusters=text_clusters,
     )
-    loaded = load_model(name, checkpoint=checkpoint, random_init=random_init, seed=seed)
     out = out or Path("engines") / name
-    result = build_engines(loaded, options, out, force=force)
+    # every exported graph is checked for TensorRT: fatal for a TensorRT build, a warning otherwise
+    check = functools.partial(check_graphs, strict=backend == "tensorrt")
+    result = build_engines(loaded, options, out, force=force, check=check)
     state = "up to date" if result.reused else "built"
-    click.echo(f"{out}: {state} ({loaded.name}, K={clusters}, O={order}, batch={batch}, graphs: "
+    click.echo(f"{result.manifest.directory}: {state} ({loaded.name}, K={clusters}, O={order}, batch={batch}, graphs: "
                f"{', '.join(result.manifest.data['graphs'])})")
+    if trt_options is not None:
+        from .engines.tensorrt import build_plans
+
+        plans = build_plans(result.manifest, trt_options, device=device, force=force)
+        click.echo(f"{plans.directory}: TensorRT {plans.data['tensorrt']['platform']['tensorrt']} plans "
+                   f"({trt_options.precision}) for {', '.join(plans.data['tensorrt']['plans'])}")
 
 
 def _progress(total: int, label: str):
@@ -110,37 +152,101 @@ def _progress(total: int, label: str):
 @click.option("--clusters", "-K", type=int, default=None, help="Must equal the built K (checked).")
 @click.option("--warmup", "-W", type=int, default=None, help="Leading full steps.")
 @click.option("--fresh", type=click.Choice(["random", "nearest"]), default=None, help="Fresh-token policy.")
-@click.option("--steps", "-S", default=50, show_default=True)
+@click.option("--steps", "-S", type=int, default=None, help="Sampling steps [default: 50; FLUX-schnell 4].")
 @click.option("--sampler", type=click.Choice(["ddim", "ddpm"]), default="ddim", show_default=True)
 @click.option("--cfg-scale", default=1.5, show_default=True)
 @click.option("--seed", default=0, show_default=True)
 @click.option("--class-labels", default=None, help="Comma-separated class labels (default: 0..batch-1).")
+@click.option("--prompt", "-p", "prompts", multiple=True, help="FLUX: a prompt (repeat for several images).")
+@click.option("--guidance", type=float, default=None, help="FLUX-dev: distilled guidance scale [default: 3.5].")
+@click.option("--text-propagation", type=float, default=0.0, show_default=True,
+              help="FLUX: gamma of the text tokens (0: scatter only, as the reference).")
+@click.option("--height", type=int, default=None, help="FLUX: choose the build of this height (several in ENGINE_DIR).")
+@click.option("--width", type=int, default=None, help="FLUX: choose the build of this width.")
+@click.option("--frames", type=int, default=None, help="HunyuanVideo: choose the build of this frame count.")
 @click.option("--provider", type=click.Choice(["auto", "cpu", "cuda", "tensorrt"]), default="auto", show_default=True)
-@click.option("--backend", type=click.Choice(["onnxruntime", "torch"]), default="onnxruntime", show_default=True)
-@click.option("--out", "out_file", type=click.Path(path_type=Path), required=True, help=".npz (latents, labels, images) or .png")
+@click.option("--backend", type=click.Choice(["onnxruntime", "torch", "tensorrt"]), default="onnxruntime",
+              show_default=True, help="tensorrt: the plans built with build --backend tensorrt.")
+@click.option("--out", "out_file", type=click.Path(path_type=Path), required=True,
+              help=".npz (latents, labels, images), .png, or .mp4 for videos (several: <stem>-<i>.mp4)")
+@click.option("--compare", is_flag=True,
+              help="Run full, clusca, fora and taylorseer on the same inputs and seed; write a .png grid with one "
+                   "row per method and print each one's measured speed-up vs full.")
 @_errors
 def generate(engine_dir, method, interval, propagation, order, clusters, warmup, fresh, steps, sampler, cfg_scale,
-             seed, class_labels, provider, backend, out_file):
-    """Sample with the engines in ENGINE_DIR and write latents (.npz) or an image grid (.png)."""
+             seed, class_labels, provider, backend, out_file, prompts, guidance, text_propagation, height, width,
+             frames, compare):
+    """Sample with the engines in ENGINE_DIR and write latents (.npz), an image grid (.png) or videos (.mp4)."""
     from .runtime.output import write_result
     from .runtime.pipeline import Pipeline
 
-    if out_file.suffix not in (".npz", ".png"):
-        raise click.BadParameter(f"expected a .npz or .png file, got {out_file.name}", param_hint="--out")
-    with Pipeline.load(engine_dir, provider=provider, backend=backend) as pipe:
-        labels = _labels(class_labels) or list(range(pipe.spec.options.batch))
-        chunks = -(-len(labels) // pipe.spec.options.batch)
+    if out_file.suffix not in (".npz", ".png", ".mp4"):
+        raise click.BadParameter(f"expected a .npz, .png or .mp4 (video) file, got {out_file.name}", param_hint="--out")
+    select = {"height": height, "width": width, "frames": frames}
+    with Pipeline.load(engine_dir, provider=provider, backend=backend, select=select) as pipe:
+        family = pipe.model["family"]
+        if family == "hunyuan-video":
+            from .runtime.hunyuan_video import DEFAULT_GUIDANCE as HV_GUIDANCE, DEFAULT_STEPS as HV_STEPS
+
+            if class_labels is not None or not prompts:
+                got = "--class-labels" if class_labels else "none"
+                raise InputError(f"expected --prompt for a {family} model, got {got}")
+            steps = HV_STEPS if steps is None else steps
+            inputs = dict(prompt=list(prompts), steps=steps, text_propagation=text_propagation,
+                          guidance_scale=HV_GUIDANCE if guidance is None else guidance)
+            count = len(prompts)
+        elif family == "flux":
+            from .runtime.flux import DEFAULT_GUIDANCE, default_steps
+
+            if class_labels is not None or not prompts:
+                got = "--class-labels" if class_labels else "none"
+                raise InputError(f"expected --prompt for a flux model, got {got}")
+            steps = default_steps(pipe.model) if steps is None else steps
+            inputs = dict(prompt=list(prompts), steps=steps, text_propagation=text_propagation,
+                          guidance_scale=DEFAULT_GUIDANCE if guidance is None else guidance)
+            count = len(prompts)
+        else:
+            if prompts:
+                raise InputError(f"expected --class-labels for a {family} model, got --prompt")
+            labels = _labels(class_labels) or list(range(pipe.spec.options.batch))
+            steps = 50 if steps is None else steps
+            inputs = dict(class_labels=labels, steps=steps, sampler=sampler, cfg_scale=cfg_scale)
+            count = len(labels)
+        if compare:
+            _compare(pipe, inputs, out_file, seed, dict(interval=interval, propagation=propagation, order=order,
+                                                        warmup=warmup, fresh=fresh, clusters=clusters))
+            return
+        chunks = -(-count // pipe.spec.options.batch)
         with _progress(steps * chunks, "sampling") as bar:
             result = pipe.generate(
-                labels, seed=seed, method=method, interval=interval, propagation=propagation, order=order,
-                steps=steps, sampler=sampler, cfg_scale=cfg_scale, warmup=warmup, fresh=fresh, clusters=clusters,
-                progress=lambda _step: bar.update(1),
+                **inputs, seed=seed, method=method, interval=interval, propagation=propagation, order=order,
+                warmup=warmup, fresh=fresh, clusters=clusters, progress=lambda _step: bar.update(1),
             )
     write_result(result, out_file)
     c = result.config
-    click.echo(f"{out_file}: {len(result.labels)} samples, {c.method.value} (N={c.interval}, K={c.clusters}, "
+    click.echo(f"{out_file}: {len(result.latents)} samples, {c.method.value} (N={c.interval}, K={c.clusters}, "
                f"O={c.order}, gamma={c.propagation}), {steps} steps on {result.backend}/{result.provider} "
                f"in {result.seconds:.2f} s")
+
+
+def _compare(pipe, inputs: dict, out_file: Path, seed: int, settings: dict) -> None:
+    """generate --compare: every method on the same inputs, one PNG row each, speed-ups vs full."""
+    from .runtime.compare import compare_methods, write_comparison_png
+
+    if out_file.suffix != ".png":
+        raise click.BadParameter(f"expected a .png file with --compare, got {out_file.name}", param_hint="--out")
+    methods = ["full", "clusca", "fora", "taylorseer"]
+    if pipe.spec.options.order < 1:
+        methods.remove("taylorseer")  # needs engines that keep a Taylor order >= 1
+    if not pipe.spec.clustered_groups:
+        methods.remove("clusca")
+    runs = compare_methods(pipe, inputs, methods, seed=seed, **settings)
+    write_comparison_png(runs, out_file)
+    first = runs[0].result
+    click.echo(f"{out_file}: {len(first.latents)} samples x {len(runs)} methods (rows), seed {seed}, "
+               f"{inputs.get('steps')} steps on {first.backend}/{first.provider}")
+    for r in runs:
+        click.echo(f"  {r.label:<40} {r.result.seconds:8.2f} s  {r.speedup:5.2f}x vs full")
 
 
 @main.command()
@@ -151,15 +257,17 @@ def generate(engine_dir, method, interval, propagation, order, clusters, warmup,
 def inspect(engine_dir, as_json, verify):
     """What was built: graphs, shapes, ClusCa settings, hashes, versions."""
     from .engines.inspect import describe
-    from .engines.manifest import Manifest
+    from .engines.manifest import Manifest, list_builds
 
-    manifest = Manifest.read(engine_dir)
-    manifest.verify(hashes=verify)
-    info = describe(manifest)
+    infos = []
+    for build_dir in list_builds(engine_dir):  # several for a directory with one build per resolution
+        manifest = Manifest.read(build_dir)
+        manifest.verify(hashes=verify)
+        infos.append(describe(manifest))
     if as_json:
-        click.echo(json.dumps(info, indent=2, sort_keys=True))
+        click.echo(json.dumps(infos[0] if len(infos) == 1 else {"builds": infos}, indent=2, sort_keys=True))
     else:
-        click.echo(_format(info))
+        click.echo("\n\n".join(_format(info) for info in infos))
 
 
 def _format(info: dict) -> str:
@@ -178,6 +286,143 @@ def _format(info: dict) -> str:
         lines.append(f"    out: {g['outputs']}")
     lines.append("versions     " + ", ".join(f"{k} {v}" for k, v in sorted(info["versions"].items())))
     return "\n".join(lines)
+
+
+
+class _BaselineRefused(click.ClickException):
+    exit_code = 2  # a baseline from another device / provider / versions / settings (1: a regression)
+
+
+@main.command()
+@click.argument("engine_dir", type=click.Path(path_type=Path))
+@click.option("--methods", default="full,clusca,fora,taylorseer", show_default=True,
+              help="Comma-separated methods, run interleaved (full is always included).")
+@click.option("--interval", "-N", type=int, default=None, help="Cycle length N (default: the model's).")
+@click.option("--propagation", "-G", type=float, default=None, help="Propagation ratio gamma.")
+@click.option("--order", "-O", type=int, default=None, help="Taylor order (<= the built order).")
+@click.option("--warmup", "-W", type=int, default=None, help="Leading full steps.")
+@click.option("--fresh", type=click.Choice(["random", "nearest"]), default=None, help="Fresh-token policy.")
+@click.option("--steps", "-S", default=50, show_default=True)
+@click.option("--sampler", type=click.Choice(["ddim", "ddpm"]), default="ddim", show_default=True)
+@click.option("--cfg-scale", default=1.5, show_default=True)
+@click.option("--seed", default=0, show_default=True)
+@click.option("--class-labels", default=None, help="Comma-separated class labels (default: 0..batch-1).")
+@click.option("--repeats", "-r", default=3, show_default=True, help="Interleaved rounds; latencies are medians.")
+@click.option("--warmup-runs", default=1, show_default=True, help="Untimed short runs of every method first.")
+@click.option("--profile-calls", default=5, show_default=True,
+              help="Profiled partial-graph calls that split its time (propagation); 0: skip.")
+@click.option("--provider", type=click.Choice(["auto", "cpu", "cuda", "tensorrt"]), default="auto", show_default=True)
+@click.option("--backend", type=click.Choice(["onnxruntime", "torch"]), default="onnxruntime", show_default=True)
+@click.option("--threads", type=click.IntRange(min=1), default=None, help="ONNX Runtime intra-op threads.")
+@click.option("--json", "json_file", type=click.Path(path_type=Path), default=None,
+              help="Write the result as JSON (usable as a --baseline later).")
+@click.option("--baseline", type=click.Path(path_type=Path), default=None,
+              help="A JSON from an earlier bench on the same device/provider/versions.")
+@click.option("--max-regression", default="10%", show_default=True,
+              help="Tolerance against --baseline: exit 1 when a run is slower by more.")
+@_errors
+def bench(engine_dir, methods, interval, propagation, order, warmup, fresh, steps, sampler, cfg_scale, seed,
+          class_labels, repeats, warmup_runs, profile_calls, provider, backend, threads, json_file, baseline,
+          max_regression):
+    """Latency of the engines in ENGINE_DIR: full vs ClusCa vs FORA / TaylorSeer, interleaved.
+
+    Prints median latency per step kind and per sampling run, wall and FLOPs speed-ups, their
+    ratio (efficiency), ClusCa's overhead share and peak memory. With --baseline, exits 1 on a
+    latency regression beyond --max-regression and 2 when the baseline is not comparable."""
+    from .runtime.bench import (BaselineMismatchError, BenchSettings, compare, default_inputs, format_table,
+                                load_baseline, parse_tolerance, run_bench, write_json)
+    from .runtime.pipeline import Pipeline
+
+    tol = parse_tolerance(max_regression)
+    base = load_baseline(baseline) if baseline is not None else None
+    settings = BenchSettings(
+        steps=steps, sampler=sampler, cfg_scale=cfg_scale, seed=seed,
+        methods=tuple(m.strip() for m in methods.split(",") if m.strip()), interval=interval,
+        propagation=propagation, order=order, warmup=warmup, fresh=fresh, repeats=repeats,
+        warmup_runs=warmup_runs, profile_calls=profile_calls,
+    )
+    with Pipeline.load(engine_dir, provider=provider, backend=backend, threads=threads) as pipe:
+        inputs = default_inputs(pipe, settings, _labels(class_labels))
+        result = run_bench(pipe, settings, inputs, threads=threads)
+    click.echo(format_table(result))
+    if json_file is not None:
+        write_json(result, json_file)
+        click.echo(f"{json_file}: written")
+    if base is not None:
+        try:
+            regressions = compare(result, base, tol)
+        except BaselineMismatchError as e:
+            raise _BaselineRefused(str(e)) from None
+        if regressions:
+            raise click.ClickException(
+                f"latency regression beyond {max_regression}: " + "; ".join(str(r) for r in regressions))
+        click.echo(f"no latency regression beyond {max_regression} against {baseline}")
+
+
+@main.command()
+@click.argument("engine_dir", type=click.Path(path_type=Path), required=False)
+@click.option("--model", "model_name", default=None,
+              help="A named config (dit-xl-2, ...) instead of ENGINE_DIR: counted on depth-1/2 exports, scaled.")
+@click.option("--clusters", "-K", default=16, show_default=True, help="K (with --model).")
+@click.option("--order", "-O", type=int, default=None, help="Taylor order (with --model: also the built order; default 2).")
+@click.option("--batch", "-B", default=1, show_default=True, help="Samples per call (with --model).")
+@click.option("--interval", "-N", type=int, default=None, help="Cycle length N (default: the model's).")
+@click.option("--warmup", "-W", type=int, default=None, help="Leading full steps.")
+@click.option("--steps", "-S", default=50, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@_errors
+def flops(engine_dir, model_name, clusters, order, batch, interval, warmup, steps, as_json):
+    """FLOPs per graph and per sampling run of full / ClusCa / TaylorSeer / FORA, and their speed-ups."""
+    from .config import ClusCaConfig
+    from .engines import flops as fl
+    from .models.dit import DiTAdapter
+    from .spec import BuildOptions
+
+    if (engine_dir is None) == (model_name is None):
+        raise click.UsageError("give either ENGINE_DIR or --model")
+    if engine_dir is not None:
+        from .engines.manifest import Manifest
+
+        manifest = Manifest.read(engine_dir)
+        spec = manifest.spec
+        graphs = fl.count_engine_dir(manifest)
+        defaults = ClusCaConfig(**manifest.defaults) if manifest.defaults else ClusCaConfig()
+        what = f"{engine_dir} ({manifest.model.get('name')})"
+    else:
+        logging.getLogger("onnx_ir").setLevel(logging.WARNING)
+        options = BuildOptions(batch=batch, clusters=clusters, order=2 if order is None else order)
+        ex = fl.dit_flops(model_name, options)
+        spec, graphs = ex.spec, ex.per_graph
+        defaults = DiTAdapter.default_run
+        what = f"{model_name} (counted at depths {ex.probe_depths[0]} and {ex.probe_depths[1]}, scaled to {ex.depth})"
+    per_call = {n: g.total for n, g in graphs.items()}
+    built_k = spec.options.clusters if spec.clustered_groups else 0
+    rows = {}
+    for method in ("full", "clusca", "taylorseer", "fora"):
+        try:
+            config = ClusCaConfig.for_method(method, built_clusters=built_k, built_order=spec.options.order,
+                                             defaults=defaults, interval=interval if method != "full" else None,
+                                             order=order if engine_dir is not None else None, warmup=warmup)
+        except ClusCaError:
+            continue
+        sched = fl.schedule_flops(per_call, spec, fl.plan(steps, config, spec.options.order), config.clusters > 0)
+        rows[method] = {"config": {"interval": config.interval, "clusters": config.clusters, "order": config.order,
+                                   "warmup": config.warmup},
+                        "schedule": sched.to_dict(), "speedup": fl.flops_speedup(per_call, spec, config, steps)}
+    info = {"model": what, "graph_batch": spec.graph_batch, "steps": steps,
+            "graphs": {n: g.to_dict() for n, g in graphs.items()}, "methods": rows}
+    if as_json:
+        click.echo(json.dumps(info, indent=2, sort_keys=True))
+        return
+    click.echo(f"{what}, graph batch {spec.graph_batch}")
+    for n, g in graphs.items():
+        top = ", ".join(f"{k} {100 * v / g.total:.0f}%" for k, v in list(g.by_component.items())[:5]) if g.total else ""
+        click.echo(f"  {n:<12} {g.total / 1e9:10.3f} GFLOPs per call  ({top})")
+    for method, r in rows.items():
+        c, s = r["config"], r["schedule"]
+        calls = ", ".join(f"{v} {k}" for k, v in s["calls"].items() if v)
+        click.echo(f"  {method:<12} N={c['interval']} K={c['clusters']} O={c['order']} W={c['warmup']}: "
+                   f"{s['total'] / 1e9:10.2f} GFLOPs per {steps}-step run ({calls}), speed-up {r['speedup']:.2f}x")
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -4,6 +4,9 @@ Pure torch functions over static shapes; each traces into a small, static ONNX s
 
 * ``taylor_refresh``:  F_0 <- y; F_{i+1} <- (F_i(new) - F_i(old)) * coef_i        (full step)
 * ``taylor_forecast``: sum_i F_i * c_i, with c_i = d^i / i!                         (partial step)
+* ``taylor_refresh_layers`` / ``taylor_forecast_layers``: the same over every layer of a cache at
+  once ([L, ...] and [L, O, ...]): a few whole-tensor passes instead of per-layer slices of the
+  caches (on ONNX Runtime each op is a pass over memory; per-layer slicing copies the caches)
 * ``propagate``:       F_0[n] <- f_c(n) if n is its cluster's fresh token,
                        else gamma * f_c(n) + (1 - gamma) * F_0[n]                   (partial step)
 * ``kmeans``:          warm-started Lloyd iterations, fixed count, one-hot centroid updates
@@ -45,9 +48,44 @@ def taylor_forecast(f0: torch.Tensor, fhi: torch.Tensor | None, coef: torch.Tens
     return out
 
 
+def taylor_refresh_layers(
+    y: torch.Tensor, f0_old: torch.Tensor | None, fhi_old: torch.Tensor | None, coef: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``taylor_refresh`` for every layer at once: y, f0_old [L, B, T, D]; fhi_old [L, O, B, T, D].
+    Returns (F_0 [L, ...], F_1..F_O as [L, O, ...] or None); the same values, op for op, per element."""
+    if fhi_old is None:
+        return y, None
+    new = [y]
+    for i in range(fhi_old.shape[1]):
+        old_i = f0_old if i == 0 else fhi_old[:, i - 1]
+        new.append((new[i] - old_i) * coef[i])
+    return y, torch.stack(new[1:], dim=1)
+
+
+def taylor_forecast_layers(f0: torch.Tensor | None, fhi: torch.Tensor | None, coef: torch.Tensor) -> torch.Tensor | None:
+    """``sum_i F_i * coef[i]`` for every layer: f0 [L, ...] (None: the sum from order 1 on),
+    fhi [L, O, ...] or None (order 0: F_0 itself). ``coef[0] = d^0 / 0! = 1`` is not multiplied.
+    The orders are summed by one MatMul ([1, O] x [O, elements] per layer): one pass over F_1..F_O."""
+    if fhi is None:
+        return f0
+    layers, order = fhi.shape[0], fhi.shape[1]
+    hi = torch.matmul(coef[1 : order + 1].reshape(1, 1, order), fhi.reshape(layers, order, -1))
+    hi = hi.reshape((layers,) + tuple(fhi.shape[2:]))
+    return hi if f0 is None else f0 + hi
+
+
+def forecast_add(f0: torch.Tensor, hi: torch.Tensor | None) -> torch.Tensor:
+    """F_0 plus the forecast's higher orders (summed ahead by ``taylor_forecast_layers``)."""
+    return f0 if hi is None else f0 + hi
+
+
 def gather_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """x [B, T, D], index [B, R] -> [B, R, D]."""
-    return torch.gather(x, 1, index.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+    """x [B, T, D], index [B, R] -> [B, R, D]: ``x[b, index[b, r]]``, as one row gather over the
+    flattened [B * T, D] (no index expanded to [B, R, D])."""
+    b, t, d = x.shape
+    offset = torch.arange(b, device=index.device, dtype=index.dtype).unsqueeze(1) * t
+    rows = x.reshape(b * t, d).index_select(0, (index + offset).reshape(-1))
+    return rows.reshape(b, index.shape[1], d)
 
 
 def propagate(
@@ -63,19 +101,27 @@ def propagate(
     fresh_index [B, K]; assign [B, T] cluster of every token; gamma [1].
     A token is fresh when it is the chosen token of its own cluster, so an empty cluster
     (whose row is computed but belongs to no token) never writes anywhere.
+
+    Written as ``f * w_f + F_0 * w_0`` with per-token weights (1, 0) for a fresh token and
+    (gamma, 1 - gamma) for the others: the same values as a select between ``f`` and the blend
+    (``f * 1 + F_0 * 0`` is ``f`` exactly), one pass over [B, T, D] fewer.
     """
     per_token = gather_rows(fresh_values, assign)  # f of the token's cluster, [B, T, D]
     chosen = torch.gather(fresh_index, 1, assign)  # the fresh token of the token's cluster, [B, T]
     positions = torch.arange(f0.shape[1], device=f0.device, dtype=assign.dtype).unsqueeze(0)
-    is_fresh = (chosen == positions).unsqueeze(-1)
-    blended = per_token * gamma + f0 * (1.0 - gamma)
-    return torch.where(is_fresh, per_token, blended)
+    is_fresh = (chosen == positions).unsqueeze(-1)  # [B, T, 1]
+    w_fresh = torch.where(is_fresh, torch.ones_like(gamma), gamma)
+    w_old = torch.where(is_fresh, torch.zeros_like(gamma), 1.0 - gamma)
+    return per_token * w_fresh + f0 * w_old
 
 
 def pairwise_distance(x: torch.Tensor, centroids: torch.Tensor, metric: str) -> torch.Tensor:
     """x [B, T, D], centroids [B, K, D] -> [B, T, K]. ``l1`` (the reference) or squared ``l2``."""
     if metric == "l1":
-        return (x.unsqueeze(2) - centroids.unsqueeze(1)).abs().sum(-1)
+        # one centroid at a time: [B, T, D] intermediates instead of one [B, T, K, D] (on ONNX Runtime
+        # every op is a pass over memory: K times less traffic per pass), the same sums
+        per_centroid = [(x - centroids[:, k : k + 1]).abs().sum(-1) for k in range(centroids.shape[1])]
+        return torch.stack(per_centroid, dim=-1)
     if metric == "l2":
         x2 = (x * x).sum(-1, keepdim=True)
         c2 = (centroids * centroids).sum(-1).unsqueeze(1)

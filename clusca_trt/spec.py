@@ -80,10 +80,12 @@ class TokenGroup:
 @dataclass(frozen=True)
 class BuildOptions:
     """What a build is static in. ``batch`` counts samples per engine call; with classifier-free
-    guidance the graphs run ``2 * batch`` rows."""
+    guidance the graphs run ``2 * batch`` rows. ``clusters`` is K of the image tokens;
+    ``text_clusters`` K of the text tokens where a family has them (FLUX), None: the same as K."""
 
     batch: int = 1
     clusters: int = 16
+    text_clusters: int | None = None
     order: int = 2
     kmeans_iterations: int = 10
     distance: str = "l1"
@@ -95,6 +97,8 @@ class BuildOptions:
             raise ConfigError(f"batch must be an integer >= 1, got {self.batch!r}")
         if not isinstance(self.clusters, int) or self.clusters < 0:
             raise ConfigError(f"clusters must be an integer >= 0, got {self.clusters!r}")
+        if self.text_clusters is not None and (not isinstance(self.text_clusters, int) or self.text_clusters < 0):
+            raise ConfigError(f"text clusters must be an integer >= 0 or None, got {self.text_clusters!r}")
         if not isinstance(self.order, int) or not 0 <= self.order <= 8:
             raise ConfigError(f"order must be an integer in [0, 8], got {self.order!r}")
         if self.kmeans_iterations < 1:
@@ -161,7 +165,9 @@ class ExportSpec:
         )
 
         if self.clustered_groups:
-            part_in = list(self.model_inputs) + [coef, TensorSpec("gamma", (1,))]
+            # one propagation ratio per clustered group, in the order of ``clustered_groups``
+            gamma = TensorSpec("gamma", (len(self.clustered_groups),))
+            part_in = list(self.model_inputs) + [coef, gamma]
             for g in self.clustered_groups:
                 part_in.append(TensorSpec(f"assign_{g.name}", (B, g.tokens), "int64"))
                 part_in.append(TensorSpec(f"fresh_{g.name}", (self.fresh_layers(g.name), B, g.clusters), "int64"))

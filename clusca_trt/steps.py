@@ -1,7 +1,7 @@
 """The step graphs as torch modules: what is exported to ONNX and what the torch backend runs.
 
 * full:      model inputs, taylor_coef, caches -> out, hidden_<g>, refreshed caches
-* partial:   model inputs, forecast_coef, gamma, assign_<g>, fresh_<g>, caches -> out, fresh slots' F_0
+* partial:   model inputs, forecast_coef, gamma (one per group), assign_<g>, fresh_<g>, caches -> out, fresh slots' F_0
 * forecast:  model inputs, forecast_coef, caches -> out
 * cluster_<g>: hidden_<g>, centroids_<g>, init_<g>, warm -> assign_<g>, centroids_<g>, dist_<g>
 * select_<g>:  assign_<g>, dist_<g>, key_<g>, dist_weight -> fresh_<g>
@@ -39,12 +39,33 @@ class StepGraph(nn.Module):
         raise NotImplementedError
 
 
+class _Op(nn.Module):
+    def __init__(self, fn):
+        super().__init__()
+        self.fn = fn
+
+    def forward(self, *args):
+        return self.fn(*args)
+
+
+class ClusCaOps(nn.Module):
+    """The ``ops`` functions a step context calls, as named submodules: the exporter records the
+    module path on every ONNX node, so each node of a ClusCa operation carries the name scope
+    ``clusca.<operation>`` (``clusca.propagate``, ...) that profiles and FLOPs counts attribute by."""
+
+    def __init__(self):
+        super().__init__()
+        for name in ("taylor_refresh_layers", "taylor_forecast_layers", "forecast_add", "gather_rows", "propagate"):
+            self.add_module(name, _Op(getattr(ops, name)))
+
+
 class ModelStepGraph(StepGraph):
     """full / partial / forecast: one adapter forward under a step context."""
 
     def __init__(self, adapter, spec: ExportSpec, name: str):
         super().__init__(spec, name)
         self.adapter = adapter
+        self.clusca = ClusCaOps()
         self.model_input_names = [t.name for t in spec.model_inputs]
 
     def compute(self, inputs):
@@ -58,7 +79,7 @@ class ModelStepGraph(StepGraph):
                 slots,
                 caches,
                 inputs["forecast_coef"],
-                inputs["gamma"],
+                {g: inputs["gamma"][i : i + 1] for i, g in enumerate(groups)},
                 assign={g: inputs[f"assign_{g}"] for g in groups},
                 fresh={g: inputs[f"fresh_{g}"] for g in groups},
             )
@@ -66,6 +87,7 @@ class ModelStepGraph(StepGraph):
             ctx = PartialContext(slots, caches, inputs["forecast_coef"])
         else:
             raise ValueError(f"not a model step graph: {self.graph.name}")
+        ctx.fns = self.clusca
         out = {OUT: self.adapter.forward_step(ctx, {n: inputs[n] for n in self.model_input_names})}
         out.update(ctx.new_state())
         for group, h in ctx.hidden_states.items():

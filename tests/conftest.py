@@ -53,3 +53,30 @@ def make_diffusers_dit(folder, seed: int = 0):
             blk.norm1.emb.load_state_dict(first.state_dict())
     m.save_pretrained(folder)
     return m.eval()
+
+
+# -- FLUX ----------------------------------------------------------------------------------
+FLUX_OPTIONS = BuildOptions(batch=2, clusters=4, text_clusters=3, order=2)  # K_img 4 of 64, K_txt 3 of 16
+
+
+@pytest.fixture(scope="session")
+def flux_folder(tmp_path_factory):
+    """A tiny FLUX.1-dev-like pipeline folder (transformer, T5, CLIP, tokenizers, VAE, scheduler)."""
+    from tests.flux_helpers import make_flux_folder
+
+    folder = tmp_path_factory.mktemp("flux") / "FLUX-tiny"
+    make_flux_folder(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def flux_model(flux_folder):
+    return load_model("flux", checkpoint=flux_folder, height=128, width=128, text_length=16)
+
+
+@pytest.fixture(scope="session")
+def flux_engines(flux_model, tmp_path_factory):
+    """The tiny FLUX's engines, built into ``<dir>/128x128`` of a directory of FLUX builds."""
+    from clusca_trt.engines.build import build_engines
+
+    return build_engines(flux_model, FLUX_OPTIONS, tmp_path_factory.mktemp("flux-eng") / "flux").manifest

@@ -67,9 +67,21 @@ def _reusable(out: Path, key: str) -> Manifest | None:
         return None
 
 
-def build_engines(model: LoadedModel, options: BuildOptions, out: Path, force: bool = False) -> BuildResult:
-    """Export and check every graph of ``model`` under ``options`` into ``out``."""
+def build_engines(
+    model: LoadedModel, options: BuildOptions, out: Path, force: bool = False, check=None
+) -> BuildResult:
+    """Export and check every graph of ``model`` under ``options`` into ``out`` (into
+    ``out/<build_name>`` for a model with several builds per directory, e.g. FLUX resolutions).
+
+    ``check(paths)``, if given, also vets the graphs (e.g. ``trt_compat.check_graphs``): on a fresh
+    export before anything is written into place, on reused engines before they are returned."""
     out = Path(out)
+    if model.build_name is not None:
+        if (out / MANIFEST).is_file():
+            raise EngineError(
+                f"expected a directory of {model.family} builds at {out}, got an engine directory of one build"
+            )
+        out = out / model.build_name
     if out.exists() and not out.is_dir():
         raise EngineError(f"expected a directory for the engines at {out}, got a file")
     if out.is_dir() and any(out.iterdir()) and not (out / MANIFEST).is_file():
@@ -81,12 +93,16 @@ def build_engines(model: LoadedModel, options: BuildOptions, out: Path, force: b
         existing = _reusable(out, key)
         if existing is not None:
             log.info("engines in %s are up to date (key %s): reusing them", out, key[:12])
+            if check is not None:
+                check(existing.graph_paths())
             return BuildResult(existing, reused=True)
 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.building-", dir=out.parent))
     try:
         paths = export_all(model.adapter, spec, tmp)
+        if check is not None:
+            check(paths)
         data = {
             "format": FORMAT,
             "key": key,

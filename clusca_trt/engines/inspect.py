@@ -2,21 +2,40 @@
 
 from __future__ import annotations
 
+import math
+
+from ..spec import ExportSpec
 from .manifest import Manifest
 
 
 def cache_bytes(manifest: Manifest) -> dict:
     """Bytes of every module cache (layers x (O+1) x batch x tokens x dim x 4), with the breakdown."""
-    spec = manifest.spec
+    return spec_cache_bytes(manifest.spec)
+
+
+def spec_cache_bytes(spec: ExportSpec, bytes_per_value: int = 4) -> dict:
+    """The module caches of a spec, without building anything: per cache tensor and per slot
+    (layers x Taylor factors x batch x tokens x dim x ``bytes_per_value``: 4 for the float32
+    engines, 2 for half-precision plans). A family whose spec needs no weights (HunyuanVideo's
+    ``export_spec(cfg, options)``) gets its real configuration's size from its config alone."""
     rows, total = [], 0
     for t in spec.cache_tensors():
-        n = 4
-        for d in t.shape:
-            n *= d
+        n = bytes_per_value * math.prod(t.shape)
         rows.append({"tensor": t.name, "shape": list(t.shape), "bytes": n})
         total += n
-    return {"tensors": rows, "bytes": total, "summary": f"{total / 2**20:.1f} MiB module caches (float32), "
-            f"{len(spec.slots)} slots x {spec.options.order + 1} Taylor factors"}
+    factors = spec.options.order + 1
+    slots = [
+        {"slot": s.name, "layers": s.layers, "factors": factors, "batch": spec.graph_batch, "tokens": s.tokens,
+         "dim": s.dim, "bytes": s.layers * factors * spec.graph_batch * s.tokens * s.dim * bytes_per_value}
+        for s in spec.slots
+    ]
+    per_slot = ", ".join(
+        f"{s['slot']} {s['layers']}x{s['factors']}x{s['batch']}x{s['tokens']}x{s['dim']}" for s in slots
+    )
+    dtype = {4: "float32", 2: "16-bit"}.get(bytes_per_value, f"{bytes_per_value}-byte")
+    summary = (f"{total / 2**20:.1f} MiB module caches ({dtype}), {len(spec.slots)} slots x {factors} Taylor factors "
+               f"(layers x factors x batch x tokens x dim: {per_slot})")
+    return {"tensors": rows, "slots": slots, "bytes": total, "summary": summary}
 
 
 def describe(manifest: Manifest) -> dict:

@@ -4,6 +4,9 @@
                         the ExportSpec, every graph file with its size and sha256,
                         library versions, the cache key, the family's default run settings
     DIR/<graph>.onnx    (and <graph>.onnx.data for large weights)
+
+A model with several builds (FLUX: one per resolution) keeps each in ``DIR/<build name>/``;
+``find_build`` picks the one whose model options match a selection (e.g. height and width).
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 
-from ..errors import EngineError
+from ..errors import EngineError, EngineMismatchError
 from ..hashing import file_sha256
 from ..spec import ExportSpec
 
@@ -83,8 +86,10 @@ class Manifest:
         tmp.replace(path)
 
     def verify(self, hashes: bool = True) -> None:
-        """Every graph file (and its external data) exists with the recorded size and sha256."""
-        for name, entry in self.data["graphs"].items():
+        """Every graph file (and its external data) and TensorRT plan, if any, exists with the
+        recorded size and sha256."""
+        entries = list(self.data["graphs"].values()) + list(self.data.get("tensorrt", {}).get("plans", {}).values())
+        for entry in entries:
             for f in entry["files"]:
                 p = self.directory / f["file"]
                 if not p.is_file():
@@ -116,3 +121,46 @@ def describe_files(directory: Path, graph_files: dict[str, Path]) -> dict:
 
 def now() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+def _options_text(options: dict) -> str:
+    return ", ".join(f"{k}={v}" for k, v in sorted(options.items())) or "no options"
+
+
+def list_builds(directory: Path) -> list[Path]:
+    """The builds in an engine directory: itself when it has a manifest, else its subfolders that
+    have one (FLUX: one per resolution). None at all is the usual "expected an engine directory" error."""
+    directory = Path(directory)
+    if (directory / MANIFEST).is_file():
+        return [directory]
+    builds = sorted(p for p in directory.iterdir() if (p / MANIFEST).is_file()) if directory.is_dir() else []
+    if not builds:
+        Manifest.read(directory)  # raises
+    return builds
+
+
+def find_build(directory: Path, select: dict | None = None) -> Path:
+    """The engine directory to open: ``directory`` itself when it is one, else the one build in
+    it (a subfolder with a manifest) whose model options match ``select`` (None values ignored)."""
+    directory = Path(directory)
+    select = {k: v for k, v in (select or {}).items() if v is not None}
+    if (directory / MANIFEST).is_file():
+        built = Manifest.read(directory).model.get("options", {})
+        if any(built.get(k) != v for k, v in select.items()):
+            raise EngineMismatchError(
+                f"engines in {directory} were built for {_options_text({k: built.get(k) for k in select})}, "
+                f"requested {_options_text(select)}; build them with clusca-trt build"
+            )
+        return directory
+    builds = list_builds(directory)
+    options = {p: Manifest.read(p).model.get("options", {}) for p in builds}
+    matching = [p for p in builds if all(options[p].get(k) == v for k, v in select.items())]
+    names = ", ".join(p.name for p in builds)
+    if not matching:
+        raise EngineMismatchError(
+            f"{directory} holds builds {names}, none for {_options_text(select)}; build it with clusca-trt build"
+        )
+    if len(matching) > 1:
+        keys = sorted({k for p in matching for k in options[p] if options[p][k] != options[matching[0]].get(k)})
+        raise EngineError(f"{directory} holds builds {names}: expected a choice of {', '.join(keys)}, got none")
+    return matching[0]

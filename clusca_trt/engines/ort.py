@@ -7,6 +7,12 @@ per provider and keeps only those that really load. Every engine says which prov
 
 State tensors have two buffers each (ping-pong): a graph that reads ``mlp_f0`` and writes
 ``mlp_f0_out`` reads one buffer and writes the other; the two swap after the call.
+
+``cuda_graph=True`` (CUDA provider only; opt-in) turns on the provider's CUDA graphs: host feeds
+go through static device buffers updated in place, and each set of bound addresses (ping-pong
+makes two per graph) gets its own ``gpu_graph_id``, so a graph is never replayed on buffers
+other than the ones it was captured with. A graph the provider cannot capture (a node outside
+the CUDA provider) runs without.
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ import numpy as np
 from ..errors import BackendUnavailableError, EngineError
 from ..spec import OUT, ExportSpec
 from .base import NP_DTYPES, StepEngine
+from .cuda_graph import AnnotationIds, GraphKey
 
 log = logging.getLogger(__name__)
 
@@ -108,6 +115,7 @@ class OrtEngine(StepEngine):
         provider: str = "auto",
         threads: int | None = None,
         trt_cache_dir: Path | None = None,
+        cuda_graph: bool = False,
     ):
         import onnxruntime as ort
 
@@ -118,17 +126,25 @@ class OrtEngine(StepEngine):
         providers: list = [PROVIDERS[self.provider]]
         if self.provider == "tensorrt" and trt_cache_dir is not None:
             providers = [(PROVIDERS["tensorrt"], {"trt_engine_cache_enable": True, "trt_engine_cache_path": str(trt_cache_dir)})]
+        self.cuda_graph = cuda_graph and self.provider == "cuda"
+        if cuda_graph and not self.cuda_graph:
+            log.warning("CUDA graphs need ONNX Runtime's CUDA provider; %s runs without them", self.provider)
+        graph_providers = [(PROVIDERS["cuda"], {"enable_cuda_graph": "1"})] if self.cuda_graph else None
         if self.provider != "cpu":
             providers.append(PROVIDERS["cpu"])
         so = ort.SessionOptions()
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         so.log_severity_level = 3
+        # Several sessions take turns (full, cluster, select, partial): a thread pool that spins
+        # after its run would hold the cores the next session needs, so idle threads sleep.
+        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
         if threads:
             so.intra_op_num_threads = threads
         self.sessions = {}
+        self._graphed: set[str] = set()  # graphs whose session has the CUDA provider's graphs on
         for name, path in graph_paths.items():
             try:
-                self.sessions[name] = ort.InferenceSession(str(path), so, providers=providers)
+                self.sessions[name] = self._session(name, path, so, providers, graph_providers)
             except Exception as e:
                 raise EngineError(
                     f"engine file {Path(path).name} cannot be loaded by ONNX Runtime "
@@ -147,7 +163,21 @@ class OrtEngine(StepEngine):
         for n, t in self.state_specs.items():
             self._state[n] = self._alloc(t.shape, t.dtype)
             self._spare[n] = self._alloc(t.shape, t.dtype)
+        self._graph_ids = AnnotationIds()
+        self._static_feeds = {
+            (n, t.name): self._alloc(t.shape, t.dtype) for n in self._graphed for t in self.host_inputs(n)
+        }
         log.info("ONNX Runtime engine on %s (%s)", self.provider, PROVIDERS[self.provider])
+
+    def _session(self, name, path, so, providers, graph_providers):
+        if graph_providers is not None:
+            try:
+                session = self._ort.InferenceSession(str(path), so, providers=graph_providers)
+                self._graphed.add(name)
+                return session
+            except Exception as e:  # e.g. a node the CUDA provider does not take: no graph for this one
+                log.warning("graph %s runs without CUDA graphs: %s", name, str(e).splitlines()[0][:200])
+        return self._ort.InferenceSession(str(path), so, providers=providers)
 
     def _alloc(self, shape, dtype):
         return self._ort.OrtValue.ortvalue_from_numpy(np.zeros(shape, NP_DTYPES[dtype]), self.device, 0)
@@ -164,6 +194,9 @@ class OrtEngine(StepEngine):
         for t in g.inputs:
             if t.name in self._state:
                 binding.bind_ortvalue_input(t.name, self._state[t.name])
+            elif (graph, t.name) in self._static_feeds:
+                self._static_feeds[graph, t.name].update_inplace(np.ascontiguousarray(feeds[t.name]))
+                binding.bind_ortvalue_input(t.name, self._static_feeds[graph, t.name])
             else:
                 binding.bind_ortvalue_input(
                     t.name, self._ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(feeds[t.name]), self.device, 0)
@@ -175,10 +208,22 @@ class OrtEngine(StepEngine):
             else:
                 binding.bind_ortvalue_output(t.name, self._spare[t.state_name])
                 written.append(t.state_name)
-        session.run_with_iobinding(binding)
+        session.run_with_iobinding(binding, self._run_options(graph, g))
         for n in written:
             self._state[n], self._spare[n] = self._spare[n], self._state[n]
         return self._out[graph].numpy().copy() if graph in self._out else None
+
+    def _run_options(self, graph, g):
+        """None, or the provider's graph id for this graph's exact set of bound buffers."""
+        if graph not in self._graphed:
+            return None
+        addresses = [self._state[t.name].data_ptr() if t.name in self._state else self._static_feeds[graph, t.name].data_ptr()
+                     for t in g.inputs]
+        addresses += [self._out[graph].data_ptr() if t.name == OUT else self._spare[t.state_name].data_ptr() for t in g.outputs]
+        key = GraphKey((graph,), tuple(t.shape for t in g.inputs + g.outputs), tuple(addresses))
+        options = self._ort.RunOptions()
+        options.add_run_config_entry("gpu_graph_id", str(self._graph_ids.id_for(key)))
+        return options
 
     def read_state(self, name: str) -> np.ndarray:
         return self._state[name].numpy().copy()

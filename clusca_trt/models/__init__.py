@@ -16,11 +16,13 @@ from ..errors import ConfigError
 
 log = logging.getLogger(__name__)
 
-DEFAULT_MODEL = "dit-tiny"
+DEFAULT_MODEL = "dit-digits"  # the built-in trained model (weights in clusca_trt/data)
 
 # family -> module; each module's model_names() says which --model names it serves
 _FAMILIES: dict[str, str] = {
     "dit": "clusca_trt.models.dit",
+    "flux": "clusca_trt.models.flux",
+    "hunyuan-video": "clusca_trt.models.hunyuan_video",
 }
 
 
@@ -32,6 +34,9 @@ class LoadedModel:
     options:      family build options (resolution, text length, ...), passed back to ``load``.
     source:       kind, path, sha256 or seed: what the engines are built from.
     decoder:      how outputs become images (None: latents only), e.g. {"kind": "pixels"}.
+    build_name:   where a model has several builds (FLUX: one per resolution), each goes to
+                  ``<engine dir>/<build_name>`` so that they share one engine directory; None:
+                  the engine directory is the build.
     """
 
     name: str
@@ -41,6 +46,7 @@ class LoadedModel:
     source: dict = field(default_factory=dict)
     options: dict = field(default_factory=dict)
     decoder: dict | None = None
+    build_name: str | None = None
 
 
 def family_module(family: str):

@@ -77,6 +77,19 @@ for _size, (_depth, _hidden, _heads) in _SIZES.items():
 NAMED_CONFIGS["dit-tiny"] = DiTConfig(
     input_size=16, patch_size=2, in_channels=4, hidden_size=64, depth=4, num_heads=4, num_classes=10
 )
+# The built-in trained model: pixel space, scikit-learn's digits upscaled to 32x32 (one channel,
+# patch 2: 256 tokens, DiT-XL/2's token grid at 256 px), eps only. Trained by
+# benchmarks/train_digits.py; the weights ship in clusca_trt/data.
+NAMED_CONFIGS["dit-digits"] = DiTConfig(
+    input_size=32, patch_size=2, in_channels=1, hidden_size=64, depth=4, num_heads=2, num_classes=10,
+    learn_sigma=False,
+)
+
+DATA_DIR = Path(__file__).resolve().parent.parent / "data"
+# named configs with weights inside the package: name -> file in DATA_DIR (an original-format state dict)
+BUILTIN_WEIGHTS = {"dit-digits": "dit-digits.safetensors"}
+# named configs whose outputs are pixels in [-1, 1], not VAE latents
+PIXEL_MODELS = frozenset({"dit-digits"})
 
 
 # --------------------------------------------------------------------------------------------
@@ -303,10 +316,18 @@ def load(name: str, checkpoint=None, random_init: bool = False, seed: int = 0, *
 
     if options:
         raise ConfigError(f"DiT takes no build options beyond the config, got {', '.join(sorted(options))}")
-    if checkpoint is None and not random_init:
+    builtin = checkpoint is None and not random_init and name in BUILTIN_WEIGHTS
+    if checkpoint is None and not random_init and not builtin:
         raise ConfigError(f"model {name} needs a checkpoint (or random_init for tests), got neither")
-    decoder = None
-    if random_init:
+    decoder = {"kind": "pixels"} if name in PIXEL_MODELS else None
+    if builtin:
+        # the shipped weights go through the same loader as a user's checkpoint file
+        path = DATA_DIR / BUILTIN_WEIGHTS[name]
+        if not path.is_file():
+            raise CheckpointError(f"built-in weights of {name} not found: expected a file at {path}")
+        model = load_original(path, NAMED_CONFIGS[name])
+        source = {"kind": "builtin", "path": str(path), "sha256": tree_sha256(path)}
+    elif random_init:
         if name == "dit":
             raise ConfigError("random_init needs a named config (dit-xl-2, dit-b-2, ...), got 'dit'")
         cfg = NAMED_CONFIGS[name]
@@ -356,10 +377,16 @@ def _check_state_dict(model: DiT, sd: dict, what: str) -> None:
 
 def load_original(path: Path, cfg: DiTConfig) -> DiT:
     """An original DiT checkpoint (``DiT-XL-2-256x256.pt``: a state dict, or a training
-    checkpoint holding one under ``ema`` or ``model``)."""
+    checkpoint holding one under ``ema`` or ``model``), or the same state dict as ``.safetensors``."""
+    path = Path(path)
     try:
-        sd = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # torch raises many types for a bad file
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            sd = load_file(str(path), device="cpu")
+        else:
+            sd = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch and safetensors raise many types for a bad file
         raise CheckpointError(f"cannot read DiT checkpoint {path}: {type(e).__name__}: {e}".splitlines()[0]) from e
     if isinstance(sd, dict) and "ema" in sd:
         sd = sd["ema"]

@@ -1,7 +1,9 @@
 """Decoders: model outputs -> images ``[n, H, W, C]`` float32 in [0, 1].
 
     {"kind": "pixels"}                 a pixel-space model: images = (x + 1) / 2
-    {"kind": "vae", "path": FOLDER}    a diffusers AutoencoderKL folder: decode(x / scaling_factor)
+    {"kind": "vae", "path": FOLDER}    a diffusers AutoencoderKL folder: decode(x / scaling_factor + shift_factor)
+    {"kind": "video-vae", "path": FOLDER}  a diffusers AutoencoderKLHunyuanVideo folder: latents [n, C, F, h, w]
+                                       -> frames ``[n, frames, H, W, C]``, decode(x / scaling_factor)
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ def _vae(path: str):
     from diffusers import AutoencoderKL
 
     try:
-        return AutoencoderKL.from_pretrained(path).eval()
+        return AutoencoderKL.from_pretrained(path, low_cpu_mem_usage=False).eval()  # small; no accelerate notice
     except Exception as e:
         raise CheckpointError(f"cannot load the VAE at {path}: {type(e).__name__}: {e}".splitlines()[0]) from e
 
@@ -42,7 +44,26 @@ def decode(decoder: dict | None, latents: np.ndarray) -> np.ndarray | None:
 
         vae = _vae(decoder["path"])
         scale = float(getattr(vae.config, "scaling_factor", 0.18215))
+        shift = float(getattr(vae.config, "shift_factor", None) or 0.0)  # FLUX's VAE has one; SD's has none
         with torch.no_grad():
-            x = vae.decode(torch.from_numpy(latents) / scale).sample.numpy()
+            x = vae.decode(torch.from_numpy(latents) / scale + shift).sample.numpy()
         return to_images(x)
-    raise ConfigError(f"decoder kind must be 'pixels' or 'vae', got {decoder['kind']!r}")
+    if decoder["kind"] == "video-vae":
+        import torch
+
+        vae = _video_vae(decoder["path"])
+        with torch.no_grad():
+            x = vae.decode(torch.from_numpy(latents) / float(vae.config.scaling_factor)).sample.numpy()
+        n, c, f, h, w = x.shape
+        return to_images(x.transpose(0, 2, 1, 3, 4).reshape(n * f, c, h, w)).reshape(n, f, h, w, c)
+    raise ConfigError(f"decoder kind must be 'pixels', 'vae' or 'video-vae', got {decoder['kind']!r}")
+
+
+@functools.lru_cache(maxsize=1)
+def _video_vae(path: str):
+    from diffusers import AutoencoderKLHunyuanVideo
+
+    try:
+        return AutoencoderKLHunyuanVideo.from_pretrained(path).eval()
+    except Exception as e:
+        raise CheckpointError(f"cannot load the video VAE at {path}: {type(e).__name__}: {e}".splitlines()[0]) from e

@@ -14,6 +14,7 @@ import numpy as np
 
 from ..config import ClusCaConfig, FreshPolicy
 from ..engines.base import StepEngine
+from ..errors import ConfigError
 from ..schedule import PlannedStep, StepKind
 from ..spec import GRAPH_FORECAST, GRAPH_FULL, GRAPH_PARTIAL
 
@@ -22,10 +23,19 @@ class ScheduledDenoiser:
     """Callable ``(step, model_feeds) -> out`` that runs the planned step kind on the engine.
 
     ``rng`` draws the cold-start centroids and the fresh-token keys, so a seed fixes the run.
+    ``propagation`` overrides gamma for some token groups (FLUX text: 0, scatter only, as the
+    reference); every other group uses ``config.propagation``.
     ``timings`` collects seconds per graph name (host wall time around each engine call).
     """
 
-    def __init__(self, engine: StepEngine, planned: list[PlannedStep], config: ClusCaConfig, rng: np.random.Generator):
+    def __init__(
+        self,
+        engine: StepEngine,
+        planned: list[PlannedStep],
+        config: ClusCaConfig,
+        rng: np.random.Generator,
+        propagation: dict[str, float] | None = None,
+    ):
         self.engine = engine
         self.spec = engine.spec
         self.planned = planned
@@ -33,6 +43,13 @@ class ScheduledDenoiser:
         self.rng = rng
         self.timings: dict[str, list[float]] = defaultdict(list)
         self.groups = self.spec.clustered_groups if config.clusters > 0 else ()
+        gammas = dict(propagation or {})
+        for name, value in gammas.items():
+            if name not in {g.name for g in self.spec.groups}:
+                raise ConfigError(f"propagation group must be one of {[g.name for g in self.spec.groups]}, got {name!r}")
+            if not 0.0 <= float(value) <= 1.0:
+                raise ConfigError(f"propagation (gamma) of {name} tokens must be in [0, 1], got {value!r}")
+        self.gamma = np.array([gammas.get(g.name, config.propagation) for g in self.spec.clustered_groups], np.float32)
         missing = {GRAPH_PARTIAL if p.kind is StepKind.PARTIAL else GRAPH_FORECAST for p in planned if p.kind is not StepKind.FULL}
         missing = [g for g in missing if not engine.has_graph(g)]
         if missing:
@@ -76,5 +93,5 @@ class ScheduledDenoiser:
                 f"select_{g.name}",
                 {f"key_{g.name}": key, "dist_weight": np.array([1.0 if nearest else 0.0], np.float32)},
             )
-        feeds["gamma"] = np.array([self.config.propagation], np.float32)
+        feeds["gamma"] = self.gamma
         return self._run(GRAPH_PARTIAL, feeds)

@@ -1,4 +1,5 @@
-"""Writing generation results: ``.npz`` (latents, labels, images) or a ``.png`` grid."""
+"""Writing generation results: ``.npz`` (latents, labels, images), a ``.png`` grid (videos: one row of
+frames per video) or ``.mp4`` videos."""
 
 from __future__ import annotations
 
@@ -46,7 +47,9 @@ def write_png(images: np.ndarray, path: Path, columns: int | None = None) -> Non
 def write_result(result, path: Path) -> None:
     path = Path(path)
     if path.suffix == ".npz":
-        arrays = {"latents": result.latents, "labels": result.labels}
+        arrays = {"latents": result.latents}
+        if result.labels is not None:  # class-conditional models; text-to-image has prompts instead
+            arrays["labels"] = result.labels
         if result.images is not None:
             arrays["images"] = result.images
 
@@ -55,11 +58,50 @@ def write_result(result, path: Path) -> None:
                 np.savez(f, **arrays)
 
         _atomic(path, save)
-    elif path.suffix == ".png":
+    elif path.suffix in (".png", ".mp4"):
         if result.images is None:
             raise InputError(
-                "expected a model with a decoder (VAE or pixel space) for .png output, got latents only; use .npz"
+                f"expected a model with a decoder (VAE or pixel space) for {path.suffix} output, got latents only; "
+                "use .npz"
             )
-        write_png(result.images, path)
+        if path.suffix == ".mp4":
+            write_mp4(result.images, path)
+        elif result.images.ndim == 5:  # videos: one row of frames per video
+            n, f = result.images.shape[:2]
+            write_png(result.images.reshape(n * f, *result.images.shape[2:]), path, columns=f)
+        else:
+            write_png(result.images, path)
     else:
-        raise InputError(f"expected an output file ending in .npz or .png, got {path.name}")
+        raise InputError(f"expected an output file ending in .npz, .png or .mp4, got {path.name}")
+
+
+def video_paths(path: Path, count: int) -> list[Path]:
+    """``path`` for one video; ``<stem>-0.mp4``, ``<stem>-1.mp4``, ... for several."""
+    path = Path(path)
+    return [path] if count == 1 else [path.with_name(f"{path.stem}-{i}{path.suffix}") for i in range(count)]
+
+
+def write_mp4(videos: np.ndarray, path: Path, fps: int = 24) -> list[Path]:
+    """Videos [n, frames, H, W, C] in [0, 1] -> H.264 MP4 files (imageio with its bundled ffmpeg)."""
+    if videos.ndim != 5:
+        raise InputError(
+            f"expected videos [n, frames, H, W, C] for .mp4 output, got images of shape {list(videos.shape)}"
+        )
+    try:
+        import imageio.v2 as imageio
+    except ImportError:
+        raise InputError("expected imageio and imageio-ffmpeg for .mp4 output (pip install 'clusca-trt[video]'), "
+                         "got none; use .png or .npz") from None
+    frames = (np.clip(videos, 0, 1) * 255).round().astype(np.uint8)
+    if frames.shape[-1] == 1:
+        frames = np.repeat(frames, 3, axis=-1)
+    paths = video_paths(path, len(frames))
+    for video, p in zip(frames, paths):
+
+        def save(tmp, video=video):
+            with imageio.get_writer(tmp, format="FFMPEG", mode="I", fps=fps, codec="libx264") as w:
+                for frame in video:
+                    w.append_data(frame)
+
+        _atomic(p, save)
+    return paths

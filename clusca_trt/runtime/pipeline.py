@@ -20,7 +20,7 @@ import numpy as np
 
 from ..config import ClusCaConfig, Method
 from ..engines.base import StepEngine
-from ..engines.manifest import Manifest
+from ..engines.manifest import Manifest, find_build
 from ..errors import ConfigError, EngineError, EngineMismatchError
 from ..schedule import PlannedStep, count_kinds, plan
 from ..spec import ExportSpec
@@ -28,10 +28,11 @@ from .driver import ScheduledDenoiser
 
 log = logging.getLogger(__name__)
 
-BACKENDS = ("onnxruntime", "torch")
+BACKENDS = ("onnxruntime", "torch", "tensorrt")
 
 # family -> module with ``generate(pipe, config, *args, **kwargs) -> GenerateResult``
-FAMILY_RUNTIMES = {"dit": "clusca_trt.runtime.dit"}
+FAMILY_RUNTIMES = {"dit": "clusca_trt.runtime.dit", "flux": "clusca_trt.runtime.flux",
+                   "hunyuan-video": "clusca_trt.runtime.hunyuan_video"}
 
 
 @dataclass
@@ -83,9 +84,13 @@ class Pipeline:
         backend: str = "onnxruntime",
         verify: bool = True,
         threads: int | None = None,
+        select: dict | None = None,
     ) -> "Pipeline":
-        """Open an engine directory. ``verify`` checks every file's size and sha256 first."""
-        manifest = Manifest.read(Path(directory))
+        """Open an engine directory. ``verify`` checks every file's size and sha256 first.
+
+        A directory with several builds (FLUX: one per resolution) opens the one whose build
+        options match ``select``, e.g. ``{"height": 768, "width": 1360}``."""
+        manifest = Manifest.read(find_build(Path(directory), select))
         manifest.verify(hashes=verify)
         spec = manifest.spec
         if backend == "onnxruntime":
@@ -94,6 +99,10 @@ class Pipeline:
             engine = OrtEngine(spec, manifest.graph_paths(), provider=provider, threads=threads)
         elif backend == "torch":
             engine = _torch_engine_from_manifest(manifest, spec)
+        elif backend == "tensorrt":
+            from ..engines.tensorrt import load_engine
+
+            engine = load_engine(manifest, verify=False)  # the manifest was verified above
         else:
             raise EngineError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
         log.info("engines from %s run on %s/%s", directory, engine.backend, engine.provider)
@@ -157,8 +166,11 @@ class Pipeline:
     def plan(self, steps: int, config: ClusCaConfig) -> list[PlannedStep]:
         return plan(steps, config, self.spec.options.order)
 
-    def denoisers(self, planned: list[PlannedStep], config: ClusCaConfig) -> "DenoiserFactory":
-        return DenoiserFactory(self.engine, planned, config)
+    def denoisers(
+        self, planned: list[PlannedStep], config: ClusCaConfig, propagation: dict[str, float] | None = None
+    ) -> "DenoiserFactory":
+        """``propagation``: gamma per token group where it differs from ``config.propagation``."""
+        return DenoiserFactory(self.engine, planned, config, propagation)
 
     def result(self, factory: "DenoiserFactory", latents, labels, seconds: float, **extra) -> GenerateResult:
         """Package a run: decode images where a decoder exists, sum the engine timings, log."""
@@ -201,12 +213,19 @@ class Pipeline:
 class DenoiserFactory:
     """Makes one ``ScheduledDenoiser`` per chunk (each with its own generator, state reset)."""
 
-    def __init__(self, engine: StepEngine, planned: list[PlannedStep], config: ClusCaConfig):
+    def __init__(
+        self,
+        engine: StepEngine,
+        planned: list[PlannedStep],
+        config: ClusCaConfig,
+        propagation: dict[str, float] | None = None,
+    ):
         self.engine, self.planned, self.config = engine, planned, config
+        self.propagation = propagation
         self.made: list[ScheduledDenoiser] = []
 
     def __call__(self, rng: np.random.Generator) -> ScheduledDenoiser:
-        d = ScheduledDenoiser(self.engine, self.planned, self.config, rng)
+        d = ScheduledDenoiser(self.engine, self.planned, self.config, rng, self.propagation)
         d.reset()
         self.made.append(d)
         return d
@@ -234,6 +253,10 @@ def _torch_engine_from_manifest(manifest: Manifest, spec: ExportSpec):
         loaded = load_model(m["name"], random_init=True, seed=src["seed"], **options)
     elif src["kind"] == "builtin":
         loaded = load_model(m["name"], **options)
+        if "sha256" in src and loaded.source.get("sha256") != src["sha256"]:
+            raise EngineMismatchError(
+                f"the built-in weights of {m['name']} changed since the engines were built (sha256 differs); rebuild"
+            )
     else:
         loaded = load_model(m["name"], checkpoint=src["path"], **options)
         if loaded.source["sha256"] != src["sha256"]:
