@@ -181,6 +181,9 @@ def plot(rows: list[Row], real_fid: float, path: Path) -> None:
         ax.set_xlabel(f"{title} vs 50 full steps")
         ax.set_title(f"FID-digits vs {title}")
         ax.grid(alpha=0.3)
+    fids = [r.out["fid"] for r in rows] + ([real_fid] if np.isfinite(real_fid) else [])
+    if min(fids) > 0 and max(fids) / min(fids) > 20:
+        axes[0].set_yscale("log")
     axes[0].set_ylabel("FID-digits (lower is better)")
     axes[1].legend(fontsize=7, loc="upper left", ncol=2)
     fig.suptitle(f"{MODEL}: {full.out['samples']} samples per point, 50-step DDIM, CFG 1.5")

@@ -1,8 +1,10 @@
 """A tiny FLUX pipeline folder built by the tests: random weights, a few blocks, tiny T5 and CLIP
-text encoders with word-level tokenizers made from a small vocabulary (no hub access)."""
+text encoders with word-level tokenizers made from a small vocabulary (no hub access). Also what
+the HunyuanVideo tests share with FLUX's: random weights, tokenizers, a tiny CLIP and ``PartialStep``."""
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import torch
@@ -42,10 +44,24 @@ def _tokenizer(specials: list[str], template: str, max_length: int, **special_na
     return PreTrainedTokenizerFast(tokenizer_object=tok, model_max_length=max_length, **special_names), vocab
 
 
+def tiny_clip(hidden_size: int, max_length: int, intermediate_size: int):
+    """A one-layer CLIP text encoder (default init: randomise it) and its word-level tokenizer."""
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    tok, vocab = _tokenizer(["<|startoftext|>", "<|endoftext|>", "<unk>"], "<|startoftext|> $A <|endoftext|>",
+                            max_length, bos_token="<|startoftext|>", eos_token="<|endoftext|>",
+                            pad_token="<|endoftext|>", unk_token="<unk>")
+    clip = CLIPTextModel(CLIPTextConfig(
+        vocab_size=len(vocab), hidden_size=hidden_size, intermediate_size=intermediate_size, num_hidden_layers=1,
+        num_attention_heads=2, max_position_embeddings=max_length, bos_token_id=0, eos_token_id=1, pad_token_id=1,
+    )).eval()
+    return tok, clip
+
+
 def make_flux_folder(folder: Path, cfg: flux.FluxConfig = TINY, seed: int = 0, transformer_only: bool = False):
     """Save a FLUX pipeline (or only its transformer) to ``folder``; returns the transformer."""
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline
-    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+    from transformers import T5Config, T5EncoderModel
 
     transformer = tiny_transformer(cfg, seed)
     if transformer_only:
@@ -53,18 +69,12 @@ def make_flux_folder(folder: Path, cfg: flux.FluxConfig = TINY, seed: int = 0, t
         return transformer
     t5_tok, t5_vocab = _tokenizer(["<pad>", "</s>", "<unk>"], "$A </s>", 512,
                                   pad_token="<pad>", eos_token="</s>", unk_token="<unk>")
-    clip_tok, clip_vocab = _tokenizer(["<|startoftext|>", "<|endoftext|>", "<unk>"], "<|startoftext|> $A <|endoftext|>",
-                                      8, bos_token="<|startoftext|>", eos_token="<|endoftext|>",
-                                      pad_token="<|endoftext|>", unk_token="<unk>")
     torch.manual_seed(seed)
     t5 = T5EncoderModel(T5Config(
         vocab_size=len(t5_vocab), d_model=cfg.joint_attention_dim, d_kv=8, d_ff=64, num_layers=1, num_heads=4,
         pad_token_id=0, eos_token_id=1, decoder_start_token_id=0,
     )).eval()
-    clip = CLIPTextModel(CLIPTextConfig(
-        vocab_size=len(clip_vocab), hidden_size=cfg.pooled_projection_dim, intermediate_size=32, num_hidden_layers=1,
-        num_attention_heads=2, max_position_embeddings=8, bos_token_id=0, eos_token_id=1, pad_token_id=1,
-    )).eval()
+    clip_tok, clip = tiny_clip(cfg.pooled_projection_dim, max_length=8, intermediate_size=32)
     vae = AutoencoderKL(
         in_channels=3, out_channels=3, latent_channels=cfg.latent_channels, block_out_channels=(8, 8, 8, 8),
         down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
@@ -77,3 +87,47 @@ def make_flux_folder(folder: Path, cfg: flux.FluxConfig = TINY, seed: int = 0, t
                         text_encoder_2=t5, tokenizer_2=t5_tok, transformer=transformer)
     pipe.save_pretrained(folder)
     return transformer
+
+
+class PartialStep:
+    """A partial step's random state and its literal reading, for a model with dual-stream blocks
+    and ``img`` and ``txt`` token groups: cluster assignments, fresh rows (a uniformly random
+    member of every cluster, anew per block), caches and Taylor coefficients for ``order`` at
+    distance ``d``; ``forecast`` and ``mlp_stream`` read the cached branches, ``new`` collects the
+    MLP caches the step should write."""
+
+    def __init__(self, spec, tokens: dict, k: dict, gamma: dict, order: int, d: int, blocks: int = 2, seed: int = 0):
+        gen = torch.Generator().manual_seed(seed)
+        self.tokens, self.gamma, self.d = tokens, gamma, d
+        self.assign = {g: (torch.randperm(T, generator=gen) % k[g]).unsqueeze(0) for g, T in tokens.items()}
+        self.fresh = {}
+        for g in tokens:
+            members = [torch.nonzero(self.assign[g][0] == c)[:, 0] for c in range(k[g])]
+            pick = [[[int(m[torch.randint(len(m), (1,), generator=gen)]) for m in members]] for _ in range(blocks)]
+            self.fresh[g] = torch.tensor(pick)
+        self.caches = {}
+        for s in spec.slots:
+            self.caches[f"{s.name}_f0"] = torch.randn(s.layers, 1, s.tokens, s.dim, generator=gen)
+            self.caches[f"{s.name}_fhi"] = torch.randn(s.layers, order, 1, s.tokens, s.dim, generator=gen)
+        self.coef = torch.tensor([d**i / math.factorial(i) for i in range(order + 1)])
+        self.new = {g: self.caches[f"mlp_{g}_f0"].clone() for g in ("img", "txt")}
+
+    def feeds(self, inputs: dict) -> dict:
+        gamma = torch.tensor([self.gamma["img"], self.gamma["txt"]])
+        feeds = {**inputs, **self.caches, "forecast_coef": self.coef, "gamma": gamma}
+        for g in self.tokens:
+            feeds[f"assign_{g}"], feeds[f"fresh_{g}"] = self.assign[g], self.fresh[g]
+        return feeds
+
+    def forecast(self, slot: str, layer: int, f0=None):
+        f0 = self.caches[f"{slot}_f0"][layer] if f0 is None else f0
+        return f0 + self.caches[f"{slot}_fhi"][layer, 0] * self.d
+
+    def mlp_stream(self, i, g, h, ff, norm, shift, scale):
+        """Block ``i``'s MLP of group ``g``: fresh rows computed, the others propagated with gamma."""
+        gamma, cache = self.gamma[g], self.caches[f"mlp_{g}_f0"]
+        for n in range(self.tokens[g]):
+            j = int(self.fresh[g][i, 0, self.assign[g][0, n]])
+            f = ff(norm(h[:, j : j + 1]) * (1 + scale[:, None]) + shift[:, None])[0, 0]
+            self.new[g][i, 0, n] = f if n == j else gamma * f + (1 - gamma) * cache[i, 0, n]
+        return self.forecast(f"mlp_{g}", i, self.new[g][i])

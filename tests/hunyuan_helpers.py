@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from clusca_trt.models import hunyuan_video as hv
-from tests.flux_helpers import WORDS, _randomise, _tokenizer
+from tests.flux_helpers import WORDS, _randomise, _tokenizer, tiny_clip
 
 TINY = hv.NAMED_CONFIGS["hunyuan-video-tiny"]
 
@@ -36,7 +36,7 @@ def tiny_vae(cfg: hv.HunyuanVideoConfig = TINY, seed: int = 0):
 def make_hunyuan_folder(folder: Path, cfg: hv.HunyuanVideoConfig = TINY, seed: int = 0, transformer_only: bool = False):
     """Save a HunyuanVideo pipeline (or only its transformer) to ``folder``; returns the transformer."""
     from diffusers import FlowMatchEulerDiscreteScheduler, HunyuanVideoPipeline
-    from transformers import CLIPTextConfig, CLIPTextModel, LlamaConfig, LlamaModel
+    from transformers import LlamaConfig, LlamaModel
 
     transformer = tiny_transformer(cfg, seed)
     if transformer_only:
@@ -45,18 +45,12 @@ def make_hunyuan_folder(folder: Path, cfg: hv.HunyuanVideoConfig = TINY, seed: i
     # the prompt template's words are unknown to the tiny vocabulary: every one is <unk>
     llama_tok, llama_vocab = _tokenizer(["<pad>", "<s>", "<unk>"], "<s> $A", 1024,
                                         pad_token="<pad>", bos_token="<s>", unk_token="<unk>")
-    clip_tok, clip_vocab = _tokenizer(["<|startoftext|>", "<|endoftext|>", "<unk>"], "<|startoftext|> $A <|endoftext|>",
-                                      77, bos_token="<|startoftext|>", eos_token="<|endoftext|>",
-                                      pad_token="<|endoftext|>", unk_token="<unk>")
     torch.manual_seed(seed)
     llama = LlamaModel(LlamaConfig(
         vocab_size=len(llama_vocab), hidden_size=cfg.text_embed_dim, intermediate_size=32, num_hidden_layers=3,
         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=1024, pad_token_id=0, bos_token_id=1,
     )).eval()
-    clip = CLIPTextModel(CLIPTextConfig(
-        vocab_size=len(clip_vocab), hidden_size=cfg.pooled_projection_dim, intermediate_size=16, num_hidden_layers=1,
-        num_attention_heads=2, max_position_embeddings=77, bos_token_id=0, eos_token_id=1, pad_token_id=1,
-    )).eval()
+    clip_tok, clip = tiny_clip(cfg.pooled_projection_dim, max_length=77, intermediate_size=16)
     for m in (llama, clip):
         _randomise(m, seed + 1)
     pipe = HunyuanVideoPipeline(

@@ -21,7 +21,6 @@ are a constant of the build.
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,14 +30,16 @@ from torch import nn
 
 from ..config import ClusCaConfig
 from ..errors import CheckpointError, ConfigError
-from ..hashing import tree_sha256
-from ..spec import BuildOptions, CacheSlot, ExportSpec, TensorSpec, TokenGroup, make_spec
+from ..spec import BuildOptions, ExportSpec, TensorSpec
+from . import diffusers_folder
+from .diffusers_folder import DiffusersFamily, double_block, single_block
 
 log = logging.getLogger(__name__)
 
 FAMILY = "flux"
 MAX_TEXT_LENGTH = 512  # T5's limit in the FLUX pipeline
 BUILD_OPTIONS = ("height", "width", "text_length")
+DIFFUSERS = DiffusersFamily(FAMILY, "FLUX", "FluxTransformer2DModel", BUILD_OPTIONS, decoder_kind="vae")
 
 # FlowMatchEulerDiscreteScheduler configs of the released checkpoints (used where a folder has none)
 SCHEDULER_DEV = {
@@ -152,15 +153,6 @@ NAMED_CONFIGS: dict[str, FluxConfig] = {
 # ClusCa adapter
 
 
-def _modulation(norm: nn.Module, temb: torch.Tensor, parts: int) -> tuple[torch.Tensor, ...]:
-    """The shifts, scales and gates of an ``AdaLayerNormZero[Single]``, without normalising anything."""
-    return norm.linear(norm.silu(temb)).chunk(parts, dim=1)
-
-
-def _modulate(x: torch.Tensor, norm: nn.Module, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    return norm(x) * (1 + scale[:, None]) + shift[:, None]
-
-
 def position_ids(cfg: FluxConfig) -> torch.Tensor:
     """Text positions (all zero) then image positions (0, row, column), as the FLUX pipeline makes them."""
     lh, lw = cfg.latent_size
@@ -201,74 +193,26 @@ class FluxAdapter(nn.Module):
         c = m.context_embedder(inputs["encoder_hidden_states"])
         rope = (self.rope_cos, self.rope_sin)
         for i, blk in enumerate(m.transformer_blocks):
-            x, c = self._double_block(ctx, i, blk, x, c, temb, rope)
+            x, c = double_block(ctx, i, blk, x, c, temb, image_rotary_emb=rope)
         ctx.hidden("img", x)
         ctx.hidden("txt", c)
         h = torch.cat([c, x], dim=1)
         for j, blk in enumerate(m.single_transformer_blocks):
-            h = self._single_block(ctx, j, blk, h, temb, rope)
+            h = single_block(ctx, j, blk, h, temb, lambda b, n: b.attn(hidden_states=n, image_rotary_emb=rope))
         return m.proj_out(m.norm_out(h[:, c.shape[1] :], temb))
-
-    @staticmethod
-    def _double_block(ctx, i, blk, x, c, temb, rope):
-        s_msa, c_msa, g_msa, s_mlp, c_mlp, g_mlp = _modulation(blk.norm1, temb, 6)
-        ts_msa, tc_msa, tg_msa, ts_mlp, tc_mlp, tg_mlp = _modulation(blk.norm1_context, temb, 6)
-
-        def joint_attention():
-            return blk.attn(
-                hidden_states=_modulate(x, blk.norm1.norm, s_msa, c_msa),
-                encoder_hidden_states=_modulate(c, blk.norm1_context.norm, ts_msa, tc_msa),
-                image_rotary_emb=rope,
-            )
-
-        a_img, a_txt = ctx.branches(("attn_img", "attn_txt"), i, joint_attention)
-        x = x + g_msa.unsqueeze(1) * a_img
-        f = ctx.fresh_branch("mlp_img", i, x, lambda rows: blk.ff(_modulate(rows, blk.norm2, s_mlp, c_mlp)))
-        x = x + g_mlp.unsqueeze(1) * f
-        c = c + tg_msa.unsqueeze(1) * a_txt
-        f = ctx.fresh_branch(
-            "mlp_txt", i, c, lambda rows: blk.ff_context(_modulate(rows, blk.norm2_context, ts_mlp, tc_mlp))
-        )
-        c = c + tg_mlp.unsqueeze(1) * f
-        return x, c
-
-    @staticmethod
-    def _single_block(ctx, j, blk, h, temb, rope):
-        shift, scale, gate = _modulation(blk.norm, temb, 3)
-
-        def joint_output():
-            n = _modulate(h, blk.norm.norm, shift, scale)
-            mlp = blk.act_mlp(blk.proj_mlp(n))
-            attn = blk.attn(hidden_states=n, image_rotary_emb=rope)
-            return blk.proj_out(torch.cat([attn, mlp], dim=2))
-
-        return h + gate.unsqueeze(1) * ctx.branch("single", j, joint_output)
 
 
 def export_spec(cfg: FluxConfig, options: BuildOptions) -> ExportSpec:
     """The graphs of a build, from the config alone (no weights: the real model's spec is cheap)."""
     B = options.batch * FluxAdapter.cfg_multiplier
-    T_img, T_txt, D = cfg.image_tokens, cfg.text_length, cfg.hidden_size
+    T_img = cfg.image_tokens
     inputs = [
         TensorSpec("hidden_states", (B, T_img, cfg.in_channels)),
-        TensorSpec("encoder_hidden_states", (B, T_txt, cfg.joint_attention_dim)),
+        TensorSpec("encoder_hidden_states", (B, cfg.text_length, cfg.joint_attention_dim)),
         TensorSpec("pooled_projections", (B, cfg.pooled_projection_dim)),
         TensorSpec("timestep", (B,)),
     ]
-    if cfg.guidance_embeds:
-        inputs.append(TensorSpec("guidance", (B,)))
-    L2, L1 = cfg.num_layers, cfg.num_single_layers
-    slots = [
-        CacheSlot("attn_img", L2, T_img, D),
-        CacheSlot("attn_txt", L2, T_txt, D),
-        CacheSlot("mlp_img", L2, T_img, D, fresh_group="img"),
-        CacheSlot("mlp_txt", L2, T_txt, D, fresh_group="txt"),
-    ]
-    if L1:
-        slots.append(CacheSlot("single", L1, T_txt + T_img, D))
-    k_txt = options.clusters if options.text_clusters is None else options.text_clusters
-    groups = [TokenGroup("img", T_img, D, options.clusters), TokenGroup("txt", T_txt, D, k_txt)]
-    return make_spec(FAMILY, options, inputs, slots, groups, B, (B, T_img, cfg.out_channels))
+    return diffusers_folder.export_spec(FAMILY, cfg, options, B, inputs, T_img, (B, T_img, cfg.out_channels))
 
 
 # --------------------------------------------------------------------------------------------
@@ -285,113 +229,40 @@ def load(name: str, checkpoint=None, random_init: bool = False, seed: int = 0, *
     ``options``: ``height``, ``width`` (pixels, multiples of 16) and ``text_length`` (T5 tokens);
     unset ones come from the named config (1024 x 1024; 512 tokens for dev, 256 for schnell).
     """
-    from . import LoadedModel
-
-    unknown = sorted(set(options) - set(BUILD_OPTIONS))
-    if unknown:
-        raise ConfigError(f"FLUX build options are {', '.join(BUILD_OPTIONS)}, got {', '.join(unknown)}")
-    if checkpoint is None and not random_init:
-        raise ConfigError(f"model {name} needs a checkpoint folder (or random_init for tests), got neither")
-    decoder = None
-    if random_init:
-        if name == "flux":
-            raise ConfigError("random_init needs a named config (flux-dev, flux-schnell, flux-tiny), got 'flux'")
-        cfg = _with_options(NAMED_CONFIGS[name], options)
-        log.warning("model %s has RANDOM weights (random_init, seed %d): not for real use", name, seed)
-        model = init_random(cfg, seed)
-        source = {"kind": "random-init", "seed": seed}
-    else:
-        path = Path(checkpoint)
-        if not path.exists():
-            raise CheckpointError(f"checkpoint not found: expected a FLUX folder at {path}")
-        folder = transformer_dir(path)
-        root = pipeline_dir(path)
-        cfg = _with_options(folder_config(folder, root, NAMED_CONFIGS.get(name)), options)
-        model = load_transformer(folder)
-        if root is not None and (root / "vae" / "config.json").is_file():
-            decoder = {"kind": "vae", "path": str((root / "vae").resolve())}
-        log.info("hashing checkpoint %s", folder)
-        source = {"kind": "diffusers", "path": str(path.resolve()), "sha256": tree_sha256(folder)}
-    chosen = {k: getattr(cfg, k) for k in BUILD_OPTIONS}
-    return LoadedModel(
-        name, FAMILY, FluxAdapter(model, cfg), cfg.to_dict(), source, options=chosen, decoder=decoder,
-        build_name=f"{cfg.height}x{cfg.width}",
+    return diffusers_folder.load(
+        DIFFUSERS, name, checkpoint, random_init, seed, options,
+        named_config=_random_init_config,
+        folder_config=lambda folder, root: folder_config(folder, root, NAMED_CONFIGS.get(name)),
+        adapter=FluxAdapter,
+        build_name=lambda cfg: f"{cfg.height}x{cfg.width}",
     )
 
 
-def _with_options(cfg: FluxConfig, options: dict) -> FluxConfig:
-    return cfg.replace(**options) if options else cfg
+def _random_init_config(name: str) -> FluxConfig:
+    if name == "flux":
+        raise ConfigError("random_init needs a named config (flux-dev, flux-schnell, flux-tiny), got 'flux'")
+    return NAMED_CONFIGS[name]
 
 
 def init_random(cfg: FluxConfig, seed: int) -> nn.Module:
     """diffusers' own initialisation under ``seed`` (the global RNG is left as it was)."""
-    from diffusers import FluxTransformer2DModel
-
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        return FluxTransformer2DModel(**cfg.transformer_config()).eval()
-
-
-def transformer_dir(path: Path) -> Path:
-    """The ``FluxTransformer2DModel`` folder: ``path`` itself or ``path/transformer``."""
-    for folder in (path, path / "transformer"):
-        config = folder / "config.json"
-        if config.is_file():
-            try:
-                cls = json.loads(config.read_text()).get("_class_name")
-            except ValueError as e:
-                raise CheckpointError(f"{config} is not readable JSON: {e}".splitlines()[0]) from e
-            if cls != "FluxTransformer2DModel":
-                raise CheckpointError(f"expected a FluxTransformer2DModel config in {folder}, got {cls}")
-            return folder
-    raise CheckpointError(
-        f"expected a FLUX pipeline folder (transformer/config.json) or a FluxTransformer2DModel folder "
-        f"(config.json) at {path}, got neither"
-    )
-
-
-def pipeline_dir(path: Path) -> Path | None:
-    """The pipeline folder around the transformer (text encoders, VAE, scheduler), if there is one."""
-    path = Path(path)
-    if (path / "transformer" / "config.json").is_file():
-        return path
-    if path.name == "transformer" and (path.parent / "model_index.json").is_file():
-        return path.parent
-    return None
+    return diffusers_folder.init_random(DIFFUSERS, cfg.transformer_config(), seed)
 
 
 def folder_config(folder: Path, root: Path | None, expect: FluxConfig | None) -> FluxConfig:
-    raw = json.loads((folder / "config.json").read_text())
+    defaults = FluxConfig()
+    raw, arch = diffusers_folder.architecture(folder, defaults, _ARCH)
     if raw.get("patch_size", 1) != 1:
         raise CheckpointError(f"expected a FLUX transformer with patch_size 1, got {raw.get('patch_size')}")
-    defaults = FluxConfig()
-    arch = {n: raw.get(n, getattr(defaults, n)) for n in _ARCH}
-    arch["out_channels"] = arch["out_channels"] or arch["in_channels"]
     base = expect or (defaults if arch["guidance_embeds"] else NAMED_CONFIGS["flux-schnell"])
     if expect is not None:
         for n in _ARCH:
             want, got = getattr(expect, n), arch[n]
             if (tuple(want) if n == "axes_dims_rope" else want) != (tuple(got) if n == "axes_dims_rope" else got):
                 raise CheckpointError(f"checkpoint {folder} does not match the config: expected {n}={want}, got {got}")
-    extra = {"scheduler": dict(base.scheduler), "vae_scale_factor": 8}
-    if root is not None:
-        sched = root / "scheduler" / "scheduler_config.json"
-        if sched.is_file():
-            extra["scheduler"] = {k: v for k, v in json.loads(sched.read_text()).items() if not k.startswith("_")}
-        vae = root / "vae" / "config.json"
-        if vae.is_file():
-            extra["vae_scale_factor"] = 2 ** (len(json.loads(vae.read_text()).get("block_out_channels", [0] * 4)) - 1)
-    try:
-        return base.replace(**arch, **extra)
-    except ConfigError as e:
-        raise CheckpointError(f"unsupported FLUX config in {folder}: {e}") from e
-
-
-def load_transformer(folder: Path) -> nn.Module:
-    from diffusers import FluxTransformer2DModel
-
-    try:
-        return FluxTransformer2DModel.from_pretrained(str(folder)).eval()
-    except Exception as e:  # diffusers raises many types for a bad folder
-        message = f"cannot load FLUX transformer from {folder}: {type(e).__name__}: {e}"
-        raise CheckpointError(message.splitlines()[0]) from e
+    scheduler, vae = diffusers_folder.pipeline_configs(root)
+    extra = {
+        "scheduler": dict(base.scheduler) if scheduler is None else scheduler,
+        "vae_scale_factor": 8 if vae is None else 2 ** (len(vae.get("block_out_channels", [0] * 4)) - 1),
+    }
+    return diffusers_folder.checked_config(DIFFUSERS, folder, base, **arch, **extra)

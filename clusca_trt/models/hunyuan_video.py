@@ -29,7 +29,6 @@ of the build.
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,9 +38,9 @@ from torch import nn
 
 from ..config import ClusCaConfig
 from ..errors import CheckpointError, ConfigError
-from ..hashing import tree_sha256
-from ..spec import BuildOptions, CacheSlot, ExportSpec, TensorSpec, TokenGroup, make_spec
-from .flux import _modulate, _modulation
+from ..spec import BuildOptions, ExportSpec, TensorSpec
+from . import diffusers_folder
+from .diffusers_folder import DiffusersFamily, double_block, single_block
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +48,7 @@ FAMILY = "hunyuan-video"
 TRANSFORMER_CLASS = "HunyuanVideoTransformer3DModel"
 MAX_TEXT_LENGTH = 1024
 BUILD_OPTIONS = ("height", "width", "frames", "text_length")
+DIFFUSERS = DiffusersFamily(FAMILY, "HunyuanVideo", TRANSFORMER_CLASS, BUILD_OPTIONS, decoder_kind="video-vae")
 
 # the FlowMatchEulerDiscreteScheduler of the released pipeline (used where a folder has none)
 SCHEDULER = {"num_train_timesteps": 1000, "shift": 7.0}
@@ -216,12 +216,23 @@ class HunyuanVideoAdapter(nn.Module):
         mask = joint_attention_mask(text_mask, x.shape[1])
         rope = (self.rope_cos, self.rope_sin)
         for i, blk in enumerate(m.transformer_blocks):
-            x, c = self._double_block(ctx, i, blk, x, c, temb, mask, rope)
+            x, c = double_block(ctx, i, blk, x, c, temb, attention_mask=mask, image_rotary_emb=rope)
         ctx.hidden("img", x)
         ctx.hidden("txt", c)
         h = torch.cat([x, c], dim=1)
+        text_tokens = c.shape[1]
+
+        def attention(blk, n):  # over [video | text]: diffusers' single-stream attention takes them apart
+            a_img, a_txt = blk.attn(
+                hidden_states=n[:, :-text_tokens],
+                encoder_hidden_states=n[:, -text_tokens:],
+                attention_mask=mask,
+                image_rotary_emb=rope,
+            )
+            return torch.cat([a_img, a_txt], dim=1)
+
         for j, blk in enumerate(m.single_transformer_blocks):
-            h = self._single_block(ctx, j, blk, h, c.shape[1], temb, mask, rope)
+            h = single_block(ctx, j, blk, h, temb, attention)
         out = m.proj_out(m.norm_out(h[:, : x.shape[1]], temb))
         return self._unpatchify(out, B)
 
@@ -245,52 +256,11 @@ class HunyuanVideoAdapter(nn.Module):
         out = out.permute(0, 4, 1, 5, 2, 6, 3, 7)
         return out.flatten(6, 7).flatten(4, 5).flatten(2, 3)
 
-    @staticmethod
-    def _double_block(ctx, i, blk, x, c, temb, mask, rope):
-        s_msa, c_msa, g_msa, s_mlp, c_mlp, g_mlp = _modulation(blk.norm1, temb, 6)
-        ts_msa, tc_msa, tg_msa, ts_mlp, tc_mlp, tg_mlp = _modulation(blk.norm1_context, temb, 6)
-
-        def joint_attention():
-            return blk.attn(
-                hidden_states=_modulate(x, blk.norm1.norm, s_msa, c_msa),
-                encoder_hidden_states=_modulate(c, blk.norm1_context.norm, ts_msa, tc_msa),
-                attention_mask=mask,
-                image_rotary_emb=rope,
-            )
-
-        a_img, a_txt = ctx.branches(("attn_img", "attn_txt"), i, joint_attention)
-        x = x + a_img * g_msa.unsqueeze(1)
-        c = c + a_txt * tg_msa.unsqueeze(1)
-        f = ctx.fresh_branch("mlp_img", i, x, lambda rows: blk.ff(_modulate(rows, blk.norm2, s_mlp, c_mlp)))
-        x = x + g_mlp.unsqueeze(1) * f
-        f = ctx.fresh_branch(
-            "mlp_txt", i, c, lambda rows: blk.ff_context(_modulate(rows, blk.norm2_context, ts_mlp, tc_mlp))
-        )
-        c = c + tg_mlp.unsqueeze(1) * f
-        return x, c
-
-    @staticmethod
-    def _single_block(ctx, j, blk, h, text_tokens, temb, mask, rope):
-        shift, scale, gate = _modulation(blk.norm, temb, 3)
-
-        def joint_output():
-            n = _modulate(h, blk.norm.norm, shift, scale)
-            mlp = blk.act_mlp(blk.proj_mlp(n))
-            a_img, a_txt = blk.attn(
-                hidden_states=n[:, :-text_tokens],
-                encoder_hidden_states=n[:, -text_tokens:],
-                attention_mask=mask,
-                image_rotary_emb=rope,
-            )
-            return blk.proj_out(torch.cat([torch.cat([a_img, a_txt], dim=1), mlp], dim=2))
-
-        return gate.unsqueeze(1) * ctx.branch("single", j, joint_output) + h
-
 
 def export_spec(cfg: HunyuanVideoConfig, options: BuildOptions) -> ExportSpec:
     """The graphs of a build, from the config alone (no weights: the real model's spec is cheap)."""
     B = options.batch * HunyuanVideoAdapter.cfg_multiplier
-    T_img, T_txt, D = cfg.video_tokens, cfg.text_length, cfg.hidden_size
+    T_txt = cfg.text_length
     inputs = [
         TensorSpec("hidden_states", (B, *cfg.latent_shape)),
         TensorSpec("encoder_hidden_states", (B, T_txt, cfg.text_embed_dim)),
@@ -298,20 +268,8 @@ def export_spec(cfg: HunyuanVideoConfig, options: BuildOptions) -> ExportSpec:
         TensorSpec("pooled_projections", (B, cfg.pooled_projection_dim)),
         TensorSpec("timestep", (B,)),
     ]
-    if cfg.guidance_embeds:
-        inputs.append(TensorSpec("guidance", (B,)))
-    L2, L1 = cfg.num_layers, cfg.num_single_layers
-    slots = [
-        CacheSlot("attn_img", L2, T_img, D),
-        CacheSlot("attn_txt", L2, T_txt, D),
-        CacheSlot("mlp_img", L2, T_img, D, fresh_group="img"),
-        CacheSlot("mlp_txt", L2, T_txt, D, fresh_group="txt"),
-    ]
-    if L1:
-        slots.append(CacheSlot("single", L1, T_img + T_txt, D))
-    k_txt = options.clusters if options.text_clusters is None else options.text_clusters
-    groups = [TokenGroup("img", T_img, D, options.clusters), TokenGroup("txt", T_txt, D, k_txt)]
-    return make_spec(FAMILY, options, inputs, slots, groups, B, (B, cfg.out_channels, *cfg.latent_shape[1:]))
+    output_shape = (B, cfg.out_channels, *cfg.latent_shape[1:])
+    return diffusers_folder.export_spec(FAMILY, cfg, options, B, inputs, cfg.video_tokens, output_shape)
 
 
 # --------------------------------------------------------------------------------------------
@@ -329,111 +287,30 @@ def load(name: str, checkpoint=None, random_init: bool = False, seed: int = 0, *
     ``text_length`` (Llama tokens); unset ones come from the named config (480 x 640, 65 frames,
     256 tokens). With a checkpoint the architecture is read from the folder.
     """
-    from . import LoadedModel
-
-    unknown = sorted(set(options) - set(BUILD_OPTIONS))
-    if unknown:
-        raise ConfigError(f"HunyuanVideo build options are {', '.join(BUILD_OPTIONS)}, got {', '.join(unknown)}")
-    if checkpoint is None and not random_init:
-        raise ConfigError(f"model {name} needs a checkpoint folder (or random_init for tests), got neither")
-    decoder = None
-    if random_init:
-        cfg = _with_options(NAMED_CONFIGS[name], options)
-        log.warning("model %s has RANDOM weights (random_init, seed %d): not for real use", name, seed)
-        model = init_random(cfg, seed)
-        source = {"kind": "random-init", "seed": seed}
-    else:
-        path = Path(checkpoint)
-        if not path.exists():
-            raise CheckpointError(f"checkpoint not found: expected a HunyuanVideo folder at {path}")
-        folder = transformer_dir(path)
-        root = pipeline_dir(path)
-        cfg = _with_options(folder_config(folder, root, NAMED_CONFIGS[name]), options)
-        model = load_transformer(folder)
-        if root is not None and (root / "vae" / "config.json").is_file():
-            decoder = {"kind": "video-vae", "path": str((root / "vae").resolve())}
-        log.info("hashing checkpoint %s", folder)
-        source = {"kind": "diffusers", "path": str(path.resolve()), "sha256": tree_sha256(folder)}
-    chosen = {k: getattr(cfg, k) for k in BUILD_OPTIONS}
-    return LoadedModel(
-        name, FAMILY, HunyuanVideoAdapter(model, cfg), cfg.to_dict(), source, options=chosen, decoder=decoder,
-        build_name=f"{cfg.height}x{cfg.width}x{cfg.frames}",
+    return diffusers_folder.load(
+        DIFFUSERS, name, checkpoint, random_init, seed, options,
+        named_config=NAMED_CONFIGS.__getitem__,
+        folder_config=lambda folder, root: folder_config(folder, root, NAMED_CONFIGS[name]),
+        adapter=HunyuanVideoAdapter,
+        build_name=lambda cfg: f"{cfg.height}x{cfg.width}x{cfg.frames}",
     )
-
-
-def _with_options(cfg: HunyuanVideoConfig, options: dict) -> HunyuanVideoConfig:
-    return cfg.replace(**options) if options else cfg
 
 
 def init_random(cfg: HunyuanVideoConfig, seed: int) -> nn.Module:
     """diffusers' own initialisation under ``seed`` (the global RNG is left as it was)."""
-    from diffusers import HunyuanVideoTransformer3DModel
-
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        return HunyuanVideoTransformer3DModel(**cfg.transformer_config()).eval()
-
-
-def transformer_dir(path: Path) -> Path:
-    """The ``HunyuanVideoTransformer3DModel`` folder: ``path`` itself or ``path/transformer``."""
-    for folder in (path, path / "transformer"):
-        config = folder / "config.json"
-        if config.is_file():
-            try:
-                cls = json.loads(config.read_text()).get("_class_name")
-            except ValueError as e:
-                raise CheckpointError(f"{config} is not readable JSON: {e}".splitlines()[0]) from e
-            if cls != TRANSFORMER_CLASS:
-                raise CheckpointError(f"expected a {TRANSFORMER_CLASS} config in {folder}, got {cls}")
-            return folder
-    raise CheckpointError(
-        f"expected a HunyuanVideo pipeline folder (transformer/config.json) or a {TRANSFORMER_CLASS} folder "
-        f"(config.json) at {path}, got neither"
-    )
-
-
-def pipeline_dir(path: Path) -> Path | None:
-    """The pipeline folder around the transformer (text encoders, VAE, scheduler), if there is one."""
-    path = Path(path)
-    if (path / "transformer" / "config.json").is_file():
-        return path
-    if path.name == "transformer" and (path.parent / "model_index.json").is_file():
-        return path.parent
-    return None
+    return diffusers_folder.init_random(DIFFUSERS, cfg.transformer_config(), seed)
 
 
 def folder_config(folder: Path, root: Path | None, base: HunyuanVideoConfig) -> HunyuanVideoConfig:
-    raw = json.loads((folder / "config.json").read_text())
+    raw, arch = diffusers_folder.architecture(folder, HunyuanVideoConfig(), _ARCH)
     if raw.get("image_condition_type") is not None:
         raise CheckpointError(
             f"expected a text-to-video HunyuanVideo transformer (image_condition_type null), got "
             f"{raw['image_condition_type']!r} (image-to-video) in {folder}"
         )
-    defaults = HunyuanVideoConfig()
-    arch = {n: raw.get(n, getattr(defaults, n)) for n in _ARCH}
-    arch["out_channels"] = arch["out_channels"] or arch["in_channels"]
-    extra: dict = {"scheduler": dict(base.scheduler)}
-    if root is not None:
-        sched = root / "scheduler" / "scheduler_config.json"
-        if sched.is_file():
-            extra["scheduler"] = {k: v for k, v in json.loads(sched.read_text()).items() if not k.startswith("_")}
-        vae = root / "vae" / "config.json"
-        if vae.is_file():
-            raw_vae = json.loads(vae.read_text())
-            extra["vae_scale_factor"] = raw_vae.get("spatial_compression_ratio", 8)
-            extra["vae_temporal_factor"] = raw_vae.get("temporal_compression_ratio", 4)
-    try:
-        return base.replace(**arch, **extra)
-    except ConfigError as e:
-        raise CheckpointError(f"unsupported HunyuanVideo config in {folder}: {e}") from e
-
-
-def load_transformer(folder: Path) -> nn.Module:
-    from diffusers import HunyuanVideoTransformer3DModel
-
-    try:
-        return HunyuanVideoTransformer3DModel.from_pretrained(str(folder)).eval()
-    except Exception as e:  # diffusers raises many types for a bad folder
-        raise CheckpointError(
-            f"cannot load HunyuanVideo transformer from {folder}: {type(e).__name__}: {e}".splitlines()[0]
-        ) from e
+    scheduler, vae = diffusers_folder.pipeline_configs(root)
+    extra: dict = {"scheduler": dict(base.scheduler) if scheduler is None else scheduler}
+    if vae is not None:
+        extra["vae_scale_factor"] = vae.get("spatial_compression_ratio", 8)
+        extra["vae_temporal_factor"] = vae.get("temporal_compression_ratio", 4)
+    return diffusers_folder.checked_config(DIFFUSERS, folder, base, **arch, **extra)

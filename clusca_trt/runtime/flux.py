@@ -16,7 +16,6 @@ plain model call (the test oracle).
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import logging
 import time
@@ -26,48 +25,22 @@ from typing import Callable
 import numpy as np
 import torch
 
-from ..errors import CheckpointError, InputError
-from ..models.flux import FluxConfig, pipeline_dir
+from ..errors import InputError
+from ..models.flux import FluxConfig
+from . import diffusers_common
+from .diffusers_common import (
+    Denoise, check_embeds, check_rows, denoise_steps, padded_chunks, prompt_list, quiet_import, quiet_loading,
+    text_pipeline,
+)
 from .dit import step_rng
 
 log = logging.getLogger(__name__)
 
-Denoise = Callable[[int, dict], np.ndarray]
 DEFAULT_GUIDANCE = 3.5
 
 
-@contextlib.contextmanager
-def _quiet_loading():
-    """diffusers/transformers show progress bars and import-time notices while loading; keep them off."""
-    import diffusers.utils.logging as dlog
-
-    try:  # imported first: its first import resets the "transformers" logger's level
-        import transformers.utils.logging as tlog
-    except ImportError:  # transformers is only needed for prompts
-        tlog = None
-    loggers = [logging.getLogger(n) for n in ("transformers", "diffusers")]
-    levels = [lg.level for lg in loggers]
-    bars = [dlog.is_progress_bar_enabled(), tlog is not None and tlog.is_progress_bar_enabled()]
-    try:
-        for lg in loggers:
-            lg.setLevel(logging.ERROR)
-        dlog.disable_progress_bar()
-        if tlog is not None:
-            tlog.disable_progress_bar()
-        yield
-    finally:
-        for lg, level in zip(loggers, levels):
-            lg.setLevel(level)
-        if bars[0]:
-            dlog.enable_progress_bar()
-        if bars[1]:
-            tlog.enable_progress_bar()
-
-
 def _flux_pipeline_module():
-    with _quiet_loading():
-        from diffusers.pipelines.flux import pipeline_flux
-    return pipeline_flux
+    return quiet_import("diffusers.pipelines.flux.pipeline_flux")
 
 
 # --------------------------------------------------------------------------------------------
@@ -121,23 +94,20 @@ def sample_chunk(
 ) -> np.ndarray:
     """Denoise one chunk of packed ``latents`` [B, tokens, C] (B = the engine batch) through all steps."""
     B = latents.shape[0]
-    scheduler = make_scheduler(cfg, steps)
-    x = torch.from_numpy(latents)
     guidance = np.full((B,), guidance_scale, np.float32) if cfg.guidance_embeds else None
-    for s, t in enumerate(scheduler.timesteps):
-        feeds = {
+
+    def feeds(x, t):
+        f = {
             "hidden_states": x.numpy(),
             "encoder_hidden_states": prompt_embeds,
             "pooled_projections": pooled,
             "timestep": (t.expand(B).to(torch.float32) / 1000).numpy(),
         }
         if guidance is not None:
-            feeds["guidance"] = guidance
-        out = denoise(s, feeds)
-        x = scheduler.step(torch.from_numpy(out), t, x, return_dict=False)[0]
-        if progress:
-            progress(s)
-    return x.numpy()
+            f["guidance"] = guidance
+        return f
+
+    return denoise_steps(denoise, make_scheduler(cfg, steps), latents, feeds, progress)
 
 
 def sample(
@@ -154,22 +124,12 @@ def sample(
     """All samples in chunks of the engine batch (the last one padded with zeros); returns packed
     latents [n, tokens, C]. The initial noise of all samples comes from ``seed`` first; each chunk
     then draws its fresh-token keys and k-means starts from its own generator."""
-    n = prompt_embeds.shape[0]
-    x_all = initial_latents(seed, n, cfg)
+    x_all = initial_latents(seed, prompt_embeds.shape[0], cfg)
     out = []
-    for j, start in enumerate(range(0, n, batch)):
-        rows = slice(start, start + batch)
-        x, e, p = (_pad(a[rows], batch) for a in (x_all, prompt_embeds, pooled))
+    for j, real, (x, e, p) in padded_chunks(batch, x_all, prompt_embeds, pooled):
         result = sample_chunk(make_denoiser(step_rng(seed, j)), cfg, steps, x, e, p, guidance_scale, progress)
-        out.append(result[: min(batch, n - start)])
+        out.append(result[:real])
     return np.concatenate(out, axis=0)
-
-
-def _pad(a: np.ndarray, rows: int) -> np.ndarray:
-    a = np.ascontiguousarray(a, dtype=np.float32)
-    if a.shape[0] == rows:
-        return a
-    return np.concatenate([a, np.zeros((rows - a.shape[0], *a.shape[1:]), np.float32)])
 
 
 # --------------------------------------------------------------------------------------------
@@ -179,31 +139,12 @@ def _pad(a: np.ndarray, rows: int) -> np.ndarray:
 @functools.lru_cache(maxsize=1)
 def _text_pipeline(root: str):
     """diffusers' FluxPipeline with the text encoders and tokenizers only (no transformer, no VAE)."""
-    pf = _flux_pipeline_module()
-    try:
-        with _quiet_loading():
-            pipe = pf.FluxPipeline.from_pretrained(root, transformer=None, vae=None)
-    except Exception as e:  # diffusers/transformers raise many types for a bad folder
-        message = f"cannot load the FLUX text encoders from {root}: {type(e).__name__}: {e}"
-        raise CheckpointError(message.splitlines()[0]) from e
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+    return text_pipeline(_flux_pipeline_module().FluxPipeline, root, "FLUX")
 
 
 def encoder_folder(pipe, encoders: str | Path | None) -> Path:
     """Where the text encoders are: ``encoders``, or the checkpoint folder the engines came from."""
-    if encoders is not None:
-        root = pipeline_dir(Path(encoders)) or Path(encoders)
-    else:
-        path = pipe.model.get("source", {}).get("path")
-        root = pipeline_dir(Path(path)) if path else None
-    if root is None or not (root / "model_index.json").is_file():
-        where = encoders or pipe.model.get("source", {}).get("path") or "the engines' source (random weights)"
-        raise InputError(
-            f"expected a FLUX pipeline folder (model_index.json, text_encoder/, text_encoder_2/) for prompts at "
-            f"{where}, got none; pass encoders=FOLDER, or prompt_embeds and pooled_prompt_embeds"
-        )
-    return root
+    return diffusers_common.encoder_folder(pipe, encoders, "FLUX", "prompt_embeds and pooled_prompt_embeds")
 
 
 def encode_prompts(root: Path, prompts: list[str], text_length: int) -> tuple[np.ndarray, np.ndarray]:
@@ -218,40 +159,24 @@ def encode_prompts(root: Path, prompts: list[str], text_length: int) -> tuple[np
                 f"prompt {i} is {n} T5 tokens, expected at most the built text length {text_length}; "
                 f"shorten it or rebuild with --text-length {min(n, 512)}"
             )
-    with torch.no_grad(), _quiet_loading():
+    with torch.no_grad(), quiet_loading():
         embeds, pooled, _ = pipe.encode_prompt(
             prompt=prompts, prompt_2=None, device=torch.device("cpu"), max_sequence_length=text_length
         )
     return embeds.float().numpy(), pooled.float().numpy()
 
 
-def _check_embeds(name: str, a, shape: tuple[int, ...]) -> np.ndarray:
-    a = a.detach().cpu().float().numpy() if isinstance(a, torch.Tensor) else np.asarray(a, dtype=np.float32)
-    if a.ndim != len(shape) + 1 or tuple(a.shape[1:]) != shape or a.shape[0] < 1:
-        want = "[n, " + ", ".join(str(d) for d in shape) + "]"
-        raise InputError(f"{name}: expected float32{want}, got {list(a.shape)}")
-    return a
-
-
 def prompt_inputs(pipe, cfg: FluxConfig, prompt, prompt_embeds, pooled_prompt_embeds, encoders):
     """(prompts or None, T5 embeddings, CLIP pooled embeddings) for a run, validated."""
-    if (prompt is None) == (prompt_embeds is None):
-        raise InputError("expected either prompt or prompt_embeds (with pooled_prompt_embeds), got "
-                         + ("both" if prompt is not None else "neither"))
-    if prompt is not None:
-        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-        if not prompts or not all(isinstance(p, str) for p in prompts):
-            raise InputError(f"expected a prompt string or a non-empty list of them, got {prompt!r}")
+    prompts = prompt_list(prompt, prompt_embeds, "pooled_prompt_embeds")
+    if prompts is not None:
         embeds, pooled = encode_prompts(encoder_folder(pipe, encoders), prompts, cfg.text_length)
         return prompts, embeds, pooled
     if pooled_prompt_embeds is None:
         raise InputError("expected pooled_prompt_embeds with prompt_embeds, got none")
-    embeds = _check_embeds("prompt_embeds", prompt_embeds, (cfg.text_length, cfg.joint_attention_dim))
-    pooled = _check_embeds("pooled_prompt_embeds", pooled_prompt_embeds, (cfg.pooled_projection_dim,))
-    if pooled.shape[0] != embeds.shape[0]:
-        raise InputError(
-            f"pooled_prompt_embeds: expected {embeds.shape[0]} rows like prompt_embeds, got {pooled.shape[0]}"
-        )
+    embeds = check_embeds("prompt_embeds", prompt_embeds, (cfg.text_length, cfg.joint_attention_dim))
+    pooled = check_embeds("pooled_prompt_embeds", pooled_prompt_embeds, (cfg.pooled_projection_dim,))
+    check_rows(embeds, pooled_prompt_embeds=pooled)
     return None, embeds, pooled
 
 

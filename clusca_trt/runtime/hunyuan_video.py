@@ -27,22 +27,23 @@ from typing import Callable
 import numpy as np
 import torch
 
-from ..errors import CheckpointError, InputError
-from ..models.hunyuan_video import HunyuanVideoConfig, pipeline_dir
+from ..errors import InputError
+from ..models.hunyuan_video import HunyuanVideoConfig
+from . import diffusers_common
+from .diffusers_common import (
+    Denoise, check_embeds, check_rows, denoise_steps, padded_chunks, prompt_list, quiet_import, quiet_loading,
+    text_pipeline,
+)
 from .dit import step_rng
-from .flux import _check_embeds, _pad, _quiet_loading
 
 log = logging.getLogger(__name__)
 
-Denoise = Callable[[int, dict], np.ndarray]
 DEFAULT_GUIDANCE = 6.0
 DEFAULT_STEPS = 50
 
 
 def _pipeline_module():
-    with _quiet_loading():
-        from diffusers.pipelines.hunyuan_video import pipeline_hunyuan_video
-    return pipeline_hunyuan_video
+    return quiet_import("diffusers.pipelines.hunyuan_video.pipeline_hunyuan_video")
 
 
 # --------------------------------------------------------------------------------------------
@@ -78,11 +79,10 @@ def sample_chunk(
 ) -> np.ndarray:
     """Denoise one chunk of ``latents`` [B, C, F, H, W] (B = the engine batch) through all steps."""
     B = latents.shape[0]
-    scheduler = make_scheduler(cfg, steps)
-    x = torch.from_numpy(latents)
     guidance = (torch.tensor([guidance_scale] * B, dtype=torch.float32) * 1000.0).numpy()
-    for s, t in enumerate(scheduler.timesteps):
-        feeds = {
+
+    def feeds(x, t):
+        f = {
             "hidden_states": x.numpy(),
             "encoder_hidden_states": prompt_embeds,
             "encoder_attention_mask": attention_mask,
@@ -90,12 +90,10 @@ def sample_chunk(
             "timestep": t.expand(B).to(torch.float32).numpy(),
         }
         if cfg.guidance_embeds:
-            feeds["guidance"] = guidance
-        out = denoise(s, feeds)
-        x = scheduler.step(torch.from_numpy(out), t, x, return_dict=False)[0]
-        if progress:
-            progress(s)
-    return x.numpy()
+            f["guidance"] = guidance
+        return f
+
+    return denoise_steps(denoise, make_scheduler(cfg, steps), latents, feeds, progress)
 
 
 def sample(
@@ -113,16 +111,12 @@ def sample(
     """All videos in chunks of the engine batch (the last one padded: zero embeddings, a one-token
     mask); returns latents [n, C, F, H, W]. The initial noise of all videos comes from ``seed``
     first; each chunk then draws its fresh-token keys and k-means starts from its own generator."""
-    n = prompt_embeds.shape[0]
-    x_all = initial_latents(seed, n, cfg)
+    x_all = initial_latents(seed, prompt_embeds.shape[0], cfg)
     out = []
-    for j, start in enumerate(range(0, n, batch)):
-        rows = slice(start, start + batch)
-        x, e, p = (_pad(a[rows], batch) for a in (x_all, prompt_embeds, pooled))
-        m = _pad(attention_mask[rows], batch)
-        m[min(batch, n - start) :, 0] = 1.0  # a padded row attends to one text token (no empty softmax)
+    for j, real, (x, e, p, m) in padded_chunks(batch, x_all, prompt_embeds, pooled, attention_mask):
+        m[real:, 0] = 1.0  # a padded row attends to one text token (no empty softmax)
         result = sample_chunk(make_denoiser(step_rng(seed, j)), cfg, steps, x, e, m, p, guidance_scale, progress)
-        out.append(result[: min(batch, n - start)])
+        out.append(result[:real])
     return np.concatenate(out, axis=0)
 
 
@@ -133,33 +127,14 @@ def sample(
 @functools.lru_cache(maxsize=1)
 def _text_pipeline(root: str):
     """diffusers' HunyuanVideoPipeline with the text encoders and tokenizers only (no transformer, no VAE)."""
-    ph = _pipeline_module()
-    try:
-        with _quiet_loading():
-            pipe = ph.HunyuanVideoPipeline.from_pretrained(root, transformer=None, vae=None)
-    except Exception as e:  # diffusers/transformers raise many types for a bad folder
-        raise CheckpointError(
-            f"cannot load the HunyuanVideo text encoders from {root}: {type(e).__name__}: {e}".splitlines()[0]
-        ) from e
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+    return text_pipeline(_pipeline_module().HunyuanVideoPipeline, root, "HunyuanVideo")
 
 
 def encoder_folder(pipe, encoders: str | Path | None) -> Path:
     """Where the text encoders are: ``encoders``, or the checkpoint folder the engines came from."""
-    if encoders is not None:
-        root = pipeline_dir(Path(encoders)) or Path(encoders)
-    else:
-        path = pipe.model.get("source", {}).get("path")
-        root = pipeline_dir(Path(path)) if path else None
-    if root is None or not (root / "model_index.json").is_file():
-        where = encoders or pipe.model.get("source", {}).get("path") or "the engines' source (random weights)"
-        raise InputError(
-            f"expected a HunyuanVideo pipeline folder (model_index.json, text_encoder/, text_encoder_2/) for "
-            f"prompts at {where}, got none; pass encoders=FOLDER, or prompt_embeds, pooled_prompt_embeds "
-            f"and prompt_attention_mask"
-        )
-    return root
+    return diffusers_common.encoder_folder(
+        pipe, encoders, "HunyuanVideo", "prompt_embeds, pooled_prompt_embeds and prompt_attention_mask"
+    )
 
 
 def encode_prompts(root: Path, prompts: list[str], text_length: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -177,7 +152,7 @@ def encode_prompts(root: Path, prompts: list[str], text_length: int) -> tuple[np
                 f"prompt {i} is {n} Llama tokens, expected at most the built text length {text_length}; "
                 f"shorten it or rebuild with --text-length {n}"
             )
-    with torch.no_grad(), _quiet_loading():
+    with torch.no_grad(), quiet_loading():
         embeds, pooled, mask = pipe.encode_prompt(
             prompt=prompts, device=torch.device("cpu"), max_sequence_length=text_length
         )
@@ -187,24 +162,17 @@ def encode_prompts(root: Path, prompts: list[str], text_length: int) -> tuple[np
 def prompt_inputs(pipe, cfg: HunyuanVideoConfig, prompt, prompt_embeds, pooled_prompt_embeds, prompt_attention_mask,
                   encoders):
     """(prompts or None, Llama embeddings, their mask, CLIP pooled embeddings) for a run, validated."""
-    if (prompt is None) == (prompt_embeds is None):
-        raise InputError("expected either prompt or prompt_embeds (with pooled_prompt_embeds and "
-                         "prompt_attention_mask), got " + ("both" if prompt is not None else "neither"))
-    if prompt is not None:
-        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-        if not prompts or not all(isinstance(p, str) for p in prompts):
-            raise InputError(f"expected a prompt string or a non-empty list of them, got {prompt!r}")
+    prompts = prompt_list(prompt, prompt_embeds, "pooled_prompt_embeds and prompt_attention_mask")
+    if prompts is not None:
         embeds, mask, pooled = encode_prompts(encoder_folder(pipe, encoders), prompts, cfg.text_length)
         return prompts, embeds, mask, pooled
     if pooled_prompt_embeds is None or prompt_attention_mask is None:
         missing = "pooled_prompt_embeds" if pooled_prompt_embeds is None else "prompt_attention_mask"
         raise InputError(f"expected {missing} with prompt_embeds, got none")
-    embeds = _check_embeds("prompt_embeds", prompt_embeds, (cfg.text_length, cfg.text_embed_dim))
-    pooled = _check_embeds("pooled_prompt_embeds", pooled_prompt_embeds, (cfg.pooled_projection_dim,))
-    mask = _check_embeds("prompt_attention_mask", prompt_attention_mask, (cfg.text_length,))
-    for name, a in (("pooled_prompt_embeds", pooled), ("prompt_attention_mask", mask)):
-        if a.shape[0] != embeds.shape[0]:
-            raise InputError(f"{name}: expected {embeds.shape[0]} rows like prompt_embeds, got {a.shape[0]}")
+    embeds = check_embeds("prompt_embeds", prompt_embeds, (cfg.text_length, cfg.text_embed_dim))
+    pooled = check_embeds("pooled_prompt_embeds", pooled_prompt_embeds, (cfg.pooled_projection_dim,))
+    mask = check_embeds("prompt_attention_mask", prompt_attention_mask, (cfg.text_length,))
+    check_rows(embeds, pooled_prompt_embeds=pooled, prompt_attention_mask=mask)
     if not np.isin(mask, (0.0, 1.0)).all() or (mask.sum(axis=1) < 1).any():
         raise InputError("prompt_attention_mask: expected 0/1 values with at least one 1 per row, got others")
     return None, embeds, mask, pooled

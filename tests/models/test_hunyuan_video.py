@@ -4,7 +4,6 @@ block by block (each stream's MLP cache gets its own stream's rows); folders, bu
 real configuration's cache size."""
 
 import inspect
-import math
 
 import pytest
 import torch
@@ -17,6 +16,7 @@ from clusca_trt.models import load_model
 from clusca_trt.spec import BuildOptions
 from clusca_trt.steps import graph_module
 from tests.conftest import make_diffusers_dit
+from tests.flux_helpers import PartialStep
 from tests.hunyuan_helpers import TINY, make_hunyuan_folder, tiny_transformer
 
 MASK_LENGTHS = [(16, 16), (5, 16), (1, 3), (0, 7)]  # valid text tokens per row (a prefix, as the pipeline makes)
@@ -139,62 +139,34 @@ def test_partial_step_is_the_spec():
     model = tiny_transformer(cfg, seed=2)
     adapter = hv.HunyuanVideoAdapter(model, cfg)
     spec = adapter.export_spec(BuildOptions(batch=1, clusters=K, text_clusters=KT, order=O))
-    gen = torch.Generator().manual_seed(0)
     tokens = {"img": cfg.video_tokens, "txt": cfg.text_length}
-    k = {"img": K, "txt": KT}
-    gamma = {"img": 0.3, "txt": 0.1}
-    assign = {g: (torch.randperm(T, generator=gen) % k[g]).unsqueeze(0) for g, T in tokens.items()}
-    fresh = {}
-    for g in tokens:  # a uniformly random member of every cluster, anew per block
-        members = [torch.nonzero(assign[g][0] == c)[:, 0] for c in range(k[g])]
-        pick = [[[int(m[torch.randint(len(m), (1,), generator=gen)]) for m in members]] for _ in range(2)]
-        fresh[g] = torch.tensor(pick)
-    caches = {}
-    for s in spec.slots:
-        caches[f"{s.name}_f0"] = torch.randn(s.layers, 1, s.tokens, s.dim, generator=gen)
-        caches[f"{s.name}_fhi"] = torch.randn(s.layers, O, 1, s.tokens, s.dim, generator=gen)
-    coef = torch.tensor([d**i / math.factorial(i) for i in range(O + 1)])
+    step = PartialStep(spec, tokens, {"img": K, "txt": KT}, {"img": 0.3, "txt": 0.1}, O, d)
     inputs = _inputs(cfg, lengths=(6,))
-    feeds = {**inputs, **caches, "forecast_coef": coef, "gamma": torch.tensor([gamma["img"], gamma["txt"]])}
-    for g in tokens:
-        feeds[f"assign_{g}"], feeds[f"fresh_{g}"] = assign[g], fresh[g]
+    feeds = step.feeds(inputs)
     graph = graph_module(adapter, spec, "partial")
     with torch.no_grad():
         out, mlp_img_f0, mlp_txt_f0 = graph(*[feeds[n] for n in graph.input_names])
 
         # literal reading
-        def forecast(slot, layer, f0=None):
-            f0 = caches[f"{slot}_f0"][layer] if f0 is None else f0
-            return f0 + caches[f"{slot}_fhi"][layer, 0] * d
-
         m = model
         temb, _ = m.time_text_embed(inputs["timestep"], inputs["pooled_projections"], inputs["guidance"])
         x = m.x_embedder(inputs["hidden_states"])
         c = m.context_embedder(inputs["encoder_hidden_states"], inputs["timestep"], inputs["encoder_attention_mask"])
-        new = {"img": caches["mlp_img_f0"].clone(), "txt": caches["mlp_txt_f0"].clone()}
-
-        def mlp_stream(i, g, h, ff, norm, shift, scale):
-            for n in range(tokens[g]):
-                j = int(fresh[g][i, 0, assign[g][0, n]])
-                f = ff(norm(h[:, j : j + 1]) * (1 + scale[:, None]) + shift[:, None])[0, 0]
-                new[g][i, 0, n] = f if n == j else gamma[g] * f + (1 - gamma[g]) * caches[f"mlp_{g}_f0"][i, 0, n]
-            return forecast(f"mlp_{g}", i, new[g][i])
-
         for i, blk in enumerate(m.transformer_blocks):
             _, _, g1, s2, c2, g2 = blk.norm1.linear(blk.norm1.silu(temb)).chunk(6, dim=1)
             _, _, tg1, ts2, tc2, tg2 = blk.norm1_context.linear(blk.norm1_context.silu(temb)).chunk(6, dim=1)
-            x = x + g1[:, None] * forecast("attn_img", i)
-            c = c + tg1[:, None] * forecast("attn_txt", i)
-            x = x + g2[:, None] * mlp_stream(i, "img", x, blk.ff, blk.norm2, s2, c2)
-            c = c + tg2[:, None] * mlp_stream(i, "txt", c, blk.ff_context, blk.norm2_context, ts2, tc2)
+            x = x + g1[:, None] * step.forecast("attn_img", i)
+            c = c + tg1[:, None] * step.forecast("attn_txt", i)
+            x = x + g2[:, None] * step.mlp_stream(i, "img", x, blk.ff, blk.norm2, s2, c2)
+            c = c + tg2[:, None] * step.mlp_stream(i, "txt", c, blk.ff_context, blk.norm2_context, ts2, tc2)
         h = torch.cat([x, c], dim=1)
         for j, blk in enumerate(m.single_transformer_blocks):
             gate = blk.norm.linear(blk.norm.silu(temb)).chunk(3, dim=1)[2]
-            h = h + gate[:, None] * forecast("single", j)
+            h = h + gate[:, None] * step.forecast("single", j)
         want = m.proj_out(m.norm_out(h[:, : cfg.video_tokens], temb))
         want = want.reshape(1, 3, 4, 4, 4, 1, 2, 2).permute(0, 4, 1, 5, 2, 6, 3, 7).reshape(1, 4, 3, 8, 8)
-    torch.testing.assert_close(mlp_img_f0, new["img"], atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(mlp_txt_f0, new["txt"], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(mlp_img_f0, step.new["img"], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(mlp_txt_f0, step.new["txt"], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(out, want, atol=1e-5, rtol=1e-5)
 
 

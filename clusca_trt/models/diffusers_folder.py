@@ -1,0 +1,250 @@
+"""What the diffusers transformer families (FLUX, HunyuanVideo) share: loading a diffusers
+checkpoint folder (a pipeline folder or just its ``transformer/``) or random weights into a
+``LoadedModel``, and the adapters' MMDiT pieces (modulation, the dual-stream and the
+single-stream block written against a step context).
+
+A family describes itself with a ``DiffusersFamily`` (its name in messages, its diffusers
+transformer class, its build options, its decoder kind) and passes its own config readers to
+``load``; every error message names the family.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+
+from ..errors import CheckpointError, ConfigError
+from ..hashing import tree_sha256
+from ..spec import BuildOptions, CacheSlot, ExportSpec, TensorSpec, TokenGroup, make_spec
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class DiffusersFamily:
+    """A diffusers transformer family, as the loader and its messages need it."""
+
+    family: str  # the family id (``FAMILY``)
+    label: str  # its name in messages: "FLUX", "HunyuanVideo"
+    transformer_class: str  # diffusers' transformer class, e.g. "FluxTransformer2DModel"
+    build_options: tuple[str, ...]
+    decoder_kind: str  # ``LoadedModel.decoder["kind"]`` where the pipeline folder has a VAE
+
+    def transformer_cls(self) -> type:
+        import diffusers
+
+        return getattr(diffusers, self.transformer_class)
+
+
+# --------------------------------------------------------------------------------------------
+# loading
+
+
+def load(
+    fam: DiffusersFamily,
+    name: str,
+    checkpoint,
+    random_init: bool,
+    seed: int,
+    options: dict,
+    *,
+    named_config: Callable[[str], object],
+    folder_config: Callable[[Path, Path | None], object],
+    adapter: Callable[[nn.Module, object], nn.Module],
+    build_name: Callable[[object], str],
+):
+    """The body of a family's ``load``: a ``LoadedModel`` from random weights under ``seed`` (config
+    ``named_config(name)``) or from a diffusers folder (config ``folder_config(transformer folder,
+    pipeline folder or None)``), either with the build ``options`` applied."""
+    from . import LoadedModel
+
+    unknown = sorted(set(options) - set(fam.build_options))
+    if unknown:
+        raise ConfigError(f"{fam.label} build options are {', '.join(fam.build_options)}, got {', '.join(unknown)}")
+    if checkpoint is None and not random_init:
+        raise ConfigError(f"model {name} needs a checkpoint folder (or random_init for tests), got neither")
+    decoder = None
+    if random_init:
+        cfg = with_options(named_config(name), options)
+        log.warning("model %s has RANDOM weights (random_init, seed %d): not for real use", name, seed)
+        model = init_random(fam, cfg.transformer_config(), seed)
+        source = {"kind": "random-init", "seed": seed}
+    else:
+        path = Path(checkpoint)
+        if not path.exists():
+            raise CheckpointError(f"checkpoint not found: expected a {fam.label} folder at {path}")
+        folder = transformer_dir(fam, path)
+        root = pipeline_dir(path)
+        cfg = with_options(folder_config(folder, root), options)
+        model = load_transformer(fam, folder)
+        if root is not None and (root / "vae" / "config.json").is_file():
+            decoder = {"kind": fam.decoder_kind, "path": str((root / "vae").resolve())}
+        log.info("hashing checkpoint %s", folder)
+        source = {"kind": "diffusers", "path": str(path.resolve()), "sha256": tree_sha256(folder)}
+    chosen = {k: getattr(cfg, k) for k in fam.build_options}
+    return LoadedModel(
+        name, fam.family, adapter(model, cfg), cfg.to_dict(), source, options=chosen, decoder=decoder,
+        build_name=build_name(cfg),
+    )
+
+
+def with_options(cfg, options: dict):
+    return cfg.replace(**options) if options else cfg
+
+
+def init_random(fam: DiffusersFamily, transformer_config: dict, seed: int) -> nn.Module:
+    """diffusers' own initialisation under ``seed`` (the global RNG is left as it was)."""
+    cls = fam.transformer_cls()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return cls(**transformer_config).eval()
+
+
+def transformer_dir(fam: DiffusersFamily, path: Path) -> Path:
+    """The family's transformer folder: ``path`` itself or ``path/transformer``."""
+    for folder in (path, path / "transformer"):
+        config = folder / "config.json"
+        if config.is_file():
+            try:
+                cls = json.loads(config.read_text()).get("_class_name")
+            except ValueError as e:
+                raise CheckpointError(f"{config} is not readable JSON: {e}".splitlines()[0]) from e
+            if cls != fam.transformer_class:
+                raise CheckpointError(f"expected a {fam.transformer_class} config in {folder}, got {cls}")
+            return folder
+    raise CheckpointError(
+        f"expected a {fam.label} pipeline folder (transformer/config.json) or a {fam.transformer_class} folder "
+        f"(config.json) at {path}, got neither"
+    )
+
+
+def pipeline_dir(path: Path) -> Path | None:
+    """The pipeline folder around the transformer (text encoders, VAE, scheduler), if there is one."""
+    path = Path(path)
+    if (path / "transformer" / "config.json").is_file():
+        return path
+    if path.name == "transformer" and (path.parent / "model_index.json").is_file():
+        return path.parent
+    return None
+
+
+def architecture(folder: Path, defaults, names: tuple[str, ...]) -> tuple[dict, dict]:
+    """(the folder's raw ``config.json``, its architecture fields ``names``), unset ones from
+    ``defaults``; an unset or null ``out_channels`` is ``in_channels``."""
+    raw = json.loads((folder / "config.json").read_text())
+    arch = {n: raw.get(n, getattr(defaults, n)) for n in names}
+    arch["out_channels"] = arch["out_channels"] or arch["in_channels"]
+    return raw, arch
+
+
+def pipeline_configs(root: Path | None) -> tuple[dict | None, dict | None]:
+    """(the scheduler's config without diffusers' ``_`` keys, the VAE's config) of a pipeline
+    folder; None where the folder or the file is absent."""
+    if root is None:
+        return None, None
+    sched = root / "scheduler" / "scheduler_config.json"
+    vae = root / "vae" / "config.json"
+    scheduler = None
+    if sched.is_file():
+        scheduler = {k: v for k, v in json.loads(sched.read_text()).items() if not k.startswith("_")}
+    return scheduler, json.loads(vae.read_text()) if vae.is_file() else None
+
+
+def checked_config(fam: DiffusersFamily, folder: Path, base, **changes):
+    """``base`` with a folder's ``changes``; a config the family refuses is a checkpoint error."""
+    try:
+        return base.replace(**changes)
+    except ConfigError as e:
+        raise CheckpointError(f"unsupported {fam.label} config in {folder}: {e}") from e
+
+
+def load_transformer(fam: DiffusersFamily, folder: Path) -> nn.Module:
+    cls = fam.transformer_cls()
+    try:
+        return cls.from_pretrained(str(folder)).eval()
+    except Exception as e:  # diffusers raises many types for a bad folder
+        message = f"cannot load {fam.label} transformer from {folder}: {type(e).__name__}: {e}"
+        raise CheckpointError(message.splitlines()[0]) from e
+
+
+# --------------------------------------------------------------------------------------------
+# MMDiT pieces of the adapters
+
+
+def export_spec(
+    family: str, cfg, options: BuildOptions, batch: int, inputs: list[TensorSpec], image_tokens: int,
+    output_shape: tuple[int, ...],
+) -> ExportSpec:
+    """The graphs of a dual-/single-stream build: the model ``inputs`` (then ``guidance`` where
+    ``cfg.guidance_embeds``), both streams' attention and MLP caches per dual-stream block, the
+    joint output cache per single-stream block, and the ``img`` and ``txt`` token groups."""
+    B, T_img, T_txt, D = batch, image_tokens, cfg.text_length, cfg.hidden_size
+    if cfg.guidance_embeds:
+        inputs = [*inputs, TensorSpec("guidance", (B,))]
+    L2, L1 = cfg.num_layers, cfg.num_single_layers
+    slots = [
+        CacheSlot("attn_img", L2, T_img, D),
+        CacheSlot("attn_txt", L2, T_txt, D),
+        CacheSlot("mlp_img", L2, T_img, D, fresh_group="img"),
+        CacheSlot("mlp_txt", L2, T_txt, D, fresh_group="txt"),
+    ]
+    if L1:
+        slots.append(CacheSlot("single", L1, T_img + T_txt, D))
+    k_txt = options.clusters if options.text_clusters is None else options.text_clusters
+    groups = [TokenGroup("img", T_img, D, options.clusters), TokenGroup("txt", T_txt, D, k_txt)]
+    return make_spec(family, options, inputs, slots, groups, B, output_shape)
+
+
+def modulation(norm: nn.Module, temb: torch.Tensor, parts: int) -> tuple[torch.Tensor, ...]:
+    """The shifts, scales and gates of an ``AdaLayerNormZero[Single]``, without normalising anything."""
+    return norm.linear(norm.silu(temb)).chunk(parts, dim=1)
+
+
+def modulate(x: torch.Tensor, norm: nn.Module, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return norm(x) * (1 + scale[:, None]) + shift[:, None]
+
+
+def double_block(ctx, i: int, blk: nn.Module, x, c, temb, **attention_kwargs):
+    """Dual-stream block ``i`` (diffusers' FLUX and HunyuanVideo blocks alike): the joint attention
+    ``ctx.branches(("attn_img", "attn_txt"), ...)``, then each stream's MLP on its fresh rows,
+    ``ctx.fresh_branch("mlp_img" | "mlp_txt", ...)``. ``attention_kwargs``: the rotary embedding
+    and any mask, passed to the block's attention."""
+    s_msa, c_msa, g_msa, s_mlp, c_mlp, g_mlp = modulation(blk.norm1, temb, 6)
+    ts_msa, tc_msa, tg_msa, ts_mlp, tc_mlp, tg_mlp = modulation(blk.norm1_context, temb, 6)
+
+    def joint_attention():
+        return blk.attn(
+            hidden_states=modulate(x, blk.norm1.norm, s_msa, c_msa),
+            encoder_hidden_states=modulate(c, blk.norm1_context.norm, ts_msa, tc_msa),
+            **attention_kwargs,
+        )
+
+    a_img, a_txt = ctx.branches(("attn_img", "attn_txt"), i, joint_attention)
+    x = x + g_msa.unsqueeze(1) * a_img
+    f = ctx.fresh_branch("mlp_img", i, x, lambda rows: blk.ff(modulate(rows, blk.norm2, s_mlp, c_mlp)))
+    x = x + g_mlp.unsqueeze(1) * f
+    c = c + tg_msa.unsqueeze(1) * a_txt
+    f = ctx.fresh_branch(
+        "mlp_txt", i, c, lambda rows: blk.ff_context(modulate(rows, blk.norm2_context, ts_mlp, tc_mlp))
+    )
+    c = c + tg_mlp.unsqueeze(1) * f
+    return x, c
+
+
+def single_block(ctx, j: int, blk: nn.Module, h, temb, attention: Callable[[nn.Module, torch.Tensor], torch.Tensor]):
+    """Single-stream block ``j``: the joint output projection ``proj_out(cat(attn, mlp))`` is
+    ``ctx.branch("single", j, ...)``; ``attention(blk, normed tokens)`` is the block's attention."""
+    shift, scale, gate = modulation(blk.norm, temb, 3)
+
+    def joint_output():
+        n = modulate(h, blk.norm.norm, shift, scale)
+        mlp = blk.act_mlp(blk.proj_mlp(n))
+        return blk.proj_out(torch.cat([attention(blk, n), mlp], dim=2))
+
+    return h + gate.unsqueeze(1) * ctx.branch("single", j, joint_output)
