@@ -1,7 +1,8 @@
 """Quality vs speed of full compute, fewer DDIM steps, FORA, TaylorSeer and ClusCa on the
 built-in trained model ``dit-digits`` (the paper's Table 3 and Table 4 in miniature).
 
-    python benchmarks/quality.py                      # 100 samples per row (about 2 h on 2 busy cores)
+    python benchmarks/quality.py --samples 200 --threads 2   # the table in the README (33 min here)
+    python benchmarks/quality.py                      # 100 samples per row, 1 thread
     python benchmarks/quality.py --samples 500        # tighter FID
     python benchmarks/quality.py --quick              # a handful of rows, 20 samples: a smoke run
 
@@ -166,6 +167,12 @@ def plot(rows: list[Row], real_fid: float, path: Path) -> None:
         for g in (0.0, 0.005):
             series[f"ClusCa K={k} gamma={g:g}"] = [r for r in main if r.method == "clusca" and r.clusters == k
                                                   and r.propagation == g]
+    # peers in strong colours, ClusCa in one hue per K (gamma = 0 dashed): no two series alike
+    colors = dict(zip(["fewer DDIM steps", "FORA", "TaylorSeer O=1", "TaylorSeer O=2"],
+                      ["tab:blue", "tab:orange", "tab:green", "tab:red"]))
+    for k, c in zip((4, 8, 16, 32), ("tab:purple", "tab:brown", "tab:pink", "tab:cyan")):
+        for g in (0.0, 0.005):
+            colors[f"ClusCa K={k} gamma={g:g}"] = c
     fig, axes = plt.subplots(1, 2, figsize=(14, 5.5), sharey=True)
     for ax, x, title in ((axes[0], "flops_speedup", "FLOPs speed-up"), (axes[1], "wall_speedup", "wall-clock speed-up")):
         for name, rs in series.items():
@@ -174,7 +181,7 @@ def plot(rows: list[Row], real_fid: float, path: Path) -> None:
             rs = sorted(rs, key=lambda r: r.out[x])
             clusca = name.startswith("ClusCa")
             style = dict(marker="o", ms=3.5, lw=1.0 if clusca else 1.8, alpha=0.85 if clusca else 1.0,
-                         ls="--" if clusca and "gamma=0 " in name + " " else "-")
+                         ls="--" if clusca and "gamma=0 " in name + " " else "-", color=colors[name])
             ax.plot([r.out[x] for r in rs], [r.out["fid"] for r in rs], label=name, **style)
         ax.plot([full.out[x]], [full.out["fid"]], "k*", ms=12, label="full (50 steps)")
         ax.axhline(real_fid, color="grey", ls=":", label="real digits (train split)")
@@ -280,7 +287,8 @@ def main() -> None:
     md = [
         f"# Quality vs speed on `{MODEL}` (built-in, trained on scikit-learn digits)",
         "",
-        f"Produced by `python benchmarks/quality.py{' --quick' if args.quick else ''} --samples {args.samples}` "
+        f"Produced by `python benchmarks/quality.py{' --quick' if args.quick else ''} --samples {args.samples}"
+        f"{f' --threads {args.threads}' if args.threads != 1 else ''}` "
         f"in {elapsed / 60:.0f} min on {platform.processor() or platform.machine()} "
         f"(ONNX Runtime {onnxruntime.__version__} {base.engine.provider}, torch {torch.__version__}). "
         f"{args.samples} samples per row (class labels 0..9 repeated), seed {args.seed}, {args.steps}-step DDIM, "

@@ -135,9 +135,12 @@ def train_dit(
     progress: bool = True,
     snapshot: Callable[[int, DiT], None] | None = None,
     snapshot_every: int = 500,
+    init: dict[str, torch.Tensor] | None = None,
 ) -> tuple[DiT, list[float]]:
     """Train a DiT on ``images`` [n, C, H, W] in [-1, 1]; returns the EMA model and the loss per step.
-    ``snapshot(step, ema_model)`` is called every ``snapshot_every`` steps (to look at it while it trains)."""
+    ``snapshot(step, ema_model)`` is called every ``snapshot_every`` steps (to look at it while it trains).
+    ``init``: a state dict to start from (a second stage of training) instead of DiT's initialisation;
+    the EMA starts there too."""
     if cfg.learn_sigma:
         raise ConfigError("train_dit trains eps only, so the config needs learn_sigma=False, got True")
     if images.shape[1:] != (cfg.in_channels, cfg.input_size, cfg.input_size):
@@ -148,6 +151,11 @@ def train_dit(
     torch.set_num_threads(opt.threads)
     gen = torch.Generator().manual_seed(opt.seed)
     model = init_dit(DiT(cfg), opt.seed).train()
+    if init is not None:
+        try:
+            model.load_state_dict(init)
+        except RuntimeError as e:
+            raise ConfigError(f"init weights do not match the config: {e}".splitlines()[0]) from e
     ema = init_dit(DiT(cfg), opt.seed).eval()
     ema.load_state_dict(model.state_dict())
     for p in ema.parameters():
@@ -182,7 +190,7 @@ def train_dit(
         if opt.grad_clip:
             nn.utils.clip_grad_norm_(params, opt.grad_clip)
         optim.step()
-        decay = min(opt.ema, (1 + step) / (10 + step))
+        decay = opt.ema if init is not None else min(opt.ema, (1 + step) / (10 + step))
         with torch.no_grad():
             for pe, pm in zip(ema.parameters(), model.parameters()):
                 pe.lerp_(pm, 1.0 - decay)
