@@ -80,6 +80,13 @@ def init_dit(model: DiT, seed: int) -> DiT:
     return model
 
 
+def _check_counts(opt) -> None:
+    """``steps``, ``batch`` and ``threads`` of a training options dataclass are >= 1."""
+    for f in ("steps", "batch", "threads"):
+        if getattr(opt, f) < 1:
+            raise ConfigError(f"{f} must be >= 1, got {getattr(opt, f)}")
+
+
 @dataclass(frozen=True)
 class DiTTrainOptions:
     """steps x batch samples; AdamW at ``lr`` after ``warmup`` linear steps, cosine to ``lr * final_lr``.
@@ -103,9 +110,7 @@ class DiTTrainOptions:
     threads: int = 1  # intra-op threads; on a busy 2-core machine 1 is several times faster than 2
 
     def __post_init__(self) -> None:
-        for f in ("steps", "batch", "threads"):
-            if getattr(self, f) < 1:
-                raise ConfigError(f"{f} must be >= 1, got {getattr(self, f)}")
+        _check_counts(self)
         if not 0.0 <= self.ema < 1.0:
             raise ConfigError(f"ema must be in [0, 1), got {self.ema}")
         if not 0.0 <= self.label_dropout < 1.0:
@@ -224,9 +229,7 @@ class ClassifierOptions:
     threads: int = 1  # intra-op threads; on a busy 2-core machine 1 is several times faster than 2
 
     def __post_init__(self) -> None:
-        for f in ("steps", "batch", "threads"):
-            if getattr(self, f) < 1:
-                raise ConfigError(f"{f} must be >= 1, got {getattr(self, f)}")
+        _check_counts(self)
         if self.shift < 0:
             raise ConfigError(f"shift must be >= 0, got {self.shift}")
 
