@@ -4,9 +4,9 @@ configuration, 50 steps, N=6, K=16, O=1, W=3, gamma=0.005; Table 1 reports 4.96x
 
     python benchmarks/flux_flops.py [--height 1024 --width 1024 --steps 50 --interval 6 --clusters 16 --json out.json]
 
-The counts come from the analytic ONNX counter (``clusca_trt.engines.flops``) over graphs exported
+The counts come from the analytic ONNX counter (``clusca_trt.analysis.flops``) over graphs exported
 with 1-3 heads and 1-2 blocks of each kind at the real token counts, carried exactly to the real
-size (``clusca_trt.engines.flux_flops``); the full graph's matrix products are checked against a
+size (``clusca_trt.analysis.flops.flux_flops``); the full graph's matrix products are checked against a
 hand count. A FULL step is the full graph (plus the k-means graphs when partial steps follow it);
 a PARTIAL step is the fresh-token selection graphs plus the partial graph. The host-side Euler
 update and the text encoders / VAE (run once per image) are left out. Takes a few minutes on CPU.
@@ -21,8 +21,9 @@ import sys
 import time
 
 from clusca_trt.config import ClusCaConfig
-from clusca_trt.engines.flops import flops_speedup, schedule_flops
-from clusca_trt.engines.flux_flops import analytic_matmul_flops, flux_flops
+from clusca_trt.analysis.flops import flops_speedup, schedule_flops
+from clusca_trt.analysis.flops import flux_flops
+from clusca_trt.models.flux import analytic_matmul_flops
 from clusca_trt.models import flux
 from clusca_trt.schedule import plan
 from clusca_trt.spec import BuildOptions

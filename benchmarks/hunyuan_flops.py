@@ -5,7 +5,7 @@ the module caches take.
     python benchmarks/hunyuan_flops.py                    # N=5 and N=7, K=32, O=1, W=1 (about 10 minutes on 2 cores)
     python benchmarks/hunyuan_flops.py --json out.json    # also the per-graph counts
 
-How (``clusca_trt.engines.hunyuan_flops``): the full and partial graphs are exported at the real token
+How (``clusca_trt.analysis.flops``): the full and partial graphs are exported at the real token
 counts (20400 video + 256 text) and head width 128 with 1-3 heads and 1-2 blocks of each kind,
 counted node by node, and carried exactly to 24 heads, 20 + 40 blocks (affine in the block
 counts, quadratic in the head count); the k-means and selection graphs are counted at the real size.
@@ -25,8 +25,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from clusca_trt.config import ClusCaConfig  # noqa: E402
-from clusca_trt.engines.flops import flops_speedup, schedule_flops  # noqa: E402
-from clusca_trt.engines.hunyuan_flops import hunyuan_video_flops  # noqa: E402
+from clusca_trt.analysis.flops import flops_speedup, schedule_flops  # noqa: E402
+from clusca_trt.analysis.flops import hunyuan_video_flops  # noqa: E402
 from clusca_trt.engines.inspect import spec_cache_bytes  # noqa: E402
 from clusca_trt.models import hunyuan_video as hv  # noqa: E402
 from clusca_trt.schedule import plan  # noqa: E402

@@ -43,11 +43,11 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from clusca_trt.engines.build import build_engines  # noqa: E402
+from clusca_trt.exporters.build import build_engines  # noqa: E402
 from clusca_trt.engines.manifest import library_versions  # noqa: E402
 from clusca_trt.models import load_model  # noqa: E402
 from clusca_trt.runtime import dit as dit_runtime  # noqa: E402
-from clusca_trt.runtime.bench import device_name  # noqa: E402
+from clusca_trt.analysis.bench import device_name  # noqa: E402
 from clusca_trt.runtime.pipeline import Pipeline  # noqa: E402
 from clusca_trt.spec import BuildOptions  # noqa: E402
 

@@ -11,10 +11,10 @@ initial noise) with 50-step DDIM and classifier-free guidance 1.5, on ONNX Runti
 built here (one engine set per K; K is static in the graphs). Columns:
 
 * FLOPs per sample of the whole run and FLOPs speed-up vs 50 full steps: analytic counts of
-  the exported ONNX graphs (``clusca_trt.engines.flops``), per step kind, over the schedule;
+  the exported ONNX graphs (``clusca_trt.analysis.flops``), per step kind, over the schedule;
 * wall speed-up: the sampling time of 50 full steps (measured at the start and at the end of
   the run, averaged) over the row's, same process, same engines batch;
-* FID-digits and class accuracy by the shipped digits classifier (``clusca_trt.quality``);
+* FID-digits and class accuracy by the shipped digits classifier (``clusca_trt.digits.quality``);
 * PSNR / SSIM of each sample against the full-compute sample with the same seed and label.
 
 Writes ``quality.md`` (the table, the gamma sweep, notes), ``quality.json`` and ``quality.png``
@@ -38,10 +38,10 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from clusca_trt import quality  # noqa: E402
+from clusca_trt.digits import quality  # noqa: E402
 from clusca_trt.config import ClusCaConfig  # noqa: E402
-from clusca_trt.engines import flops as fl  # noqa: E402
-from clusca_trt.engines.build import build_engines  # noqa: E402
+from clusca_trt.analysis import flops as fl  # noqa: E402
+from clusca_trt.exporters.build import build_engines  # noqa: E402
 from clusca_trt.models import load_model  # noqa: E402
 from clusca_trt.runtime.pipeline import Pipeline  # noqa: E402
 from clusca_trt.schedule import plan  # noqa: E402
@@ -242,7 +242,7 @@ def main() -> None:
 
     real = None
     try:
-        from clusca_trt.digits import load_split
+        from clusca_trt.digits.data import load_split
 
         train = load_split("train")
         real = quality.evaluate(train.as_unit(), train.labels, evaluator=ev)
@@ -310,7 +310,7 @@ def main() -> None:
         "",
         "## Notes",
         "",
-        "* FLOPs: analytic counts of the exported ONNX graphs (`clusca_trt.engines.flops`: a multiply-add is 2 FLOPs; "
+        "* FLOPs: analytic counts of the exported ONNX graphs (`clusca_trt.analysis.flops`: a multiply-add is 2 FLOPs; "
         "element-wise, norm and softmax ops counted per element), summed over the schedule's graph calls (full, "
         "k-means, fresh-token selection, partial, forecast) and divided by the engine batch. The full graph of "
         f"engines that keep Taylor order {ORDER} also updates the caches, so 'full' here is a little more than the "

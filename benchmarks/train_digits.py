@@ -34,11 +34,11 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from clusca_trt import quality  # noqa: E402
-from clusca_trt.digits import load_split  # noqa: E402
+from clusca_trt.digits import quality  # noqa: E402
+from clusca_trt.digits.data import load_split  # noqa: E402
 from clusca_trt.hashing import file_sha256  # noqa: E402
 from clusca_trt.models.dit import BUILTIN_WEIGHTS, NAMED_CONFIGS  # noqa: E402
-from clusca_trt.training import ClassifierOptions, DiTTrainOptions, train_classifier, train_dit  # noqa: E402
+from clusca_trt.digits.training import ClassifierOptions, DiTTrainOptions, train_classifier, train_dit  # noqa: E402
 
 NAME = "dit-digits"
 

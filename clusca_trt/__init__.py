@@ -8,7 +8,7 @@ into static ONNX / TensorRT engines.
 
 from __future__ import annotations
 
-__version__ = "0.1.0"
+from ._version import __version__
 
 from .config import ClusCaConfig, FreshPolicy, Method
 from .errors import (

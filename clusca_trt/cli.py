@@ -108,7 +108,7 @@ def build(model_name, checkpoint, random_init, seed, clusters, order, batch, kme
     elif precision not in (None, "fp32") or workspace is not None or timing_cache is not None:
         raise click.UsageError("--precision, --workspace and --timing-cache apply to --backend tensorrt "
                                "(ONNX Runtime graphs are float32)")
-    from .engines.build import build_engines
+    from .exporters.build import build_engines
     from .models import DEFAULT_MODEL, load_model
     from .spec import BuildOptions
 
@@ -329,7 +329,7 @@ def bench(engine_dir, methods, interval, propagation, order, warmup, fresh, step
     Prints median latency per step kind and per sampling run, wall and FLOPs speed-ups, their
     ratio (efficiency), ClusCa's overhead share and peak memory. With --baseline, exits 1 on a
     latency regression beyond --max-regression and 2 when the baseline is not comparable."""
-    from .runtime.bench import (BaselineMismatchError, BenchSettings, compare, default_inputs, format_table,
+    from .analysis.bench import (BaselineMismatchError, BenchSettings, compare, default_inputs, format_table,
                                 load_baseline, parse_tolerance, run_bench, write_json)
     from .runtime.pipeline import Pipeline
 
@@ -374,7 +374,7 @@ def bench(engine_dir, methods, interval, propagation, order, warmup, fresh, step
 def flops(engine_dir, model_name, clusters, order, batch, interval, warmup, steps, as_json):
     """FLOPs per graph and per sampling run of full / ClusCa / TaylorSeer / FORA, and their speed-ups."""
     from .config import ClusCaConfig
-    from .engines import flops as fl
+    from .analysis import flops as fl
     from .models.dit import DiTAdapter
     from .spec import BuildOptions
 

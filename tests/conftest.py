@@ -19,7 +19,7 @@ def tiny_model():
 
 @pytest.fixture(scope="session")
 def engines_k4(tiny_model, tmp_path_factory):
-    from clusca_trt.engines.build import build_engines
+    from clusca_trt.exporters.build import build_engines
 
     out = tmp_path_factory.mktemp("eng") / "k4"
     return build_engines(tiny_model, BuildOptions(batch=2, clusters=4, order=2), out).manifest
@@ -27,7 +27,7 @@ def engines_k4(tiny_model, tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def engines_k16(tiny_model, tmp_path_factory):
-    from clusca_trt.engines.build import build_engines
+    from clusca_trt.exporters.build import build_engines
 
     out = tmp_path_factory.mktemp("eng") / "k16"
     return build_engines(tiny_model, BuildOptions(batch=1, clusters=16, order=2), out).manifest
@@ -77,6 +77,6 @@ def flux_model(flux_folder):
 @pytest.fixture(scope="session")
 def flux_engines(flux_model, tmp_path_factory):
     """The tiny FLUX's engines, built into ``<dir>/128x128`` of a directory of FLUX builds."""
-    from clusca_trt.engines.build import build_engines
+    from clusca_trt.exporters.build import build_engines
 
     return build_engines(flux_model, FLUX_OPTIONS, tmp_path_factory.mktemp("flux-eng") / "flux").manifest

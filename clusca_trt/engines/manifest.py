@@ -27,7 +27,7 @@ FORMAT = 1
 
 
 def library_versions() -> dict[str, str]:
-    from .. import __version__
+    from .._version import __version__
 
     out = {"python": platform.python_version(), "clusca-trt": __version__}
     for dist in ("torch", "onnx", "onnxscript", "onnxruntime-gpu", "onnxruntime", "diffusers", "numpy"):

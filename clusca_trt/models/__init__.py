@@ -12,7 +12,7 @@ import importlib
 import logging
 from dataclasses import dataclass, field
 
-from ..errors import ConfigError
+from ..errors import ConfigError, EngineMismatchError
 
 log = logging.getLogger(__name__)
 
@@ -89,3 +89,26 @@ def load_model(
         raise ConfigError("give either a checkpoint or random_init, got both")
     options = {k: v for k, v in options.items() if v is not None}
     return family_module(family).load(name, checkpoint=checkpoint, random_init=random_init, seed=seed, **options)
+
+
+# the entry point an engine directory's manifest names for loading its model again (the torch backend)
+LOADER = "clusca_trt.models:load_from_manifest"
+
+
+def load_from_manifest(model: dict) -> LoadedModel:
+    """The model a manifest's ``model`` entry was built from, checked against the recorded sha256."""
+    src = model["source"]
+    options = model.get("options", {})
+    if src["kind"] == "random-init":
+        return load_model(model["name"], random_init=True, seed=src["seed"], **options)
+    if src["kind"] == "builtin":
+        loaded = load_model(model["name"], **options)
+        if "sha256" in src and loaded.source.get("sha256") != src["sha256"]:
+            raise EngineMismatchError(
+                f"the built-in weights of {model['name']} changed since the engines were built (sha256 differs); rebuild"
+            )
+        return loaded
+    loaded = load_model(model["name"], checkpoint=src["path"], **options)
+    if loaded.source["sha256"] != src["sha256"]:
+        raise EngineMismatchError(f"checkpoint {src['path']} changed since the engines were built (sha256 differs); rebuild")
+    return loaded

@@ -87,6 +87,8 @@ def load(
             decoder = {"kind": fam.decoder_kind, "path": str((root / "vae").resolve())}
         log.info("hashing checkpoint %s", folder)
         source = {"kind": "diffusers", "path": str(path.resolve()), "sha256": tree_sha256(folder)}
+        if root is not None:  # where the runtime finds the text encoders
+            source["pipeline"] = str(root.resolve())
     chosen = {k: getattr(cfg, k) for k in fam.build_options}
     return LoadedModel(
         name, fam.family, adapter(model, cfg), cfg.to_dict(), source, options=chosen, decoder=decoder,

@@ -272,6 +272,11 @@ class DiTAdapter(nn.Module):
         self.model = model.eval()
         self.cfg = model.cfg
 
+    def sampling_info(self) -> dict:
+        """What sampling needs of this model (recorded in the manifest; the runtime reads only that)."""
+        cfg = self.cfg
+        return {"num_classes": cfg.num_classes, "latent_shape": [cfg.in_channels, cfg.input_size, cfg.input_size]}
+
     def export_spec(self, options: BuildOptions) -> ExportSpec:
         cfg, B = self.cfg, options.batch * self.cfg_multiplier
         T, D, L = cfg.tokens, cfg.hidden_size, cfg.depth
@@ -300,6 +305,11 @@ class DiTAdapter(nn.Module):
             h = h + g_mlp.unsqueeze(1) * f
         ctx.hidden("img", h)
         return m.unpatchify(m.final_layer(h, c))
+
+
+def probe_adapter(cfg: DiTConfig, depth: int) -> DiTAdapter:
+    """``cfg`` with ``depth`` blocks (for ``analysis.flops``, which counts two depths and scales)."""
+    return DiTAdapter(DiT(dataclasses.replace(cfg, depth=depth)))
 
 
 # --------------------------------------------------------------------------------------------

@@ -178,6 +178,17 @@ class FluxAdapter(nn.Module):
         self.register_buffer("rope_cos", cos.float(), persistent=False)
         self.register_buffer("rope_sin", sin.float(), persistent=False)
 
+    def sampling_info(self) -> dict:
+        """What sampling needs of this model (recorded in the manifest; the runtime reads only that)."""
+        cfg = self.cfg
+        return {
+            "height": cfg.height, "width": cfg.width, "vae_scale_factor": cfg.vae_scale_factor,
+            "latent_channels": cfg.latent_channels, "latent_size": list(cfg.latent_size),
+            "image_tokens": cfg.image_tokens, "text_length": cfg.text_length, "text_dim": cfg.joint_attention_dim,
+            "pooled_dim": cfg.pooled_projection_dim, "guidance_embeds": cfg.guidance_embeds,
+            "default_steps": cfg.default_steps, "scheduler": dict(cfg.scheduler),
+        }
+
     def export_spec(self, options: BuildOptions) -> ExportSpec:
         return export_spec(self.cfg, options)
 
@@ -266,3 +277,59 @@ def folder_config(folder: Path, root: Path | None, expect: FluxConfig | None) ->
         "vae_scale_factor": 8 if vae is None else 2 ** (len(vae.get("block_out_channels", [0] * 4)) - 1),
     }
     return diffusers_folder.checked_config(DIFFUSERS, folder, base, **arch, **extra)
+
+
+# --------------------------------------------------------------------------------------------
+# FLOPs at the real size (analysis.flops carries counts of small probes to it)
+
+
+def probe_adapter(cfg: FluxConfig, heads: int, double: int, single: int, seed: int = 0) -> FluxAdapter:
+    """``cfg`` with ``heads`` heads and the given block counts, random weights (diffusers' initialisation)."""
+    small = cfg.replace(num_attention_heads=heads, num_layers=double, num_single_layers=single)
+    return FluxAdapter(init_random(small, seed), small)
+
+
+def analytic_matmul_flops(cfg: FluxConfig, k_img: int, k_txt: int) -> dict[str, int]:
+    """Matrix-product FLOPs of one full, partial and forecast step per sample, 2 FLOPs per multiply-add
+    (what ``analysis.flops.flux_flops``'s counts are checked against); T_i, T_t image and text tokens,
+    T = T_i + T_t, D hidden, F = 4D the MLP hidden size:
+
+    * every step: x_embedder 2 T_i C_in D; context_embedder 2 T_t J D; timestep (and guidance)
+      embedding 2 (256 D + D^2) each; pooled-text embedding 2 (P D + D^2); modulation 2 D 6D twice
+      per double block, 2 D 3D per single block, 2 D 2D for the final norm; proj_out 2 T_i D C_out;
+      the linears of that conditioning path take [B, D] rows and are exported as ``Gemm``, whose bias
+      add the counter puts in the matmul category: one FLOP per output of each;
+    * full step, per double block: q, k, v, out of both streams 8 T D^2; joint attention 2 x 2 T^2 D
+      (Q K^T and A V over all heads); the two MLPs 2 x 2 T D F; per single block: q, k, v 6 T D^2,
+      proj_mlp 2 T D F, proj_out 2 T (D + F) D, attention 4 T^2 D;
+    * partial step, per double block: the two MLPs on their fresh rows only, 4 (K_img + K_txt) D F;
+      no attention anywhere and nothing but modulation in a single block (its output is forecast).
+
+    Element-wise work (norms, rotary embeddings, gates, the Taylor forecast and propagation) is in the
+    counter's totals only. The forecast's sum over the Taylor orders is a MatMul over the orders in
+    the graphs (``ops.taylor_forecast_layers``), so with O >= 1 the counter's matmul category holds
+    that too; at O = 0 the two agree exactly (a test checks it).
+    """
+    ti, tt = cfg.image_tokens, cfg.text_length
+    t, d = ti + tt, cfg.hidden_size
+    f = 4 * d
+    l2, l1 = cfg.num_layers, cfg.num_single_layers
+    embeddings = 2 * (256 * d + d * d) * (2 if cfg.guidance_embeds else 1) + 2 * (cfg.pooled_projection_dim * d + d * d)
+    gemm_bias = 2 * d * (2 if cfg.guidance_embeds else 1) + 2 * d + l2 * 2 * 6 * d + l1 * 3 * d + 2 * d
+    every = (
+        gemm_bias
+        + 2 * ti * cfg.in_channels * d
+        + 2 * tt * cfg.joint_attention_dim * d
+        + embeddings
+        + l2 * 2 * (2 * d * 6 * d)
+        + l1 * 2 * d * 3 * d
+        + 2 * d * 2 * d
+        + 2 * ti * d * cfg.out_channels
+    )
+    double_full = 8 * t * d * d + 4 * t * t * d + 4 * t * d * f
+    single_full = 6 * t * d * d + 2 * t * d * f + 2 * t * (d + f) * d + 4 * t * t * d
+    return {
+        "full": every + l2 * double_full + l1 * single_full,
+        "partial": every + l2 * 4 * (k_img + k_txt) * d * f,
+        "forecast": every,
+    }

@@ -202,6 +202,15 @@ class HunyuanVideoAdapter(nn.Module):
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
 
+    def sampling_info(self) -> dict:
+        """What sampling needs of this model (recorded in the manifest; the runtime reads only that)."""
+        cfg = self.cfg
+        return {
+            "latent_shape": list(cfg.latent_shape), "text_length": cfg.text_length, "text_dim": cfg.text_embed_dim,
+            "pooled_dim": cfg.pooled_projection_dim, "guidance_embeds": cfg.guidance_embeds,
+            "scheduler": dict(cfg.scheduler),
+        }
+
     def export_spec(self, options: BuildOptions) -> ExportSpec:
         return export_spec(self.cfg, options)
 
@@ -314,3 +323,9 @@ def folder_config(folder: Path, root: Path | None, base: HunyuanVideoConfig) -> 
         extra["vae_scale_factor"] = vae.get("spatial_compression_ratio", 8)
         extra["vae_temporal_factor"] = vae.get("temporal_compression_ratio", 4)
     return diffusers_folder.checked_config(DIFFUSERS, folder, base, **arch, **extra)
+
+
+def probe_adapter(cfg: HunyuanVideoConfig, heads: int, double: int, single: int, seed: int = 0) -> "HunyuanVideoAdapter":
+    """``cfg`` with ``heads`` heads and the given block counts, random weights (for ``analysis.flops``)."""
+    small = cfg.replace(num_attention_heads=heads, num_layers=double, num_single_layers=single)
+    return HunyuanVideoAdapter(init_random(small, seed), small)

@@ -1,22 +1,31 @@
-"""What the diffusers text-to-image/video runtimes (FLUX, HunyuanVideo) share: quiet loading of
-diffusers/transformers, the step loop over a flow-matching scheduler, chunks of the engine batch
-padded with zeros, the text-encoder pipeline and its folder, and checks of prompts and
-precomputed embeddings. Every message names the family or the inputs it is about.
+"""What the diffusers text-to-image/video runtimes (FLUX, HunyuanVideo) share: ``FlowMatchingRuntime``,
+the base of both (the step loop over a flow-matching scheduler, chunks of the engine batch padded
+with zeros, the text-encoder pipeline and its folder, ``generate``), quiet loading of
+diffusers/transformers, and checks of prompts and precomputed embeddings. A family subclass says
+how its latents are drawn, which sigmas it samples, what the graphs are fed and how prompts are
+encoded. Every message names the family or the inputs it is about.
+
+The family's sampling facts (latent shape, text length, scheduler config, ...) come from the
+manifest's ``model.sampling`` (written at build time by the model adapter), never from model code.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib
 import logging
+import time
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Callable, Iterator
 
 import numpy as np
 import torch
 
+from ..config import ClusCaConfig
 from ..errors import CheckpointError, InputError
-from ..models.diffusers_folder import pipeline_dir
+from .driver import step_rng
 
 log = logging.getLogger(__name__)
 
@@ -95,15 +104,12 @@ def pad(a: np.ndarray, rows: int) -> np.ndarray:
     return np.concatenate([a, np.zeros((rows - a.shape[0], *a.shape[1:]), np.float32)])
 
 
-# --------------------------------------------------------------------------------------------
-# prompts
-
-
-def text_pipeline(pipeline_cls, root: str, label: str):
-    """diffusers' ``pipeline_cls`` with the text encoders and tokenizers only (no transformer, no VAE)."""
+@functools.lru_cache(maxsize=1)
+def _text_pipeline(module: str, cls: str, root: str, label: str):
+    """diffusers' pipeline ``module.cls`` with the text encoders and tokenizers only (no transformer, no VAE)."""
     try:
         with quiet_loading():
-            pipe = pipeline_cls.from_pretrained(root, transformer=None, vae=None)
+            pipe = getattr(importlib.import_module(module), cls).from_pretrained(root, transformer=None, vae=None)
     except Exception as e:  # diffusers/transformers raise many types for a bad folder
         message = f"cannot load the {label} text encoders from {root}: {type(e).__name__}: {e}"
         raise CheckpointError(message.splitlines()[0]) from e
@@ -111,21 +117,145 @@ def text_pipeline(pipeline_cls, root: str, label: str):
     return pipe
 
 
-def encoder_folder(pipe, encoders: str | Path | None, label: str, embeds: str) -> Path:
-    """Where the text encoders are: ``encoders``, or the checkpoint folder the engines came from.
-    ``label``: the family in the message; ``embeds``: the inputs that skip the encoders."""
-    if encoders is not None:
-        root = pipeline_dir(Path(encoders)) or Path(encoders)
-    else:
-        path = pipe.model.get("source", {}).get("path")
-        root = pipeline_dir(Path(path)) if path else None
-    if root is None or not (root / "model_index.json").is_file():
-        where = encoders or pipe.model.get("source", {}).get("path") or "the engines' source (random weights)"
-        raise InputError(
-            f"expected a {label} pipeline folder (model_index.json, text_encoder/, text_encoder_2/) for "
-            f"prompts at {where}, got none; pass encoders=FOLDER, or {embeds}"
-        )
-    return root
+class FlowMatchingRuntime:
+    """A text-to-image/video family sampled with diffusers' ``FlowMatchEulerDiscreteScheduler``.
+
+    The subclass names the family (``label``), the diffusers pipeline module and class whose text
+    encoders, sigmas and latent layout it follows, its prompt embeddings (``embeds``: the arrays a
+    run takes besides the latents, in the order ``feeds`` receives them) and default guidance; and
+    it implements ``initial_latents``, ``sigmas``, ``feeds``, ``encode_prompts`` and
+    ``check_embeds``. ``cfg`` below is the manifest's ``model.sampling`` as attributes.
+    """
+
+    label: str
+    pipeline_module: str
+    pipeline_class: str
+    embeds: tuple[str, ...]  # prompt_embeds first
+    default_guidance: float
+
+    # -- what a family says ------------------------------------------------------------------
+    def initial_latents(self, seed: int, n: int, cfg) -> np.ndarray:
+        raise NotImplementedError
+
+    def sigmas(self, cfg, steps: int) -> tuple[np.ndarray | None, dict]:
+        """(sigmas, extra keyword arguments of ``retrieve_timesteps``)."""
+        raise NotImplementedError
+
+    def feeds(self, cfg, x: torch.Tensor, t: torch.Tensor, embeds: list[np.ndarray], guidance: float) -> dict:
+        raise NotImplementedError
+
+    def encode_prompts(self, root: Path, prompts: list[str], cfg) -> list[np.ndarray]:
+        raise NotImplementedError
+
+    def check_embeds(self, cfg, given: dict) -> list[np.ndarray]:
+        raise NotImplementedError
+
+    def pad_chunk(self, arrays: list[np.ndarray], real: int) -> None:
+        """Fix up the zero rows that pad a chunk (in place), where zeros are not valid inputs."""
+
+    def finish(self, latents: np.ndarray, cfg) -> np.ndarray:
+        """The sampled latents as the decoder takes them."""
+        return latents
+
+    # -- shared ------------------------------------------------------------------------------
+    def module(self):
+        return quiet_import(self.pipeline_module)
+
+    def make_scheduler(self, cfg, steps: int):
+        """A fresh scheduler with the family pipeline's sigmas (and shift) for ``steps``."""
+        from diffusers import FlowMatchEulerDiscreteScheduler
+
+        scheduler = FlowMatchEulerDiscreteScheduler.from_config(cfg.scheduler)
+        sigmas, extra = self.sigmas(cfg, steps)
+        self.module().retrieve_timesteps(scheduler, steps, "cpu", sigmas=sigmas, **extra)
+        scheduler.set_begin_index(0)
+        return scheduler
+
+    def text_pipeline(self, root: Path):
+        return _text_pipeline(self.pipeline_module, self.pipeline_class, str(root), self.label)
+
+    def encoder_folder(self, pipe, encoders: str | Path | None) -> Path:
+        """Where the text encoders are: ``encoders`` (a pipeline folder, or its ``transformer/``), or
+        the pipeline folder of the checkpoint the engines were built from."""
+        if encoders is not None:
+            root = Path(encoders)
+            if not (root / "model_index.json").is_file() and (root.parent / "model_index.json").is_file():
+                root = root.parent
+        else:
+            recorded = pipe.model.get("source", {}).get("pipeline")
+            root = Path(recorded) if recorded else None
+        if root is None or not (root / "model_index.json").is_file():
+            where = encoders or pipe.model.get("source", {}).get("path") or "the engines' source (random weights)"
+            raise InputError(
+                f"expected a {self.label} pipeline folder (model_index.json, text encoders) for prompts at {where}, "
+                f"got none; pass encoders=FOLDER, or {', '.join(self.embeds)}"
+            )
+        return root
+
+    def prompt_inputs(self, pipe, cfg, prompt, given: dict, encoders) -> tuple[list[str] | None, list[np.ndarray]]:
+        """(prompts or None, the embedding arrays in ``embeds`` order) for a run, validated."""
+        prompts = prompt_list(prompt, given.get(self.embeds[0]), " and ".join(self.embeds[1:]))
+        if prompts is not None:
+            return prompts, self.encode_prompts(self.encoder_folder(pipe, encoders), prompts, cfg)
+        missing = [n for n in self.embeds[1:] if given.get(n) is None]
+        if missing:
+            raise InputError(f"expected {missing[0]} with prompt_embeds, got none")
+        arrays = self.check_embeds(cfg, given)
+        check_rows(arrays[0], **dict(zip(self.embeds[1:], arrays[1:])))
+        return None, arrays
+
+    def sample_chunk(self, denoise: Denoise, cfg, steps: int, latents: np.ndarray, embeds: list[np.ndarray],
+                     guidance: float, progress: Callable[[int], None] | None = None) -> np.ndarray:
+        """Denoise one chunk of ``latents`` (B = the engine batch) through all steps."""
+        return denoise_steps(denoise, self.make_scheduler(cfg, steps), latents,
+                             lambda x, t: self.feeds(cfg, x, t, embeds, guidance), progress)
+
+    def sample(self, make_denoiser: Callable[[np.random.Generator], Denoise], batch: int, cfg,
+               embeds: list[np.ndarray], seed: int, steps: int, guidance: float,
+               progress: Callable[[int], None] | None = None) -> np.ndarray:
+        """All samples in chunks of the engine batch (the last one padded). The initial noise of all
+        samples comes from ``seed`` first; each chunk then draws its fresh-token keys and k-means
+        starts from its own generator."""
+        x_all = self.initial_latents(seed, embeds[0].shape[0], cfg)
+        out = []
+        for j, real, (x, *chunk) in padded_chunks(batch, x_all, *embeds):
+            self.pad_chunk(chunk, real)
+            out.append(self.sample_chunk(make_denoiser(step_rng(seed, j)), cfg, steps, x, chunk, guidance,
+                                         progress)[:real])
+        return np.concatenate(out, axis=0)
+
+    def generate(self, pipe, config: ClusCaConfig, prompt: str | list[str] | None = None, *, seed: int = 0,
+                 steps: int | None = None, guidance_scale: float | None = None, text_propagation: float = 0.0,
+                 encoders: str | Path | None = None, progress: Callable[[int], None] | None = None, **embeds):
+        """``Pipeline.generate`` for the family: from prompts or precomputed embeddings (``embeds``)."""
+        unknown = sorted(set(embeds) - set(self.embeds))
+        if unknown:
+            raise InputError(f"{self.label} takes prompt or {', '.join(self.embeds)}, got {', '.join(unknown)}")
+        cfg = sampling(pipe)
+        steps = self.default_steps(cfg) if steps is None else steps
+        guidance = self.default_guidance if guidance_scale is None else guidance_scale
+        planned = pipe.plan(steps, config)
+        prompts, arrays = self.prompt_inputs(pipe, cfg, prompt, embeds, encoders)
+        factory = pipe.denoisers(planned, config, propagation={"txt": text_propagation})
+        t0 = time.perf_counter()
+        latents = self.sample(factory, pipe.spec.options.batch, cfg, arrays, seed, steps, guidance, progress)
+        seconds = time.perf_counter() - t0
+        return pipe.result(factory, self.finish(latents, cfg), None, seconds, prompts=prompts, steps=steps)
+
+    def default_steps(self, cfg) -> int:
+        return getattr(cfg, "default_steps", 50)
+
+
+def sampling(pipe) -> SimpleNamespace:
+    """The manifest's ``model.sampling`` (what the adapter recorded at build time) as attributes."""
+    info = pipe.model.get("sampling")
+    if not info:
+        raise CheckpointError("expected the model's sampling facts in the engines' manifest, got none; rebuild")
+    return SimpleNamespace(**info)
+
+
+# --------------------------------------------------------------------------------------------
+# prompts
 
 
 def prompt_list(prompt, prompt_embeds, companions: str) -> list[str] | None:

@@ -14,6 +14,7 @@ from typing import Callable
 import numpy as np
 
 from ..errors import InputError
+from .driver import step_rng
 from .samplers import GaussianDiffusion
 
 log = logging.getLogger(__name__)
@@ -33,11 +34,6 @@ def check_labels(labels, num_classes: int) -> list[int]:
 
 def initial_noise(seed: int, n: int, shape: tuple[int, int, int]) -> np.ndarray:
     return np.random.default_rng(seed).standard_normal((n, *shape), dtype=np.float32)
-
-
-def step_rng(seed: int, chunk: int) -> np.random.Generator:
-    """The generator of one chunk's per-step draws (fresh keys, k-means starts, DDPM noise)."""
-    return np.random.default_rng([seed, chunk, 1])
 
 
 def apply_cfg(out: np.ndarray, batch: int, channels: int, scale: float) -> np.ndarray:
@@ -119,20 +115,20 @@ def generate(
 ):
     """``Pipeline.generate`` for DiT: class-conditional sampling with guidance."""
     planned = pipe.plan(steps, config)
-    mcfg = pipe.model["config"]
+    info = pipe.model["sampling"]
     factory = pipe.denoisers(planned, config)
-    labels = check_labels(class_labels, mcfg["num_classes"])
+    labels = check_labels(class_labels, info["num_classes"])
     t0 = time.perf_counter()
     latents = sample(
         factory,
         pipe.spec.options.batch,
-        (mcfg["in_channels"], mcfg["input_size"], mcfg["input_size"]),
+        tuple(info["latent_shape"]),
         labels,
         seed,
         steps,
         sampler,
         cfg_scale,
-        mcfg["num_classes"],
+        info["num_classes"],
         progress,
     )
     return pipe.result(factory, latents, labels, time.perf_counter() - t0)

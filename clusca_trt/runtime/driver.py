@@ -19,6 +19,11 @@ from ..schedule import PlannedStep, StepKind
 from ..spec import GRAPH_FORECAST, GRAPH_FULL, GRAPH_PARTIAL
 
 
+def step_rng(seed: int, chunk: int) -> np.random.Generator:
+    """The generator of one chunk's per-step draws (fresh keys, k-means starts, DDPM noise)."""
+    return np.random.default_rng([seed, chunk, 1])
+
+
 class ScheduledDenoiser:
     """Callable ``(step, model_feeds) -> out`` that runs the planned step kind on the engine.
 

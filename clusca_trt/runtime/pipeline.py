@@ -21,14 +21,13 @@ import numpy as np
 from ..config import ClusCaConfig, Method
 from ..engines.base import StepEngine
 from ..engines.manifest import Manifest, find_build
-from ..errors import ConfigError, EngineError, EngineMismatchError
+from ..engines.open import open_engine
+from ..errors import ConfigError, EngineMismatchError
 from ..schedule import PlannedStep, count_kinds, plan
 from ..spec import ExportSpec
 from .driver import ScheduledDenoiser
 
 log = logging.getLogger(__name__)
-
-BACKENDS = ("onnxruntime", "torch", "tensorrt")
 
 # family -> module with ``generate(pipe, config, *args, **kwargs) -> GenerateResult``
 FAMILY_RUNTIMES = {"dit": "clusca_trt.runtime.dit", "flux": "clusca_trt.runtime.flux",
@@ -92,19 +91,7 @@ class Pipeline:
         options match ``select``, e.g. ``{"height": 768, "width": 1360}``."""
         manifest = Manifest.read(find_build(Path(directory), select))
         manifest.verify(hashes=verify)
-        spec = manifest.spec
-        if backend == "onnxruntime":
-            from ..engines.ort import OrtEngine
-
-            engine = OrtEngine(spec, manifest.graph_paths(), provider=provider, threads=threads)
-        elif backend == "torch":
-            engine = _torch_engine_from_manifest(manifest, spec)
-        elif backend == "tensorrt":
-            from ..engines.tensorrt import load_engine
-
-            engine = load_engine(manifest, verify=False)  # the manifest was verified above
-        else:
-            raise EngineError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
+        engine = open_engine(manifest, backend, provider=provider, threads=threads)
         log.info("engines from %s run on %s/%s", directory, engine.backend, engine.provider)
         return cls(engine, manifest.model, _defaults(manifest.defaults), manifest, manifest.data.get("decoder"))
 
@@ -113,7 +100,7 @@ class Pipeline:
         """The PyTorch reference: the step graphs run eagerly over ``adapter`` (no export)."""
         from ..engines.torch_backend import TorchEngine
 
-        model = {"family": adapter.family, "config": adapter.cfg.to_dict()}
+        model = {"family": adapter.family, "config": adapter.cfg.to_dict(), "sampling": adapter.sampling_info()}
         return cls(TorchEngine(adapter, spec, device), model, adapter.default_run, decoder=decoder)
 
     # -- settings -------------------------------------------------------------------------
@@ -240,27 +227,3 @@ class DenoiserFactory:
 
 def _defaults(d: dict) -> ClusCaConfig:
     return ClusCaConfig(**d) if d else ClusCaConfig()
-
-
-def _torch_engine_from_manifest(manifest: Manifest, spec: ExportSpec):
-    from ..engines.torch_backend import TorchEngine
-    from ..models import load_model
-
-    m = manifest.model
-    src = m["source"]
-    options = m.get("options", {})
-    if src["kind"] == "random-init":
-        loaded = load_model(m["name"], random_init=True, seed=src["seed"], **options)
-    elif src["kind"] == "builtin":
-        loaded = load_model(m["name"], **options)
-        if "sha256" in src and loaded.source.get("sha256") != src["sha256"]:
-            raise EngineMismatchError(
-                f"the built-in weights of {m['name']} changed since the engines were built (sha256 differs); rebuild"
-            )
-    else:
-        loaded = load_model(m["name"], checkpoint=src["path"], **options)
-        if loaded.source["sha256"] != src["sha256"]:
-            raise EngineMismatchError(
-                f"checkpoint {src['path']} changed since the engines were built (sha256 differs); rebuild"
-            )
-    return TorchEngine(loaded.adapter, spec)

@@ -10,7 +10,7 @@ import pytest
 from onnx import TensorProto as T
 from onnx import helper
 
-from clusca_trt.engines.build import build_engines
+from clusca_trt.exporters.build import build_engines
 from clusca_trt.engines.trt_compat import SupportMatrix, TensorRTCompatError, check_graphs, check_model
 from clusca_trt.spec import BuildOptions
 
@@ -98,7 +98,7 @@ def test_build_fails_early_and_leaves_nothing(tiny_model, engines_k0, tmp_path, 
         _unsupported(engines_k0.graph_path("full"), paths["full"])
         return paths
 
-    monkeypatch.setattr("clusca_trt.engines.build.export_all", export_with_an_unsupported_op)
+    monkeypatch.setattr("clusca_trt.exporters.build.export_all", export_with_an_unsupported_op)
     check = functools.partial(check_graphs, strict=True)
     with pytest.raises(TensorRTCompatError, match=r"full.onnx: node '.*' \(Bernoulli\)"):
         build_engines(tiny_model, BuildOptions(batch=1, clusters=0, order=0), tmp_path / "eng", force=True, check=check)
@@ -250,7 +250,7 @@ def test_cli_build_checks_every_graph_fatal_for_tensorrt_warning_for_onnxruntime
     def no_plans(*a, **k):
         raise AssertionError("no plan may be built from graphs that failed the check")
 
-    monkeypatch.setattr("clusca_trt.engines.build.export_all", export_with_an_unsupported_op)
+    monkeypatch.setattr("clusca_trt.exporters.build.export_all", export_with_an_unsupported_op)
     monkeypatch.setattr(trt_mod, "require_tensorrt", lambda: type(sys)("tensorrt"))  # as if TensorRT were installed
     monkeypatch.setattr(trt_mod, "build_plans", no_plans)
     # what engines_k0 was built with

@@ -132,7 +132,7 @@ def test_reallocated_buffers_are_recaptured(trt_dir):
 def dit_s2_plans(tmp_path_factory):
     """DiT-S/2 at 256 px (256 tokens, 12 blocks; random weights), fp16 plans: big enough that a
     step's cost is its kernels, not its launches."""
-    from clusca_trt.engines.build import build_engines
+    from clusca_trt.exporters.build import build_engines
     from clusca_trt.engines.tensorrt import TrtBuildOptions, build_plans
     from clusca_trt.models import load_model
     from clusca_trt.spec import BuildOptions

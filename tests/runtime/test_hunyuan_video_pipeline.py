@@ -40,7 +40,7 @@ def hv_model(hv_folder):
 
 @pytest.fixture(scope="module")
 def hv_engines(hv_model, tmp_path_factory):
-    from clusca_trt.engines.build import build_engines
+    from clusca_trt.exporters.build import build_engines
 
     return build_engines(hv_model, OPTIONS, tmp_path_factory.mktemp("hv-eng") / "hv").manifest
 

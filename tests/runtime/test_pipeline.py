@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from clusca_trt.engines.build import build_engines
+from clusca_trt.exporters.build import build_engines
 from clusca_trt.errors import ConfigError, EngineMismatchError, InputError
 from clusca_trt.models import load_model
 from clusca_trt.runtime import dit as dit_runtime

@@ -9,7 +9,7 @@ from click.testing import CliRunner
 
 from clusca_trt.cli import main
 from clusca_trt.errors import ConfigError
-from clusca_trt.runtime.bench import (
+from clusca_trt.analysis.bench import (
     BaselineMismatchError,
     BenchSettings,
     LatencyRegressionError,

@@ -23,11 +23,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from .errors import CheckpointError, InputError
+from ..errors import CheckpointError, InputError
 
 log = logging.getLogger(__name__)
 
-DATA_DIR = Path(__file__).resolve().parent / "data"
+DATA_DIR = Path(__file__).resolve().parent.parent / "data"
 CLASSIFIER_FILE = DATA_DIR / "digits-classifier.safetensors"
 FEATURES = 64  # penultimate width: the space FID-digits is measured in
 

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from clusca_trt import quality
+from clusca_trt.digits import quality
 from clusca_trt.errors import CheckpointError, InputError
 
 
@@ -115,7 +115,7 @@ def test_missing_or_bad_classifier_file_is_a_checkpoint_error(tmp_path):
 
 def test_classifier_is_accurate_on_held_out_digits():
     pytest.importorskip("sklearn")
-    from clusca_trt.digits import load_split
+    from clusca_trt.digits.data import load_split
 
     ref = load_split("reference")
     idx = np.arange(0, len(ref), 3)  # a third of the held-out split: 150 digits
@@ -125,7 +125,7 @@ def test_classifier_is_accurate_on_held_out_digits():
 
 def test_shipped_reference_statistics_are_those_of_the_reference_split():
     pytest.importorskip("sklearn")
-    from clusca_trt.digits import load_split
+    from clusca_trt.digits.data import load_split
 
     ev = quality.load_evaluator()
     ref = load_split("reference")
@@ -138,7 +138,7 @@ def test_shipped_reference_statistics_are_those_of_the_reference_split():
 
 def test_splits_are_disjoint_and_cover_the_data():
     pytest.importorskip("sklearn")
-    from clusca_trt import digits
+    from clusca_trt.digits import data as digits
 
     _, labels = digits._load_raw()
     parts = digits.split_indices(labels)

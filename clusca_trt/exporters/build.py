@@ -17,11 +17,11 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from ..errors import EngineError
-from ..exporters import export_all
+from .onnx_export import export_all
 from ..hashing import value_sha256
-from ..models import LoadedModel
+from ..models import LOADER, LoadedModel
 from ..spec import BuildOptions
-from .manifest import FORMAT, MANIFEST, Manifest, describe_files, library_versions, now
+from ..engines.manifest import FORMAT, MANIFEST, Manifest, describe_files, library_versions, now
 
 log = logging.getLogger(__name__)
 
@@ -30,7 +30,7 @@ _KEY_VERSIONS = ("clusca-trt", "torch", "onnx", "onnxscript")
 
 
 def build_key(model: LoadedModel, options: BuildOptions, versions: dict[str, str]) -> str:
-    source = {k: v for k, v in model.source.items() if k != "path"}
+    source = {k: v for k, v in model.source.items() if k not in ("path", "pipeline")}  # where it is: not a key
     return value_sha256(
         {
             "format": FORMAT,
@@ -113,6 +113,8 @@ def build_engines(
                 "config": model.model_config,
                 "options": model.options,
                 "source": model.source,
+                "loader": LOADER,
+                "sampling": model.adapter.sampling_info(),
             },
             "decoder": model.decoder,
             "build": asdict(options),

@@ -5,7 +5,7 @@ import os
 
 import pytest
 
-from clusca_trt.engines.build import build_engines
+from clusca_trt.exporters.build import build_engines
 from clusca_trt.engines.manifest import Manifest
 from clusca_trt.errors import ConfigError, EngineError
 from clusca_trt.models import load_model
@@ -53,7 +53,7 @@ def test_failed_build_leaves_nothing_and_keeps_previous(small, tmp_path, monkeyp
     def boom(*a, **k):
         raise RuntimeError("export exploded")
 
-    monkeypatch.setattr("clusca_trt.engines.build.export_all", boom)
+    monkeypatch.setattr("clusca_trt.exporters.build.export_all", boom)
     with pytest.raises(RuntimeError):
         build_engines(model, BuildOptions(batch=1, clusters=3, order=1), target)
     assert sorted(p.name for p in target.iterdir()) == before

@@ -6,7 +6,7 @@ import dataclasses
 import pytest
 
 from clusca_trt.config import ClusCaConfig
-from clusca_trt.engines.flops import (
+from clusca_trt.analysis.flops import (
     count_engine_dir,
     extrapolated_flops,
     flops_speedup,

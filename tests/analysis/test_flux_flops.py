@@ -3,8 +3,8 @@
 
 import dataclasses
 
-from clusca_trt.engines.flops import count_file
-from clusca_trt.engines.flux_flops import analytic_matmul_flops, probe_adapter
+from clusca_trt.analysis.flops import count_file
+from clusca_trt.models.flux import analytic_matmul_flops, probe_adapter
 from clusca_trt.exporters import export_graph
 from tests.conftest import FLUX_OPTIONS
 

@@ -3,8 +3,8 @@
 
 import pytest
 
-from clusca_trt.engines.flops import GraphFlops
-from clusca_trt.engines.hunyuan_flops import at_depth, at_heads, lagrange_weights, probe_counts
+from clusca_trt.analysis.flops import GraphFlops
+from clusca_trt.analysis.flops import at_depth, at_heads, lagrange_weights, probe_counts
 from clusca_trt.errors import ConfigError
 from clusca_trt.spec import BuildOptions
 from tests.hunyuan_helpers import TINY
@@ -45,7 +45,7 @@ def test_at_depth_is_affine():
 
 
 def test_probe_shape_errors_are_typed():
-    from clusca_trt.engines.hunyuan_flops import hunyuan_video_flops
+    from clusca_trt.analysis.flops import hunyuan_video_flops
 
     with pytest.raises(ConfigError, match="expected 3 head probes"):
         hunyuan_video_flops(BuildOptions(clusters=4), TINY, head_probes=(1, 2))

@@ -47,8 +47,8 @@ def test_trained_weights_denoise_real_digits(builtin):
     """eps-prediction error on noised held-out digits: the trained model is far below the
     error of predicting zero (1.0); random weights are not."""
     pytest.importorskip("sklearn")
-    from clusca_trt.digits import load_split
-    from clusca_trt.training import alphas_cumprod, q_sample
+    from clusca_trt.digits.data import load_split
+    from clusca_trt.digits.training import alphas_cumprod, q_sample
 
     ref = load_split("reference")
     g = torch.Generator().manual_seed(0)
@@ -106,7 +106,7 @@ def test_training_forward_process_matches_the_sampler():
     """x_t from the training forward process, mapped back by the sampler's own x0 formula at
     the respaced index that sees timestep t, gives x0 again (so DDIM is exact for the model)."""
     from clusca_trt.runtime.samplers import GaussianDiffusion
-    from clusca_trt.training import alphas_cumprod, q_sample
+    from clusca_trt.digits.training import alphas_cumprod, q_sample
 
     abar = alphas_cumprod()
     np.testing.assert_allclose(abar.numpy(), GaussianDiffusion(1000, "ddim").acp, rtol=1e-12)
@@ -129,7 +129,7 @@ def _tiny_training_set():
 
 
 def test_train_dit_is_seeded():
-    from clusca_trt.training import DiTTrainOptions, train_dit
+    from clusca_trt.digits.training import DiTTrainOptions, train_dit
 
     cfg, images, labels = _tiny_training_set()
     opt = DiTTrainOptions(steps=3, batch=8, warmup=1, threads=1)
@@ -146,7 +146,7 @@ def test_shipped_weights_draw_the_digit_they_are_asked_for(builtin):
     weights are read as their class by the shipped classifier (the old, undertrained weights
     scored chance level here)."""
     pytest.importorskip("sklearn")
-    from clusca_trt import quality
+    from clusca_trt.digits import quality
     from clusca_trt.runtime.samplers import GaussianDiffusion
 
     model, steps = builtin.adapter.model, 20
@@ -174,7 +174,7 @@ def test_shipped_weights_draw_the_digit_they_are_asked_for(builtin):
     ],
 )
 def test_loss_weights_are_capped_inverse_snr(abar, cap, weight):
-    from clusca_trt.training import loss_weights
+    from clusca_trt.digits.training import loss_weights
 
     w = loss_weights(torch.tensor([abar], dtype=torch.float64), cap)
     assert w.dtype == torch.float32 and w.item() == pytest.approx(weight, rel=1e-6)
@@ -182,7 +182,7 @@ def test_loss_weights_are_capped_inverse_snr(abar, cap, weight):
 
 def test_snr_cap_below_one_is_a_config_error():
     from clusca_trt.errors import ConfigError
-    from clusca_trt.training import DiTTrainOptions
+    from clusca_trt.digits.training import DiTTrainOptions
 
     with pytest.raises(ConfigError, match="snr_cap must be >= 1, got 0.5"):
         DiTTrainOptions(snr_cap=0.5)
@@ -190,7 +190,7 @@ def test_snr_cap_below_one_is_a_config_error():
 
 def test_train_dit_second_stage_starts_from_the_given_weights():
     from clusca_trt.errors import ConfigError
-    from clusca_trt.training import DiTTrainOptions, train_dit
+    from clusca_trt.digits.training import DiTTrainOptions, train_dit
 
     cfg, images, labels = _tiny_training_set()
     start = dit.init_random(dit.DiT(cfg), seed=3).state_dict()

@@ -379,15 +379,155 @@ def extrapolated_flops(make_adapter, depth: int, options, graphs: tuple[str, ...
 
 def dit_flops(model_name: str, options, probe_depths: tuple[int, int] = (1, 2)) -> Extrapolated:
     """Every graph of a named DiT config (``dit-xl-2``, ...) at its full depth, by extrapolation."""
-    import dataclasses
-
     from ..models import dit
 
     if model_name not in dit.NAMED_CONFIGS:
         raise ConfigError(f"model must be one of {', '.join(dit.NAMED_CONFIGS)}, got {model_name!r}")
     cfg = dit.NAMED_CONFIGS[model_name]
+    return extrapolated_flops(lambda d: dit.probe_adapter(cfg, d), cfg.depth, options, probe_depths=probe_depths)
 
-    def make(d: int):
-        return dit.DiTAdapter(dit.DiT(dataclasses.replace(cfg, depth=d)))
 
-    return extrapolated_flops(make, cfg.depth, options, probe_depths=probe_depths)
+# ------------------------------------------------------------------------------------------
+# dual-stream families (FLUX, HunyuanVideo): carried from small probes to the real size
+#
+# The model graphs are exported at the real token counts and head width with 1, 2 and 3 heads and
+# (1, 1), (2, 1), (1, 2) double- and single-stream blocks, counted, and carried to the real size
+# exactly: at a fixed head count every count is affine in each block count; at a fixed head width
+# it is a polynomial of degree <= 2 in the head count (projections and MLPs are quadratic in the
+# width, attention, norms, rotary and element-wise work linear), so three head counts fix it
+# (Lagrange, integer-exact). The probes have random weights: with equal (e.g. all-zero) weights the
+# exporter merges identical initializers and projections and the count comes out low. The k-means
+# and selection graphs have no weights and are exported at the real size directly. The family
+# module (the module of the config's class) provides ``probe_adapter(cfg, heads, double, single)``
+# and ``export_spec(cfg, options)``.
+
+MODEL_GRAPHS = (GRAPH_FULL, GRAPH_PARTIAL, GRAPH_FORECAST)
+HEAD_PROBES = (1, 2, 3)
+DEPTH_PROBES = ((1, 1), (2, 1), (1, 2))
+
+
+@dataclass(frozen=True)
+class ProbedFlops:
+    """Per-graph FLOPs of the configuration ``spec`` was made for, and the probes they came from."""
+
+    spec: ExportSpec
+    per_graph: dict[str, GraphFlops]
+    head_probes: tuple[int, ...]
+    depth_probes: tuple[tuple[int, int], ...]
+
+
+def _combine(terms: list[tuple[int, GraphFlops]], name: str) -> GraphFlops:
+    """``sum(weight * count)`` over every field of the counts (weights are integers)."""
+
+    def total(field: str) -> int:
+        return sum(w * getattr(g, field) for w, g in terms)
+
+    def by(field: str) -> dict[str, int]:
+        keys = sorted(set().union(*(getattr(g, field).keys() for _, g in terms)))
+        return {k: sum(w * getattr(g, field).get(k, 0) for w, g in terms) for k in keys}
+
+    return GraphFlops(
+        name, total("total"), by("by_category"), by("by_component"), total("bytes_written"), total("weight_bytes"),
+        tuple(sorted(set().union(*(g.uncounted_ops for _, g in terms)))),
+    )
+
+
+def at_depth(counts: dict[tuple[int, int], GraphFlops], double: int, single: int) -> GraphFlops:
+    """The count at ``double`` / ``single`` blocks from counts at (1, 1), (2, 1) and (1, 2) blocks."""
+    base, d2, s2 = counts[1, 1], counts[2, 1], counts[1, 2]
+    return _combine([(1 - (double - 1) - (single - 1), base), (double - 1, d2), (single - 1, s2)], base.name)
+
+
+def lagrange_weights(nodes: tuple[int, ...], x: int) -> list[int]:
+    """Integer weights ``w_i`` with ``p(x) = sum_i w_i p(nodes_i)`` for every polynomial of degree < len(nodes)."""
+    weights = []
+    for i, xi in enumerate(nodes):
+        num, den = 1, 1
+        for j, xj in enumerate(nodes):
+            if j != i:
+                num *= x - xj
+                den *= xi - xj
+        if num % den:
+            raise FlopsError(f"Lagrange weight of node {xi} at {x} is not an integer: {num}/{den}")
+        weights.append(num // den)
+    return weights
+
+
+def at_heads(counts: dict[int, GraphFlops], heads: int) -> GraphFlops:
+    nodes = tuple(sorted(counts))
+    return _combine(list(zip(lagrange_weights(nodes, heads), (counts[h] for h in nodes))), counts[nodes[0]].name)
+
+
+def _family(cfg):
+    """The model family module a config belongs to (it defines ``probe_adapter`` and ``export_spec``)."""
+    import sys
+
+    return sys.modules[type(cfg).__module__]
+
+
+def probe_counts(cfg, options, heads: int, double: int, single: int, graphs, tmp: Path) -> dict[str, GraphFlops]:
+    """Export ``graphs`` of ``cfg`` with ``heads`` heads and the given block counts (random weights) and count them."""
+    from ..exporters import export_graph
+
+    adapter = _family(cfg).probe_adapter(cfg, heads, double, single)
+    spec = adapter.export_spec(options)
+    out = {}
+    for name in graphs:
+        log.info("counting FLOPs of the %s graph at %d heads, %d + %d blocks", name, heads, double, single)
+        out[name] = count_file(export_graph(adapter, spec, name, tmp / f"{name}-{heads}-{double}-{single}.onnx"), name)
+    return out
+
+
+def dual_stream_flops(
+    cfg,
+    options,
+    graphs: tuple[str, ...] | None = None,
+    head_probes: tuple[int, ...] = HEAD_PROBES,
+    depth_probes: tuple[tuple[int, int], ...] = DEPTH_PROBES,
+) -> ProbedFlops:
+    """Every graph's FLOPs for ``cfg`` (a FLUX or HunyuanVideo config), by graph name.
+
+    ``graphs``: the graphs to count (default: full, partial and every cluster/select graph: what a
+    ClusCa schedule calls; add ``forecast`` for TaylorSeer/FORA)."""
+    from ..exporters import export_graph
+
+    if len(head_probes) != 3 or sorted(depth_probes) != sorted(DEPTH_PROBES):
+        raise ConfigError(
+            f"expected 3 head probes and depth probes (1, 1), (2, 1), (1, 2), got {head_probes}, {depth_probes}"
+        )
+    spec = _family(cfg).export_spec(cfg, options)
+    graphs = graphs or tuple(n for n in spec.graphs if n != GRAPH_FORECAST)
+    model_graphs = [g for g in graphs if g in MODEL_GRAPHS]
+    per_graph: dict[str, GraphFlops] = {}
+    with tempfile.TemporaryDirectory(prefix="clusca-flops-") as tmp:
+        by_heads: dict[str, dict[int, GraphFlops]] = {g: {} for g in model_graphs}
+        for h in head_probes:
+            by_depth: dict[str, dict[tuple[int, int], GraphFlops]] = {g: {} for g in model_graphs}
+            for d, s in depth_probes:
+                for g, c in probe_counts(cfg, options, h, d, s, model_graphs, Path(tmp)).items():
+                    by_depth[g][d, s] = c
+            for g in model_graphs:
+                by_heads[g][h] = at_depth(by_depth[g], cfg.num_layers, cfg.num_single_layers)
+        for g in model_graphs:
+            per_graph[g] = at_heads(by_heads[g], cfg.num_attention_heads)
+        for g in graphs:
+            if g not in MODEL_GRAPHS:  # k-means and selection: no weights, exported at the real size
+                log.info("counting FLOPs of the %s graph", g)
+                per_graph[g] = count_file(export_graph(None, spec, g, Path(tmp) / f"{g}.onnx"), g)
+    return ProbedFlops(spec, per_graph, tuple(head_probes), tuple(depth_probes))
+
+
+def flux_flops(options, cfg=None, graphs: tuple[str, ...] | None = None) -> dict[str, GraphFlops]:
+    """FLOPs of every graph of a build of ``cfg`` (default: FLUX.1-dev at 1024 x 1024), by graph name."""
+    from ..models import flux
+
+    return dual_stream_flops(cfg or flux.NAMED_CONFIGS["flux-dev"], options, graphs).per_graph
+
+
+def hunyuan_video_flops(options, cfg=None, graphs: tuple[str, ...] | None = None,
+                        head_probes: tuple[int, ...] = HEAD_PROBES,
+                        depth_probes: tuple[tuple[int, int], ...] = DEPTH_PROBES) -> ProbedFlops:
+    """Every graph's FLOPs for ``cfg`` (default: the released HunyuanVideo at 480 x 640 x 65 frames)."""
+    from ..models import hunyuan_video as hv
+
+    return dual_stream_flops(cfg or hv.NAMED_CONFIGS["hunyuan-video"], options, graphs, head_probes, depth_probes)

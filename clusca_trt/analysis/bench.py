@@ -7,7 +7,7 @@ allocate); then ``repeats`` rounds each run every method once, in an order rotat
 drift and other load on the machine hit every method alike. Latencies are medians; the wall
 speed-up of a method is the median over rounds of (full run / method run) within the round.
 
-FLOPs come from ``engines.flops`` on the same graph files; efficiency = wall speed-up / FLOPs
+FLOPs come from ``analysis.flops`` on the same graph files; efficiency = wall speed-up / FLOPs
 speed-up (1.0: the method reaches its FLOPs limit).
 
 Overhead of ClusCa = clustering (the cluster graphs) + selection (the select graphs, and the
@@ -38,7 +38,7 @@ from pathlib import Path
 import numpy as np
 
 from ..config import Method
-from ..engines.flops import KINDS, count_engine_dir, graph_kind, schedule_flops
+from .flops import KINDS, count_engine_dir, graph_kind, schedule_flops
 from ..engines.manifest import library_versions
 from ..errors import ClusCaError, ConfigError
 
@@ -163,7 +163,7 @@ def profile_graph(manifest, graph: str, provider: str, threads: int | None, call
     import onnx
     import onnxruntime as ort
 
-    from ..engines.flops import _component
+    from .flops import _component
     from ..engines.ort import PROVIDERS
     from ..steps import example_inputs
 

@@ -25,9 +25,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from .errors import ConfigError
-from .models.dit import DiT, DiTConfig
-from .runtime.samplers import TRAIN_STEPS, linear_betas
+from ..errors import ConfigError
+from ..models.dit import DiT, DiTConfig
+from ..runtime.samplers import TRAIN_STEPS, linear_betas
 
 log = logging.getLogger(__name__)
 
