@@ -12,8 +12,9 @@ A model adapter writes its forward once, calling
   branch output for those rows;
 * ``ctx.hidden(group, h)`` for the hidden states that are clustered after a full step.
 
-``FullContext`` computes every branch and refreshes the Taylor factors; ``PartialContext``
-forecasts, runs fresh rows and propagates; with no clusters it is the pure forecast step.
+``PlainContext`` computes every branch and keeps nothing (the model alone); ``FullContext``
+computes every branch and refreshes the Taylor factors; ``PartialContext`` forecasts, runs fresh
+rows and propagates; with no clusters it is the pure forecast step.
 """
 
 from __future__ import annotations
@@ -79,6 +80,16 @@ class StepContext:
 
 def _layer(t: torch.Tensor | None, layer: int) -> torch.Tensor | None:
     return None if t is None else t[layer]
+
+
+class PlainContext(StepContext):
+    """All tokens, no caches, nothing clustered: the original model (method full)."""
+
+    def branch(self, slot, layer, fn):
+        return fn()
+
+    def fresh_branch(self, slot, layer, h, row_fn):
+        return row_fn(h)
 
 
 class FullContext(StepContext):

@@ -45,6 +45,8 @@ class PlannedStep:
     distance:    dt (FULL, steps since the previous full step; 0 for the first) or d (steps since the last full step).
     cluster:     FULL only: whether k-means runs after this step (a partial step follows).
     warm_start:  whether that k-means starts from the previous centroids.
+    cache:       FULL only: whether the step must refresh the caches (a partial or forecast step
+                 comes later); a full step that feeds no cache runs the model alone (``plain``).
     """
 
     kind: StepKind
@@ -52,6 +54,7 @@ class PlannedStep:
     distance: int
     cluster: bool = False
     warm_start: bool = False
+    cache: bool = True
 
 
 def plan(steps: int, config: ClusCaConfig, built_order: int) -> list[PlannedStep]:
@@ -72,8 +75,9 @@ def plan(steps: int, config: ClusCaConfig, built_order: int) -> list[PlannedStep
             for i in range(built_order):
                 if fulls_seen >= i + 1:
                     coef[i] = 1.0 / dt
-            cluster = kind is StepKind.FULL and s + 1 < steps and kinds[s + 1] is StepKind.PARTIAL
-            out.append(PlannedStep(kind, coef, dt, cluster=cluster, warm_start=cluster and clustered_before))
+            cluster = s + 1 < steps and kinds[s + 1] is StepKind.PARTIAL
+            cache = any(k is not StepKind.FULL for k in kinds[s + 1 :])
+            out.append(PlannedStep(kind, coef, dt, cluster=cluster, warm_start=cluster and clustered_before, cache=cache))
             clustered_before = clustered_before or cluster
             last_full = s
             fulls_seen += 1

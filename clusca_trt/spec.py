@@ -1,10 +1,16 @@
 """One spec drives export, build and run.
 
-``ExportSpec`` names every graph (full, partial, forecast, cluster_<group>, select_<group>),
-with the names, static shapes and dtypes of its inputs and outputs. The exporter traces
-from it, the engines check their inputs against it and allocate device buffers from it,
-the runtime knows from it which tensors stay on the device between steps (the *state*:
+``ExportSpec`` names every graph (cond, plain, full, partial, forecast, cluster_<group>,
+select_<group>), with the names, static shapes and dtypes of its inputs and outputs. The
+exporter traces from it, the engines check their inputs against it and allocate device buffers
+from it, the runtime knows from it which tensors stay on the device between steps (the *state*:
 every graph output but ``out``; an output ``X_out`` replaces the state tensor ``X``).
+
+Conditioning (``cond``): what a step computes from its timestep and labels/prompts alone, never
+from the latents (DiT's adaLN modulation of every block), is computed for ``cond_steps`` steps
+in one call of the ``cond`` graph into state tables ``<name>_table`` ``[cond_steps * B, ...]``;
+every model step graph takes ``cond_row`` ``[B]`` (the table rows of its step) and gathers its
+rows, so partial and forecast steps read none of those weights.
 """
 
 from __future__ import annotations
@@ -16,9 +22,14 @@ from .errors import ConfigError
 OUT = "out"  # the model output: the only tensor the runtime brings to the host each step
 STATE_SUFFIX = "_out"
 
+GRAPH_COND = "cond"  # latent-independent conditioning of many steps at once
+GRAPH_PLAIN = "plain"  # the model alone: no caches (method full)
 GRAPH_FULL = "full"
 GRAPH_PARTIAL = "partial"
 GRAPH_FORECAST = "forecast"
+MODEL_GRAPHS = (GRAPH_PLAIN, GRAPH_FULL, GRAPH_PARTIAL, GRAPH_FORECAST)  # one adapter forward, four contexts
+COND_ROW = "cond_row"
+TABLE_SUFFIX = "_table"
 
 DTYPES = ("float32", "int64")
 
@@ -91,6 +102,7 @@ class BuildOptions:
     distance: str = "l1"
     dtype: str = "float32"
     opset: int = 18
+    cond_steps: int = 50
 
     def __post_init__(self) -> None:
         if not isinstance(self.batch, int) or self.batch < 1:
@@ -109,10 +121,17 @@ class BuildOptions:
             raise ConfigError(f"dtype must be 'float32' for ONNX export, got {self.dtype!r}")
         if not 18 <= self.opset <= 20:
             raise ConfigError(f"opset must be in 18..20, got {self.opset}")
+        if not isinstance(self.cond_steps, int) or not 1 <= self.cond_steps <= 1000:
+            raise ConfigError(f"cond steps must be an integer in 1..1000, got {self.cond_steps!r}")
 
 
 @dataclass(frozen=True)
 class ExportSpec:
+    """model_inputs: what a step graph is fed per step (the latents, and whatever else changes per
+    step and is not conditioning); cond_inputs: per row of the graph batch, what the conditioning
+    is computed from (timesteps, labels); cond_tensors: the conditioning a step uses, per row
+    (shape ``[graph batch, ...]``). Without cond_tensors every input is a model input."""
+
     family: str
     options: BuildOptions
     model_inputs: tuple[TensorSpec, ...]
@@ -121,6 +140,8 @@ class ExportSpec:
     groups: tuple[TokenGroup, ...]
     graph_batch: int
     graphs: dict[str, GraphSpec] = field(default_factory=dict)
+    cond_inputs: tuple[TensorSpec, ...] = ()
+    cond_tensors: tuple[TensorSpec, ...] = ()
 
     # -- names ---------------------------------------------------------------------------
     def group(self, name: str) -> TokenGroup:
@@ -136,6 +157,22 @@ class ExportSpec:
     def clustered_groups(self) -> tuple[TokenGroup, ...]:
         return tuple(g for g in self.groups if g.clusters > 0 and self.fresh_layers(g.name) > 0)
 
+    @property
+    def cond_rows(self) -> int:
+        """Rows of the conditioning tables: ``cond_steps`` steps of the graph batch."""
+        return self.options.cond_steps * self.graph_batch
+
+    def cond_tables(self) -> list[TensorSpec]:
+        """The conditioning tables (engine state written by the ``cond`` graph)."""
+        return [TensorSpec(t.name + TABLE_SUFFIX, (self.cond_rows, *t.shape[1:]), t.dtype) for t in self.cond_tensors]
+
+    def step_inputs(self) -> list[TensorSpec]:
+        """What every model step graph takes before its own inputs: the model inputs, then the
+        step's table rows and the tables (with conditioning), else the conditioning inputs."""
+        if not self.cond_tensors:
+            return list(self.model_inputs) + list(self.cond_inputs)
+        return list(self.model_inputs) + [TensorSpec(COND_ROW, (self.graph_batch,), "int64")] + self.cond_tables()
+
     def cache_tensors(self) -> list[TensorSpec]:
         B, O = self.graph_batch, self.options.order
         out = []
@@ -150,8 +187,18 @@ class ExportSpec:
         caches = self.cache_tensors()
         model_out = TensorSpec(OUT, self.output_shape)
         graphs: dict[str, GraphSpec] = {}
+        step_in = self.step_inputs()
 
-        full_in = list(self.model_inputs)
+        if self.cond_tensors:
+            R = self.cond_rows
+            graphs[GRAPH_COND] = GraphSpec(
+                GRAPH_COND,
+                tuple(TensorSpec(t.name, (R, *t.shape[1:]), t.dtype) for t in self.cond_inputs),
+                tuple(TensorSpec(t.name + STATE_SUFFIX, t.shape, t.dtype) for t in self.cond_tables()),
+            )
+        graphs[GRAPH_PLAIN] = GraphSpec(GRAPH_PLAIN, tuple(step_in), (model_out,))
+
+        full_in = list(step_in)
         if O > 0:
             full_in += [TensorSpec("taylor_coef", (O,))] + caches
         full_out = [model_out]
@@ -160,14 +207,12 @@ class ExportSpec:
         graphs[GRAPH_FULL] = GraphSpec(GRAPH_FULL, tuple(full_in), tuple(full_out))
 
         coef = TensorSpec("forecast_coef", (O + 1,))
-        graphs[GRAPH_FORECAST] = GraphSpec(
-            GRAPH_FORECAST, tuple(list(self.model_inputs) + [coef] + caches), (model_out,)
-        )
+        graphs[GRAPH_FORECAST] = GraphSpec(GRAPH_FORECAST, tuple(step_in + [coef] + caches), (model_out,))
 
         if self.clustered_groups:
             # one propagation ratio per clustered group, in the order of ``clustered_groups``
             gamma = TensorSpec("gamma", (len(self.clustered_groups),))
-            part_in = list(self.model_inputs) + [coef, gamma]
+            part_in = step_in + [coef, gamma]
             for g in self.clustered_groups:
                 part_in.append(TensorSpec(f"assign_{g.name}", (B, g.tokens), "int64"))
                 part_in.append(TensorSpec(f"fresh_{g.name}", (self.fresh_layers(g.name), B, g.clusters), "int64"))
@@ -224,6 +269,8 @@ class ExportSpec:
             "graph_batch": self.graph_batch,
             "output_shape": list(self.output_shape),
             "model_inputs": [asdict(t) for t in self.model_inputs],
+            "cond_inputs": [asdict(t) for t in self.cond_inputs],
+            "cond_tensors": [asdict(t) for t in self.cond_tensors],
             "slots": [asdict(s) for s in self.slots],
             "groups": [asdict(g) for g in self.groups],
             "graphs": {
@@ -242,6 +289,8 @@ class ExportSpec:
             [TokenGroup(**g) for g in d["groups"]],
             d["graph_batch"],
             tuple(d["output_shape"]),
+            [TensorSpec(t["name"], tuple(t["shape"]), t["dtype"]) for t in d.get("cond_inputs", [])],
+            [TensorSpec(t["name"], tuple(t["shape"]), t["dtype"]) for t in d.get("cond_tensors", [])],
         )
 
 
@@ -253,13 +302,19 @@ def make_spec(
     groups: list[TokenGroup],
     graph_batch: int,
     output_shape: tuple[int, ...],
+    cond_inputs: list[TensorSpec] = (),
+    cond_tensors: list[TensorSpec] = (),
 ) -> ExportSpec:
     """Build an ``ExportSpec`` (the model output shape is needed before the graphs are named)."""
     for g in groups:
         if g.clusters > g.tokens:
             raise ConfigError(f"clusters must be <= the {g.tokens} {g.name} tokens, got {g.clusters}")
+    for t in (*cond_inputs, *cond_tensors):
+        if not t.shape or t.shape[0] != graph_batch:
+            raise ConfigError(f"conditioning tensor {t.name}: expected [graph batch {graph_batch}, ...], got {list(t.shape)}")
     spec = ExportSpec(
-        family, options, tuple(model_inputs), tuple(int(d) for d in output_shape), tuple(slots), tuple(groups), graph_batch
+        family, options, tuple(model_inputs), tuple(int(d) for d in output_shape), tuple(slots), tuple(groups),
+        graph_batch, cond_inputs=tuple(cond_inputs), cond_tensors=tuple(cond_tensors),
     )
     object.__setattr__(spec, "graphs", spec._make_graphs())
     return spec

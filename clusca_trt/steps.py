@@ -1,8 +1,13 @@
 """The step graphs as torch modules: what is exported to ONNX and what the torch backend runs.
 
-* full:      model inputs, taylor_coef, caches -> out, hidden_<g>, refreshed caches
-* partial:   model inputs, forecast_coef, gamma (one per group), assign_<g>, fresh_<g>, caches -> out, fresh slots' F_0
-* forecast:  model inputs, forecast_coef, caches -> out
+* cond:      conditioning inputs of cond_steps steps (timesteps, labels) -> conditioning tables (state)
+* plain:     step inputs -> out (the model alone, no caches: method full)
+* full:      step inputs, taylor_coef, caches -> out, hidden_<g>, refreshed caches
+* partial:   step inputs, forecast_coef, gamma (one per group), assign_<g>, fresh_<g>, caches -> out, fresh slots' F_0
+* forecast:  step inputs, forecast_coef, caches -> out
+
+Step inputs: the model inputs, then ``cond_row`` and the conditioning tables; each model step
+graph gathers its step's rows of the tables and gives the adapter the conditioning tensors by name.
 * cluster_<g>: hidden_<g>, centroids_<g>, init_<g>, warm -> assign_<g>, centroids_<g>, dist_<g>
 * select_<g>:  assign_<g>, dist_<g>, key_<g>, dist_weight -> fresh_<g>
 
@@ -16,8 +21,9 @@ import torch
 from torch import nn
 
 from . import ops
-from .context import FullContext, PartialContext
-from .spec import GRAPH_FORECAST, GRAPH_FULL, GRAPH_PARTIAL, OUT, ExportSpec
+from .context import FullContext, PartialContext, PlainContext
+from .spec import (COND_ROW, GRAPH_COND, GRAPH_FORECAST, GRAPH_FULL, GRAPH_PARTIAL, GRAPH_PLAIN, MODEL_GRAPHS, OUT,
+                   STATE_SUFFIX, TABLE_SUFFIX, ExportSpec)
 
 
 class StepGraph(nn.Module):
@@ -60,18 +66,31 @@ class ClusCaOps(nn.Module):
 
 
 class ModelStepGraph(StepGraph):
-    """full / partial / forecast: one adapter forward under a step context."""
+    """plain / full / partial / forecast: one adapter forward under a step context."""
 
     def __init__(self, adapter, spec: ExportSpec, name: str):
         super().__init__(spec, name)
         self.adapter = adapter
         self.clusca = ClusCaOps()
-        self.model_input_names = [t.name for t in spec.model_inputs]
+
+    def model_inputs(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """What the adapter's forward takes: the model inputs and the step's conditioning (its rows
+        of the tables, or the conditioning inputs where the family has no tables)."""
+        spec = self.spec
+        out = {t.name: inputs[t.name] for t in spec.model_inputs}
+        if spec.cond_tensors:
+            rows = inputs[COND_ROW]
+            out.update({t.name: inputs[t.name + TABLE_SUFFIX].index_select(0, rows) for t in spec.cond_tensors})
+        else:
+            out.update({t.name: inputs[t.name] for t in spec.cond_inputs})
+        return out
 
     def compute(self, inputs):
         caches = {t.name: inputs[t.name] for t in self.spec.cache_tensors() if t.name in inputs}
         slots = self.spec.slots
-        if self.graph.name == GRAPH_FULL:
+        if self.graph.name == GRAPH_PLAIN:
+            ctx = PlainContext(slots)
+        elif self.graph.name == GRAPH_FULL:
             ctx = FullContext(slots, caches, inputs.get("taylor_coef"))
         elif self.graph.name == GRAPH_PARTIAL:
             groups = [g.name for g in self.spec.clustered_groups]
@@ -88,11 +107,23 @@ class ModelStepGraph(StepGraph):
         else:
             raise ValueError(f"not a model step graph: {self.graph.name}")
         ctx.fns = self.clusca
-        out = {OUT: self.adapter.forward_step(ctx, {n: inputs[n] for n in self.model_input_names})}
+        out = {OUT: self.adapter.forward_step(ctx, self.model_inputs(inputs))}
         out.update(ctx.new_state())
         for group, h in ctx.hidden_states.items():
             out[f"hidden_{group}"] = h
         return out
+
+
+class CondGraph(StepGraph):
+    """cond: the adapter's ``conditioning`` over ``cond_steps`` steps of rows at once."""
+
+    def __init__(self, adapter, spec: ExportSpec):
+        super().__init__(spec, GRAPH_COND)
+        self.adapter = adapter
+
+    def compute(self, inputs):
+        tensors = self.adapter.conditioning({t.name: inputs[t.name] for t in self.spec.cond_inputs})
+        return {t.name + TABLE_SUFFIX + STATE_SUFFIX: tensors[t.name] for t in self.spec.cond_tensors}
 
 
 class ClusterGraph(StepGraph):
@@ -126,8 +157,10 @@ class SelectGraph(StepGraph):
 
 
 def graph_module(adapter, spec: ExportSpec, name: str) -> StepGraph:
-    if name in (GRAPH_FULL, GRAPH_PARTIAL, GRAPH_FORECAST):
+    if name in MODEL_GRAPHS:
         return ModelStepGraph(adapter, spec, name).eval()
+    if name == GRAPH_COND:
+        return CondGraph(adapter, spec).eval()
     kind, _, group = name.partition("_")
     if kind == "cluster":
         return ClusterGraph(spec, group).eval()
@@ -150,12 +183,14 @@ def example_inputs(spec: ExportSpec, name: str, seed: int = 0) -> tuple[torch.Te
 
 
 def _index_bound(spec: ExportSpec, name: str) -> int:
+    if name == COND_ROW:
+        return spec.cond_rows
     for g in spec.groups:
         if name == f"assign_{g.name}":
             return max(g.clusters, 1)
         if name in (f"fresh_{g.name}", f"init_{g.name}"):
             return g.tokens
-    for t in spec.model_inputs:
+    for t in (*spec.model_inputs, *spec.cond_inputs):
         if t.name == name:
             return 2
     raise KeyError(name)

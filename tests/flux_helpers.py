@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 
 from clusca_trt.models import flux
+from tests.step_helpers import step_tables
 
 WORDS = "a an the of oil painting couple under umbrella cat dog red blue sky sea on in with".split()
 TINY = flux.NAMED_CONFIGS["flux-tiny"]  # 128 x 128 px: 8 x 8 latent patches = 64 image tokens, 16 text tokens
@@ -97,6 +98,7 @@ class PartialStep:
     MLP caches the step should write."""
 
     def __init__(self, spec, tokens: dict, k: dict, gamma: dict, order: int, d: int, blocks: int = 2, seed: int = 0):
+        self.spec = spec
         gen = torch.Generator().manual_seed(seed)
         self.tokens, self.gamma, self.d = tokens, gamma, d
         self.assign = {g: (torch.randperm(T, generator=gen) % k[g]).unsqueeze(0) for g, T in tokens.items()}
@@ -112,9 +114,10 @@ class PartialStep:
         self.coef = torch.tensor([d**i / math.factorial(i) for i in range(order + 1)])
         self.new = {g: self.caches[f"mlp_{g}_f0"].clone() for g in ("img", "txt")}
 
-    def feeds(self, inputs: dict) -> dict:
+    def feeds(self, inputs: dict, adapter) -> dict:
         gamma = torch.tensor([self.gamma["img"], self.gamma["txt"]])
-        feeds = {**inputs, **self.caches, "forecast_coef": self.coef, "gamma": gamma}
+        feeds = {**inputs, **step_tables(adapter, self.spec, inputs), **self.caches, "forecast_coef": self.coef,
+                 "gamma": gamma}
         for g in self.tokens:
             feeds[f"assign_{g}"], feeds[f"fresh_{g}"] = self.assign[g], self.fresh[g]
         return feeds

@@ -1,4 +1,5 @@
-"""The partial step module against a literal, block-by-block reading of the spec."""
+"""The partial step module (fed by the cond graph's tables) against a literal, block-by-block
+reading of the spec."""
 
 import math
 
@@ -8,6 +9,7 @@ from clusca_trt.models import dit
 from clusca_trt.spec import BuildOptions
 from clusca_trt.steps import graph_module
 from tests.conftest import TINY
+from tests.step_helpers import step_tables
 
 
 def test_partial_step_is_the_spec():
@@ -29,8 +31,8 @@ def test_partial_step_is_the_spec():
     caches = {n: torch.randn(s, generator=gen) for n, s in (
         ("attn_f0", (L, B, T, D)), ("attn_fhi", (L, O, B, T, D)), ("mlp_f0", (L, B, T, D)), ("mlp_fhi", (L, O, B, T, D)))}
     g = graph_module(adapter, spec, "partial")
-    feeds = {"x": x, "t": t, "y": y, "forecast_coef": coef, "gamma": torch.tensor([gamma]), "assign_img": assign,
-             "fresh_img": fresh, **caches}
+    feeds = {"x": x, "forecast_coef": coef, "gamma": torch.tensor([gamma]), "assign_img": assign,
+             "fresh_img": fresh, **caches, **step_tables(adapter, spec, {"t": t, "y": y})}
     with torch.no_grad():
         out, mlp_f0 = g(*[feeds[n] for n in g.input_names])
 

@@ -20,8 +20,10 @@ indices removed (``attn``, ``mlp``, ``adaLN_modulation``, ``final_layer``; ``clu
 residual adds, gates, cache slicing and stacking). The exporter records it on every node.
 
 A schedule costs, per step: FULL: the full graph (+ the cluster graphs when k-means runs after
-it); PARTIAL: the select graphs + the partial graph; FORECAST: the forecast graph. The host
-sampler update (DDIM/DDPM, guidance: a few element-wise ops over the latent) is left out.
+it), or the plain graph where no cache is refreshed (method full); PARTIAL: the select graphs +
+the partial graph; FORECAST: the forecast graph; and once per ``cond_steps`` steps the cond graph
+(the conditioning of those steps). The host sampler update (DDIM/DDPM, guidance: a few
+element-wise ops over the latent) is left out.
 
 ``extrapolated_flops`` counts real configs (DiT-XL/2) without exporting them whole: it exports
 the graphs at depth 1 and 2, takes the per-block difference and scales it to the full depth
@@ -42,7 +44,7 @@ from pathlib import Path
 from ..config import ClusCaConfig
 from ..errors import ConfigError
 from ..schedule import PlannedStep, StepKind, plan
-from ..spec import GRAPH_FORECAST, GRAPH_FULL, GRAPH_PARTIAL, ExportSpec
+from ..spec import GRAPH_COND, GRAPH_FORECAST, GRAPH_FULL, GRAPH_PARTIAL, GRAPH_PLAIN, ExportSpec
 
 log = logging.getLogger(__name__)
 
@@ -265,7 +267,7 @@ class ScheduleFlops:
         return {"steps": self.steps, "calls": dict(self.calls), "by_kind": dict(self.by_kind), "total": self.total}
 
 
-KINDS = ("full", "cluster", "select", "partial", "forecast")
+KINDS = ("cond", "plain", "full", "cluster", "select", "partial", "forecast")
 
 
 def graph_kind(graph: str) -> str:
@@ -284,8 +286,12 @@ def schedule_flops(per_graph: dict[str, int], spec: ExportSpec, planned: list[Pl
         flops[graph_kind(graph)] += per_graph[graph]
 
     groups = [g.name for g in spec.clustered_groups] if clustered else []
-    for p in planned:
-        if p.kind is StepKind.FULL:
+    for s, p in enumerate(planned):
+        if GRAPH_COND in per_graph and s % spec.options.cond_steps == 0:
+            add(GRAPH_COND)
+        if p.kind is StepKind.FULL and not p.cache and GRAPH_PLAIN in per_graph:
+            add(GRAPH_PLAIN)
+        elif p.kind is StepKind.FULL:
             add(GRAPH_FULL)
             if p.cluster:
                 for g in groups:
@@ -401,7 +407,7 @@ def dit_flops(model_name: str, options, probe_depths: tuple[int, int] = (1, 2)) 
 # module (the module of the config's class) provides ``probe_adapter(cfg, heads, double, single)``
 # and ``export_spec(cfg, options)``.
 
-MODEL_GRAPHS = (GRAPH_FULL, GRAPH_PARTIAL, GRAPH_FORECAST)
+MODEL_GRAPHS = (GRAPH_COND, GRAPH_PLAIN, GRAPH_FULL, GRAPH_PARTIAL, GRAPH_FORECAST)  # the graphs with weights
 HEAD_PROBES = (1, 2, 3)
 DEPTH_PROBES = ((1, 1), (2, 1), (1, 2))
 

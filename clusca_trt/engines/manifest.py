@@ -23,7 +23,7 @@ from ..hashing import file_sha256
 from ..spec import ExportSpec
 
 MANIFEST = "manifest.json"
-FORMAT = 1
+FORMAT = 2  # 2: cond and plain graphs, sampling facts and the model loader in the manifest
 
 
 def library_versions() -> dict[str, str]:

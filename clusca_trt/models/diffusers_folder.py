@@ -181,14 +181,17 @@ def load_transformer(fam: DiffusersFamily, folder: Path) -> nn.Module:
 
 def export_spec(
     family: str, cfg, options: BuildOptions, batch: int, inputs: list[TensorSpec], image_tokens: int,
-    output_shape: tuple[int, ...],
+    output_shape: tuple[int, ...], cond_inputs: list[TensorSpec], extra_cond: list[TensorSpec] = (),
 ) -> ExportSpec:
-    """The graphs of a dual-/single-stream build: the model ``inputs`` (then ``guidance`` where
-    ``cfg.guidance_embeds``), both streams' attention and MLP caches per dual-stream block, the
-    joint output cache per single-stream block, and the ``img`` and ``txt`` token groups."""
+    """The graphs of a dual-/single-stream build: the model ``inputs`` (the latents); the
+    conditioning computed ahead from ``cond_inputs`` (then ``guidance`` where ``cfg.guidance_embeds``):
+    every block's modulation (``mod_double`` [B, L2, 12D]: image then text stream; ``mod_single``
+    [B, L1, 3D]; ``mod_out`` [B, 2D]), the embedded text ``context`` [B, T_txt, D] and the family's
+    ``extra_cond``; both streams' attention and MLP caches per dual-stream block, the joint output
+    cache per single-stream block, and the ``img`` and ``txt`` token groups."""
     B, T_img, T_txt, D = batch, image_tokens, cfg.text_length, cfg.hidden_size
     if cfg.guidance_embeds:
-        inputs = [*inputs, TensorSpec("guidance", (B,))]
+        cond_inputs = [*cond_inputs, TensorSpec("guidance", (B,))]
     L2, L1 = cfg.num_layers, cfg.num_single_layers
     slots = [
         CacheSlot("attn_img", L2, T_img, D),
@@ -196,29 +199,48 @@ def export_spec(
         CacheSlot("mlp_img", L2, T_img, D, fresh_group="img"),
         CacheSlot("mlp_txt", L2, T_txt, D, fresh_group="txt"),
     ]
+    cond = [TensorSpec("mod_double", (B, L2, 12 * D))]
     if L1:
         slots.append(CacheSlot("single", L1, T_img + T_txt, D))
+        cond.append(TensorSpec("mod_single", (B, L1, 3 * D)))
+    cond += [TensorSpec("mod_out", (B, 2 * D)), TensorSpec("context", (B, T_txt, D)), *extra_cond]
     k_txt = options.clusters if options.text_clusters is None else options.text_clusters
     groups = [TokenGroup("img", T_img, D, options.clusters), TokenGroup("txt", T_txt, D, k_txt)]
-    return make_spec(family, options, inputs, slots, groups, B, output_shape)
+    return make_spec(family, options, inputs, slots, groups, B, output_shape, cond_inputs=cond_inputs,
+                     cond_tensors=cond)
 
 
-def modulation(norm: nn.Module, temb: torch.Tensor, parts: int) -> tuple[torch.Tensor, ...]:
-    """The shifts, scales and gates of an ``AdaLayerNormZero[Single]``, without normalising anything."""
-    return norm.linear(norm.silu(temb)).chunk(parts, dim=1)
+def block_modulations(model: nn.Module, temb: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Every block's ``AdaLayerNormZero[Single]`` and the final ``AdaLayerNormContinuous``
+    projections of ``temb`` (the conditioning tables ``mod_double``, ``mod_single``, ``mod_out``)."""
+    def project(norm):
+        return norm.linear(norm.silu(temb))
+
+    out = {"mod_double": torch.stack(
+        [torch.cat([project(b.norm1), project(b.norm1_context)], dim=1) for b in model.transformer_blocks], dim=1)}
+    if len(model.single_transformer_blocks):
+        out["mod_single"] = torch.stack([project(b.norm) for b in model.single_transformer_blocks], dim=1)
+    out["mod_out"] = project(model.norm_out)
+    return out
+
+
+def final_norm(model: nn.Module, x: torch.Tensor, mod_out: torch.Tensor) -> torch.Tensor:
+    """diffusers' ``AdaLayerNormContinuous`` with its projection ``mod_out`` [B, 2D] computed ahead."""
+    scale, shift = mod_out.chunk(2, dim=1)
+    return model.norm_out.norm(x) * (1 + scale)[:, None, :] + shift[:, None, :]
 
 
 def modulate(x: torch.Tensor, norm: nn.Module, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return norm(x) * (1 + scale[:, None]) + shift[:, None]
 
 
-def double_block(ctx, i: int, blk: nn.Module, x, c, temb, **attention_kwargs):
+def double_block(ctx, i: int, blk: nn.Module, x, c, mod: torch.Tensor, **attention_kwargs):
     """Dual-stream block ``i`` (diffusers' FLUX and HunyuanVideo blocks alike): the joint attention
     ``ctx.branches(("attn_img", "attn_txt"), ...)``, then each stream's MLP on its fresh rows,
-    ``ctx.fresh_branch("mlp_img" | "mlp_txt", ...)``. ``attention_kwargs``: the rotary embedding
-    and any mask, passed to the block's attention."""
-    s_msa, c_msa, g_msa, s_mlp, c_mlp, g_mlp = modulation(blk.norm1, temb, 6)
-    ts_msa, tc_msa, tg_msa, ts_mlp, tc_mlp, tg_mlp = modulation(blk.norm1_context, temb, 6)
+    ``ctx.fresh_branch("mlp_img" | "mlp_txt", ...)``. ``mod`` [B, 12D]: the block's modulation of
+    the image then the text stream (``block_modulations``). ``attention_kwargs``: the rotary
+    embedding and any mask, passed to the block's attention."""
+    s_msa, c_msa, g_msa, s_mlp, c_mlp, g_mlp, ts_msa, tc_msa, tg_msa, ts_mlp, tc_mlp, tg_mlp = mod.chunk(12, dim=1)
 
     def joint_attention():
         return blk.attn(
@@ -239,10 +261,12 @@ def double_block(ctx, i: int, blk: nn.Module, x, c, temb, **attention_kwargs):
     return x, c
 
 
-def single_block(ctx, j: int, blk: nn.Module, h, temb, attention: Callable[[nn.Module, torch.Tensor], torch.Tensor]):
+def single_block(ctx, j: int, blk: nn.Module, h, mod: torch.Tensor,
+                 attention: Callable[[nn.Module, torch.Tensor], torch.Tensor]):
     """Single-stream block ``j``: the joint output projection ``proj_out(cat(attn, mlp))`` is
-    ``ctx.branch("single", j, ...)``; ``attention(blk, normed tokens)`` is the block's attention."""
-    shift, scale, gate = modulation(blk.norm, temb, 3)
+    ``ctx.branch("single", j, ...)``; ``attention(blk, normed tokens)`` is the block's attention;
+    ``mod`` [B, 3D] its modulation."""
+    shift, scale, gate = mod.chunk(3, dim=1)
 
     def joint_output():
         n = modulate(h, blk.norm.norm, shift, scale)

@@ -283,28 +283,38 @@ class DiTAdapter(nn.Module):
         return make_spec(
             FAMILY,
             options,
-            [
-                TensorSpec("x", (B, cfg.in_channels, cfg.input_size, cfg.input_size)),
-                TensorSpec("t", (B,)),
-                TensorSpec("y", (B,), "int64"),
-            ],
+            [TensorSpec("x", (B, cfg.in_channels, cfg.input_size, cfg.input_size))],
             [CacheSlot("attn", L, T, D), CacheSlot("mlp", L, T, D, fresh_group="img")],
             [TokenGroup("img", T, D, options.clusters)],
             B,
             (B, cfg.out_channels, cfg.input_size, cfg.input_size),
+            cond_inputs=[TensorSpec("t", (B,)), TensorSpec("y", (B,), "int64")],
+            cond_tensors=[TensorSpec("mod", (B, L, 6 * D)), TensorSpec("mod_final", (B, 2 * D))],
         )
+
+    def conditioning(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The adaLN modulation of every block and of the final layer, from the timestep and label
+        alone: ``mod`` [rows, L, 6D] (shift, scale, gate of attention, then of the MLP), ``mod_final``
+        [rows, 2D]."""
+        m = self.model
+        c = m.t_embedder(inputs["t"]) + m.y_embedder(inputs["y"])
+        mod = torch.stack([blk.adaLN_modulation(c) for blk in m.blocks], dim=1)
+        return {"mod": mod, "mod_final": m.final_layer.adaLN_modulation(c)}
 
     def forward_step(self, ctx, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
         m = self.model
-        h, c = m.embed(inputs["x"], inputs["t"], inputs["y"])
+        h = m.x_embedder(inputs["x"]) + m.pos_embed
+        mod = inputs["mod"]
         for i, blk in enumerate(m.blocks):
-            s_msa, c_msa, g_msa, s_mlp, c_mlp, g_mlp = blk.adaLN_modulation(c).chunk(6, dim=1)
+            s_msa, c_msa, g_msa, s_mlp, c_mlp, g_mlp = mod[:, i].chunk(6, dim=1)
             a = ctx.branch("attn", i, lambda: blk.attn_branch(h, s_msa, c_msa))
             h = h + g_msa.unsqueeze(1) * a
             f = ctx.fresh_branch("mlp", i, h, lambda rows: blk.mlp_branch(rows, s_mlp, c_mlp))
             h = h + g_mlp.unsqueeze(1) * f
         ctx.hidden("img", h)
-        return m.unpatchify(m.final_layer(h, c))
+        shift, scale = inputs["mod_final"].chunk(2, dim=1)
+        fl = m.final_layer
+        return m.unpatchify(fl.linear(modulate(fl.norm_final(h), shift, scale)))
 
 
 def probe_adapter(cfg: DiTConfig, depth: int) -> DiTAdapter:

@@ -32,7 +32,7 @@ from ..config import ClusCaConfig
 from ..errors import CheckpointError, ConfigError
 from ..spec import BuildOptions, ExportSpec, TensorSpec
 from . import diffusers_folder
-from .diffusers_folder import DiffusersFamily, double_block, single_block
+from .diffusers_folder import DiffusersFamily, block_modulations, double_block, final_norm, single_block
 
 log = logging.getLogger(__name__)
 
@@ -192,38 +192,45 @@ class FluxAdapter(nn.Module):
     def export_spec(self, options: BuildOptions) -> ExportSpec:
         return export_spec(self.cfg, options)
 
+    def conditioning(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """From timestep, guidance, pooled CLIP and T5 embeddings alone: every block's modulation
+        and the embedded text (``diffusers_folder.block_modulations``, ``context``)."""
+        m = self.model
+        timestep = inputs["timestep"] * 1000
+        pooled = inputs["pooled_projections"]
+        if self.cfg.guidance_embeds:
+            temb = m.time_text_embed(timestep, inputs["guidance"] * 1000, pooled)
+        else:
+            temb = m.time_text_embed(timestep, pooled)
+        return {**block_modulations(m, temb), "context": m.context_embedder(inputs["encoder_hidden_states"])}
+
     def forward_step(self, ctx, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
         m = self.model
         x = m.x_embedder(inputs["hidden_states"])
-        timestep = inputs["timestep"].to(x.dtype) * 1000
-        pooled = inputs["pooled_projections"]
-        if self.cfg.guidance_embeds:
-            temb = m.time_text_embed(timestep, inputs["guidance"].to(x.dtype) * 1000, pooled)
-        else:
-            temb = m.time_text_embed(timestep, pooled)
-        c = m.context_embedder(inputs["encoder_hidden_states"])
+        c = inputs["context"]
         rope = (self.rope_cos, self.rope_sin)
         for i, blk in enumerate(m.transformer_blocks):
-            x, c = double_block(ctx, i, blk, x, c, temb, image_rotary_emb=rope)
+            x, c = double_block(ctx, i, blk, x, c, inputs["mod_double"][:, i], image_rotary_emb=rope)
         ctx.hidden("img", x)
         ctx.hidden("txt", c)
         h = torch.cat([c, x], dim=1)
         for j, blk in enumerate(m.single_transformer_blocks):
-            h = single_block(ctx, j, blk, h, temb, lambda b, n: b.attn(hidden_states=n, image_rotary_emb=rope))
-        return m.proj_out(m.norm_out(h[:, c.shape[1] :], temb))
+            h = single_block(ctx, j, blk, h, inputs["mod_single"][:, j],
+                             lambda b, n: b.attn(hidden_states=n, image_rotary_emb=rope))
+        return m.proj_out(final_norm(m, h[:, c.shape[1] :], inputs["mod_out"]))
 
 
 def export_spec(cfg: FluxConfig, options: BuildOptions) -> ExportSpec:
     """The graphs of a build, from the config alone (no weights: the real model's spec is cheap)."""
     B = options.batch * FluxAdapter.cfg_multiplier
     T_img = cfg.image_tokens
-    inputs = [
-        TensorSpec("hidden_states", (B, T_img, cfg.in_channels)),
+    cond = [
         TensorSpec("encoder_hidden_states", (B, cfg.text_length, cfg.joint_attention_dim)),
         TensorSpec("pooled_projections", (B, cfg.pooled_projection_dim)),
         TensorSpec("timestep", (B,)),
     ]
-    return diffusers_folder.export_spec(FAMILY, cfg, options, B, inputs, T_img, (B, T_img, cfg.out_channels))
+    return diffusers_folder.export_spec(FAMILY, cfg, options, B, [TensorSpec("hidden_states", (B, T_img, cfg.in_channels))],
+                                        T_img, (B, T_img, cfg.out_channels), cond)
 
 
 # --------------------------------------------------------------------------------------------
@@ -290,20 +297,21 @@ def probe_adapter(cfg: FluxConfig, heads: int, double: int, single: int, seed: i
 
 
 def analytic_matmul_flops(cfg: FluxConfig, k_img: int, k_txt: int) -> dict[str, int]:
-    """Matrix-product FLOPs of one full, partial and forecast step per sample, 2 FLOPs per multiply-add
-    (what ``analysis.flops.flux_flops``'s counts are checked against); T_i, T_t image and text tokens,
+    """Matrix-product FLOPs per sample of one conditioning row (``cond``: one step's conditioning)
+    and of one plain, full, partial and forecast step, 2 FLOPs per multiply-add (what
+    ``analysis.flops.flux_flops``'s counts are checked against); T_i, T_t image and text tokens,
     T = T_i + T_t, D hidden, F = 4D the MLP hidden size:
 
-    * every step: x_embedder 2 T_i C_in D; context_embedder 2 T_t J D; timestep (and guidance)
-      embedding 2 (256 D + D^2) each; pooled-text embedding 2 (P D + D^2); modulation 2 D 6D twice
-      per double block, 2 D 3D per single block, 2 D 2D for the final norm; proj_out 2 T_i D C_out;
-      the linears of that conditioning path take [B, D] rows and are exported as ``Gemm``, whose bias
-      add the counter puts in the matmul category: one FLOP per output of each;
-    * full step, per double block: q, k, v, out of both streams 8 T D^2; joint attention 2 x 2 T^2 D
-      (Q K^T and A V over all heads); the two MLPs 2 x 2 T D F; per single block: q, k, v 6 T D^2,
-      proj_mlp 2 T D F, proj_out 2 T (D + F) D, attention 4 T^2 D;
+    * cond, per row: timestep (and guidance) embedding 2 (256 D + D^2) each; pooled-text embedding
+      2 (P D + D^2); modulation 2 D 6D twice per double block, 2 D 3D per single block, 2 D 2D for
+      the final norm; context_embedder 2 T_t J D. The linears on [rows, D] are exported as ``Gemm``,
+      whose bias add the counter puts in the matmul category: one FLOP per output of each;
+    * every step: x_embedder 2 T_i C_in D; proj_out 2 T_i D C_out;
+    * full (and plain) step, per double block: q, k, v, out of both streams 8 T D^2; joint attention
+      2 x 2 T^2 D (Q K^T and A V over all heads); the two MLPs 2 x 2 T D F; per single block: q, k,
+      v 6 T D^2, proj_mlp 2 T D F, proj_out 2 T (D + F) D, attention 4 T^2 D;
     * partial step, per double block: the two MLPs on their fresh rows only, 4 (K_img + K_txt) D F;
-      no attention anywhere and nothing but modulation in a single block (its output is forecast).
+      no attention anywhere and nothing in a single block (its output is forecast).
 
     Element-wise work (norms, rotary embeddings, gates, the Taylor forecast and propagation) is in the
     counter's totals only. The forecast's sum over the Taylor orders is a MatMul over the orders in
@@ -314,22 +322,19 @@ def analytic_matmul_flops(cfg: FluxConfig, k_img: int, k_txt: int) -> dict[str, 
     t, d = ti + tt, cfg.hidden_size
     f = 4 * d
     l2, l1 = cfg.num_layers, cfg.num_single_layers
-    embeddings = 2 * (256 * d + d * d) * (2 if cfg.guidance_embeds else 1) + 2 * (cfg.pooled_projection_dim * d + d * d)
-    gemm_bias = 2 * d * (2 if cfg.guidance_embeds else 1) + 2 * d + l2 * 2 * 6 * d + l1 * 3 * d + 2 * d
-    every = (
-        gemm_bias
-        + 2 * ti * cfg.in_channels * d
-        + 2 * tt * cfg.joint_attention_dim * d
-        + embeddings
-        + l2 * 2 * (2 * d * 6 * d)
-        + l1 * 2 * d * 3 * d
-        + 2 * d * 2 * d
-        + 2 * ti * d * cfg.out_channels
-    )
+    guided = 2 if cfg.guidance_embeds else 1
+    embeddings = 2 * (256 * d + d * d) * guided + 2 * (cfg.pooled_projection_dim * d + d * d)
+    gemm_bias = 2 * d * guided + 2 * d + l2 * 2 * 6 * d + l1 * 3 * d + 2 * d
+    modulation = l2 * 2 * (2 * d * 6 * d) + l1 * 2 * d * 3 * d + 2 * d * 2 * d
+    cond = embeddings + gemm_bias + modulation + 2 * tt * cfg.joint_attention_dim * d
+    every = 2 * ti * cfg.in_channels * d + 2 * ti * d * cfg.out_channels
     double_full = 8 * t * d * d + 4 * t * t * d + 4 * t * d * f
     single_full = 6 * t * d * d + 2 * t * d * f + 2 * t * (d + f) * d + 4 * t * t * d
+    full = every + l2 * double_full + l1 * single_full
     return {
-        "full": every + l2 * double_full + l1 * single_full,
+        "cond": cond,
+        "plain": full,
+        "full": full,
         "partial": every + l2 * 4 * (k_img + k_txt) * d * f,
         "forecast": every,
     }

@@ -40,7 +40,7 @@ from ..config import ClusCaConfig
 from ..errors import CheckpointError, ConfigError
 from ..spec import BuildOptions, ExportSpec, TensorSpec
 from . import diffusers_folder
-from .diffusers_folder import DiffusersFamily, double_block, single_block
+from .diffusers_folder import DiffusersFamily, block_modulations, double_block, final_norm, single_block
 
 log = logging.getLogger(__name__)
 
@@ -214,18 +214,26 @@ class HunyuanVideoAdapter(nn.Module):
     def export_spec(self, options: BuildOptions) -> ExportSpec:
         return export_spec(self.cfg, options)
 
-    def forward_step(self, ctx, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
-        m, cfg = self.model, self.cfg
-        video = inputs["hidden_states"]
-        B = video.shape[0]
+    def conditioning(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """From timestep, guidance, pooled CLIP and Llama embeddings alone: every block's modulation,
+        the refined text (``context``) and the text mask (passed through for the joint attention)."""
+        m = self.model
         text_mask = inputs["encoder_attention_mask"]
         temb, _ = m.time_text_embed(inputs["timestep"], inputs["pooled_projections"], inputs.get("guidance"))
+        context = self._refine_text(inputs["encoder_hidden_states"], inputs["timestep"], text_mask)
+        return {**block_modulations(m, temb), "context": context, "text_mask": text_mask}
+
+    def forward_step(self, ctx, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        m = self.model
+        video = inputs["hidden_states"]
+        B = video.shape[0]
         x = m.x_embedder(video)
-        c = self._refine_text(inputs["encoder_hidden_states"], inputs["timestep"], text_mask)
-        mask = joint_attention_mask(text_mask, x.shape[1])
+        c = inputs["context"]
+        mask = joint_attention_mask(inputs["text_mask"], x.shape[1])
         rope = (self.rope_cos, self.rope_sin)
         for i, blk in enumerate(m.transformer_blocks):
-            x, c = double_block(ctx, i, blk, x, c, temb, attention_mask=mask, image_rotary_emb=rope)
+            x, c = double_block(ctx, i, blk, x, c, inputs["mod_double"][:, i], attention_mask=mask,
+                                image_rotary_emb=rope)
         ctx.hidden("img", x)
         ctx.hidden("txt", c)
         h = torch.cat([x, c], dim=1)
@@ -241,8 +249,8 @@ class HunyuanVideoAdapter(nn.Module):
             return torch.cat([a_img, a_txt], dim=1)
 
         for j, blk in enumerate(m.single_transformer_blocks):
-            h = single_block(ctx, j, blk, h, temb, attention)
-        out = m.proj_out(m.norm_out(h[:, : x.shape[1]], temb))
+            h = single_block(ctx, j, blk, h, inputs["mod_single"][:, j], attention)
+        out = m.proj_out(final_norm(m, h[:, : x.shape[1]], inputs["mod_out"]))
         return self._unpatchify(out, B)
 
     def _refine_text(self, text: torch.Tensor, timestep: torch.Tensor, text_mask: torch.Tensor) -> torch.Tensor:
@@ -270,15 +278,16 @@ def export_spec(cfg: HunyuanVideoConfig, options: BuildOptions) -> ExportSpec:
     """The graphs of a build, from the config alone (no weights: the real model's spec is cheap)."""
     B = options.batch * HunyuanVideoAdapter.cfg_multiplier
     T_txt = cfg.text_length
-    inputs = [
-        TensorSpec("hidden_states", (B, *cfg.latent_shape)),
+    cond = [
         TensorSpec("encoder_hidden_states", (B, T_txt, cfg.text_embed_dim)),
         TensorSpec("encoder_attention_mask", (B, T_txt)),
         TensorSpec("pooled_projections", (B, cfg.pooled_projection_dim)),
         TensorSpec("timestep", (B,)),
     ]
     output_shape = (B, cfg.out_channels, *cfg.latent_shape[1:])
-    return diffusers_folder.export_spec(FAMILY, cfg, options, B, inputs, cfg.video_tokens, output_shape)
+    return diffusers_folder.export_spec(FAMILY, cfg, options, B, [TensorSpec("hidden_states", (B, *cfg.latent_shape))],
+                                        cfg.video_tokens, output_shape, cond,
+                                        extra_cond=[TensorSpec("text_mask", (B, T_txt))])
 
 
 # --------------------------------------------------------------------------------------------

@@ -25,7 +25,7 @@ import torch
 
 from ..config import ClusCaConfig
 from ..errors import CheckpointError, InputError
-from .driver import step_rng
+from .driver import PAD_KEY, SampleKey, sample_keys
 
 log = logging.getLogger(__name__)
 
@@ -134,8 +134,13 @@ class FlowMatchingRuntime:
     default_guidance: float
 
     # -- what a family says ------------------------------------------------------------------
-    def initial_latents(self, seed: int, n: int, cfg) -> np.ndarray:
+    def noise_shape(self, cfg) -> tuple[int, ...]:
+        """The shape of one sample's initial noise, as the diffusers pipeline draws it."""
         raise NotImplementedError
+
+    def pack(self, noise: torch.Tensor, cfg) -> np.ndarray:
+        """Initial noise [n, *noise_shape] as the graphs take the latents."""
+        return noise.numpy()
 
     def sigmas(self, cfg, steps: int) -> tuple[np.ndarray | None, dict]:
         """(sigmas, extra keyword arguments of ``retrieve_timesteps``)."""
@@ -160,6 +165,22 @@ class FlowMatchingRuntime:
     # -- shared ------------------------------------------------------------------------------
     def module(self):
         return quiet_import(self.pipeline_module)
+
+    def initial_latents(self, keys: list[SampleKey], cfg) -> np.ndarray:
+        """One sample of initial noise per key, as the diffusers pipeline draws it: sample ``(seed, j)``
+        is row ``j`` of ``torch.randn((m, *noise_shape), generator=manual_seed(seed))`` for the
+        largest ``m`` among the keys of that seed, so ``n`` samples of one seed are the pipeline's
+        ``n`` samples (and row ``j`` does not depend on ``m`` where a sample's size is a multiple
+        of 16, as every real latent's is: torch fills normal noise 16 values at a time)."""
+        shape = self.noise_shape(cfg)
+        out = torch.empty((len(keys), *shape))
+        for seed in {k[0] for k in keys}:
+            rows = [i for i, k in enumerate(keys) if k[0] == seed]
+            m = max(keys[i][1] for i in rows) + 1
+            drawn = torch.randn((m, *shape), generator=torch.Generator().manual_seed(seed))
+            for i in rows:
+                out[i] = drawn[keys[i][1]]
+        return self.pack(out, cfg)
 
     def make_scheduler(self, cfg, steps: int):
         """A fresh scheduler with the family pipeline's sigmas (and shift) for ``steps``."""
@@ -207,27 +228,32 @@ class FlowMatchingRuntime:
     def sample_chunk(self, denoise: Denoise, cfg, steps: int, latents: np.ndarray, embeds: list[np.ndarray],
                      guidance: float, progress: Callable[[int], None] | None = None) -> np.ndarray:
         """Denoise one chunk of ``latents`` (B = the engine batch) through all steps."""
-        return denoise_steps(denoise, self.make_scheduler(cfg, steps), latents,
-                             lambda x, t: self.feeds(cfg, x, t, embeds, guidance), progress)
+        scheduler = self.make_scheduler(cfg, steps)
+        feeds = lambda x, t: self.feeds(cfg, x, t, embeds, guidance)  # noqa: E731
+        if hasattr(denoise, "condition"):  # the engines take every step's conditioning ahead
+            x0 = torch.from_numpy(latents)
+            denoise.condition([feeds(x0, t) for t in scheduler.timesteps])
+        return denoise_steps(denoise, scheduler, latents, feeds, progress)
 
-    def sample(self, make_denoiser: Callable[[np.random.Generator], Denoise], batch: int, cfg,
-               embeds: list[np.ndarray], seed: int, steps: int, guidance: float,
+    def sample(self, make_denoiser: Callable[[list[SampleKey]], Denoise], batch: int, cfg,
+               embeds: list[np.ndarray], keys: list[SampleKey], steps: int, guidance: float,
                progress: Callable[[int], None] | None = None) -> np.ndarray:
-        """All samples in chunks of the engine batch (the last one padded). The initial noise of all
-        samples comes from ``seed`` first; each chunk then draws its fresh-token keys and k-means
-        starts from its own generator."""
-        x_all = self.initial_latents(seed, embeds[0].shape[0], cfg)
+        """All samples in chunks of the engine batch (the last one padded). Sample ``j``'s initial
+        noise and ClusCa draws come from its key ``keys[j]`` alone, whatever shares its chunk."""
+        x_all = self.initial_latents(keys, cfg)
         out = []
         for j, real, (x, *chunk) in padded_chunks(batch, x_all, *embeds):
             self.pad_chunk(chunk, real)
-            out.append(self.sample_chunk(make_denoiser(step_rng(seed, j)), cfg, steps, x, chunk, guidance,
-                                         progress)[:real])
+            chunk_keys = keys[j * batch : j * batch + real] + [PAD_KEY] * (batch - real)
+            out.append(self.sample_chunk(make_denoiser(chunk_keys), cfg, steps, x, chunk, guidance, progress)[:real])
         return np.concatenate(out, axis=0)
 
     def generate(self, pipe, config: ClusCaConfig, prompt: str | list[str] | None = None, *, seed: int = 0,
                  steps: int | None = None, guidance_scale: float | None = None, text_propagation: float = 0.0,
-                 encoders: str | Path | None = None, progress: Callable[[int], None] | None = None, **embeds):
-        """``Pipeline.generate`` for the family: from prompts or precomputed embeddings (``embeds``)."""
+                 encoders: str | Path | None = None, progress: Callable[[int], None] | None = None,
+                 keys: list[SampleKey] | None = None, **embeds):
+        """``Pipeline.generate`` for the family: from prompts or precomputed embeddings (``embeds``).
+        ``keys``: one ``(seed, index)`` per sample instead of ``(seed, 0), (seed, 1), ...``."""
         unknown = sorted(set(embeds) - set(self.embeds))
         if unknown:
             raise InputError(f"{self.label} takes prompt or {', '.join(self.embeds)}, got {', '.join(unknown)}")
@@ -236,9 +262,13 @@ class FlowMatchingRuntime:
         guidance = self.default_guidance if guidance_scale is None else guidance_scale
         planned = pipe.plan(steps, config)
         prompts, arrays = self.prompt_inputs(pipe, cfg, prompt, embeds, encoders)
+        n = arrays[0].shape[0]
+        keys = sample_keys(seed, n) if keys is None else list(keys)
+        if len(keys) != n:
+            raise InputError(f"expected one sample key per prompt ({n}), got {len(keys)}")
         factory = pipe.denoisers(planned, config, propagation={"txt": text_propagation})
         t0 = time.perf_counter()
-        latents = self.sample(factory, pipe.spec.options.batch, cfg, arrays, seed, steps, guidance, progress)
+        latents = self.sample(factory, pipe.spec.options.batch, cfg, arrays, keys, steps, guidance, progress)
         seconds = time.perf_counter() - t0
         return pipe.result(factory, self.finish(latents, cfg), None, seconds, prompts=prompts, steps=steps)
 

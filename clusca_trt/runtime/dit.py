@@ -14,7 +14,7 @@ from typing import Callable
 import numpy as np
 
 from ..errors import InputError
-from .driver import step_rng
+from .driver import PAD_KEY, SAMPLER, SampleKey, initial_noise, sample_keys, stream
 from .samplers import GaussianDiffusion
 
 log = logging.getLogger(__name__)
@@ -32,10 +32,6 @@ def check_labels(labels, num_classes: int) -> list[int]:
     return labels
 
 
-def initial_noise(seed: int, n: int, shape: tuple[int, int, int]) -> np.ndarray:
-    return np.random.default_rng(seed).standard_normal((n, *shape), dtype=np.float32)
-
-
 def apply_cfg(out: np.ndarray, batch: int, channels: int, scale: float) -> np.ndarray:
     cond, uncond = out[:batch], out[batch:]
     eps = uncond[:, :channels] + scale * (cond[:, :channels] - uncond[:, :channels])
@@ -49,30 +45,31 @@ def sample_chunk(
     labels: list[int],
     num_classes: int,
     cfg_scale: float,
-    rng: np.random.Generator,
+    keys: list[SampleKey],
     progress: Callable[[int], None] | None = None,
 ) -> np.ndarray:
-    """Denoise one chunk ``x`` [B, C, H, W] (B = the engine batch) through all steps."""
+    """Denoise one chunk ``x`` [B, C, H, W] (B = the engine batch; ``keys``: one per sample) through
+    all steps."""
     B, C = x.shape[0], x.shape[1]
     y = np.array(list(labels) + [num_classes] * B, dtype=np.int64)
+    ts = [np.full((2 * B,), diffusion.model_timestep(diffusion.steps - 1 - s), dtype=np.float32)
+          for s in range(diffusion.steps)]
+    if hasattr(denoise, "condition"):  # the engines take every step's conditioning ahead
+        denoise.condition([{"t": t, "y": y} for t in ts])
+    noise = [stream(k, SAMPLER) for k in keys] if diffusion.sampler == "ddpm" else None
     for s in range(diffusion.steps):
         i = diffusion.steps - 1 - s
-        feeds = {
-            "x": np.concatenate([x, x], axis=0),
-            "t": np.full((2 * B,), diffusion.model_timestep(i), dtype=np.float32),
-            "y": y,
-        }
-        out = denoise(s, feeds)
+        out = denoise(s, {"x": np.concatenate([x, x], axis=0), "t": ts[s], "y": y})
         model_out = apply_cfg(out, B, C, cfg_scale)
-        noise = rng.standard_normal(x.shape, dtype=np.float32) if diffusion.sampler == "ddpm" else None
-        x = diffusion.step(x, model_out, i, noise)
+        z = np.stack([g.standard_normal(x.shape[1:], dtype=np.float32) for g in noise]) if noise else None
+        x = diffusion.step(x, model_out, i, z)
         if progress:
             progress(s)
     return x
 
 
 def sample(
-    make_denoiser: Callable[[np.random.Generator], Denoise],
+    make_denoiser: Callable[[list[SampleKey]], Denoise],
     batch: int,
     latent_shape: tuple[int, int, int],
     labels: list[int],
@@ -82,23 +79,27 @@ def sample(
     cfg_scale: float,
     num_classes: int,
     progress: Callable[[int], None] | None = None,
+    keys: list[SampleKey] | None = None,
 ) -> np.ndarray:
-    """All ``labels`` in chunks of the engine batch (the last chunk padded). The initial noise
-    of every sample comes from ``seed`` first; each chunk then draws its per-step randomness
-    (fresh-token keys, k-means starts, DDPM noise) from its own generator."""
+    """All ``labels`` in chunks of the engine batch (the last chunk padded). Sample ``j`` has the
+    key ``keys[j]`` (default ``(seed, j)``): its initial noise, its ClusCa draws and its DDPM noise
+    come from that key alone, whatever shares its chunk."""
     labels = check_labels(labels, num_classes)
+    keys = sample_keys(seed, len(labels)) if keys is None else list(keys)
+    if len(keys) != len(labels):
+        raise InputError(f"expected one sample key per label ({len(labels)}), got {len(keys)}")
     diffusion = GaussianDiffusion(steps, sampler)
-    x_all = initial_noise(seed, len(labels), latent_shape)
+    x_all = initial_noise(keys, latent_shape)
     out = []
-    for j, start in enumerate(range(0, len(labels), batch)):
+    for start in range(0, len(labels), batch):
         chunk = labels[start : start + batch]
         pad = batch - len(chunk)
+        chunk_keys = keys[start : start + batch] + [PAD_KEY] * pad
         x = x_all[start : start + batch]
         if pad:
             x = np.concatenate([x, np.zeros((pad, *latent_shape), np.float32)])
-        rng = step_rng(seed, j)
-        denoise = make_denoiser(rng)
-        result = sample_chunk(denoise, diffusion, x, chunk + [0] * pad, num_classes, cfg_scale, rng, progress)
+        denoise = make_denoiser(chunk_keys)
+        result = sample_chunk(denoise, diffusion, x, chunk + [0] * pad, num_classes, cfg_scale, chunk_keys, progress)
         out.append(result[: len(chunk)])
     return np.concatenate(out, axis=0)
 
@@ -112,8 +113,10 @@ def generate(
     sampler: str = "ddim",
     cfg_scale: float = 1.5,
     progress: Callable[[int], None] | None = None,
+    keys: list[SampleKey] | None = None,
 ):
-    """``Pipeline.generate`` for DiT: class-conditional sampling with guidance."""
+    """``Pipeline.generate`` for DiT: class-conditional sampling with guidance. ``keys``: one
+    ``(seed, index)`` per label, instead of ``(seed, 0), (seed, 1), ...`` (a server batching requests)."""
     planned = pipe.plan(steps, config)
     info = pipe.model["sampling"]
     factory = pipe.denoisers(planned, config)
@@ -130,5 +133,6 @@ def generate(
         cfg_scale,
         info["num_classes"],
         progress,
+        keys,
     )
     return pipe.result(factory, latents, labels, time.perf_counter() - t0)

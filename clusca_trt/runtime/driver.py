@@ -1,14 +1,24 @@
-"""The ClusCa cycle over any engine: full step (+ k-means when partial steps follow), then
-partial steps (fresh-token selection, partial graph) or forecast steps, by the static plan.
+"""The ClusCa cycle over any engine, by the static plan: conditioning tables (the ``cond`` graph,
+once per ``cond_steps`` steps), then per step the full graph (+ k-means when partial steps
+follow), the partial graph (after fresh-token selection) or the forecast graph; ``plain`` for a
+full step whose caches nothing reads (method full).
 
-The driver feeds only small host inputs (latents, timesteps, labels, coefficients, random
-keys); caches, hidden states, centroids, assignments and fresh indices stay in the engine.
+The driver feeds only small host inputs (latents, table rows, coefficients, random keys);
+caches, conditioning tables, hidden states, centroids, assignments and fresh indices stay in the
+engine.
+
+Randomness is per sample: every sample of a chunk has its own key ``(seed, index)`` and from it
+its own streams (``sample_streams``), so a sample's result depends on its own key alone, whatever
+else shares its engine batch. Everything the ClusCa cycle draws (k-means cold-start tokens,
+fresh-token keys) is drawn when a run starts (``RandomPlan``), for the whole run: no step waits
+for a host draw, and a device loop can take the whole plan in one upload.
 """
 
 from __future__ import annotations
 
 import time
 from collections import defaultdict
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -16,21 +26,92 @@ from ..config import ClusCaConfig, FreshPolicy
 from ..engines.base import StepEngine
 from ..errors import ConfigError
 from ..schedule import PlannedStep, StepKind
-from ..spec import GRAPH_FORECAST, GRAPH_FULL, GRAPH_PARTIAL
+from ..spec import COND_ROW, GRAPH_COND, GRAPH_FORECAST, GRAPH_FULL, GRAPH_PARTIAL, GRAPH_PLAIN, ExportSpec
+
+# stream numbers of a sample key: initial noise (drawn by the family runtime), the ClusCa cycle's
+# draws (this module), the sampler's own noise (DDPM)
+NOISE, CLUSCA, SAMPLER = 0, 1, 2
+PAD_KEY = (0xC1A5CA, 0)  # the key of the zero rows that pad a chunk to the engine batch
 
 
-def step_rng(seed: int, chunk: int) -> np.random.Generator:
-    """The generator of one chunk's per-step draws (fresh keys, k-means starts, DDPM noise)."""
-    return np.random.default_rng([seed, chunk, 1])
+SampleKey = tuple[int, int]
+
+
+def sample_keys(seed: int, n: int) -> list[SampleKey]:
+    """The keys of ``n`` samples generated with ``seed``: ``(seed, 0) .. (seed, n - 1)``."""
+    return [(int(seed), j) for j in range(n)]
+
+
+def stream(key: SampleKey, which: int) -> np.random.Generator:
+    """Stream ``which`` (NOISE, CLUSCA, SAMPLER) of one sample."""
+    seed, index = key
+    return np.random.default_rng([seed, index, which])
+
+
+def initial_noise(keys: list[SampleKey], shape: tuple[int, ...]) -> np.ndarray:
+    """Standard normal noise [n, *shape], one sample per key: sample ``(seed, j)`` is row ``j`` of
+    ``default_rng(seed).standard_normal((m, *shape))`` for any ``m > j`` (numpy fills row by
+    row), so ``n`` samples of one seed alone are ``standard_normal((n, *shape))``."""
+    out = np.empty((len(keys), *shape), np.float32)
+    by_seed: dict[int, list[int]] = defaultdict(list)
+    for i, (seed, _) in enumerate(keys):
+        by_seed[seed].append(i)
+    for seed, rows in by_seed.items():
+        drawn = np.random.default_rng(seed).standard_normal((max(keys[i][1] for i in rows) + 1, *shape), dtype=np.float32)
+        for i in rows:
+            out[i] = drawn[keys[i][1]]
+    return out
+
+
+@dataclass(frozen=True)
+class RandomPlan:
+    """Every draw of one run, by step: ``init[step][group]`` [graph batch, K] distinct cold-start
+    tokens of a clustering; ``keys[step][group]`` [layers, graph batch, tokens] fresh-token keys of
+    a partial step (uniform noise; zeros with ``--fresh nearest``)."""
+
+    init: dict[int, dict[str, np.ndarray]]
+    keys: dict[int, dict[str, np.ndarray]]
+
+    @classmethod
+    def draw(cls, spec: ExportSpec, planned: list[PlannedStep], groups, fresh: FreshPolicy,
+             keys: list[SampleKey]) -> "RandomPlan":
+        """Graph row ``r`` belongs to sample ``r % batch`` (classifier-free guidance: the cond and
+        uncond rows of a sample); each sample draws its rows' values from its own CLUSCA stream, in
+        plan order."""
+        batch, rows = len(keys), spec.graph_batch
+        if rows % batch:
+            raise ConfigError(f"expected a key per sample of the engine batch, got {batch} for {rows} graph rows")
+        init: dict[int, dict[str, np.ndarray]] = defaultdict(dict)
+        fresh_keys: dict[int, dict[str, np.ndarray]] = defaultdict(dict)
+        for s, p in enumerate(planned):
+            for g in groups:
+                if p.kind is StepKind.FULL and p.cluster:
+                    init[s][g.name] = np.empty((rows, g.clusters), np.int64)
+                elif p.kind is StepKind.PARTIAL:
+                    fresh_keys[s][g.name] = np.zeros((spec.fresh_layers(g.name), rows, g.tokens), np.float32)
+        draw_keys = fresh is not FreshPolicy.NEAREST
+        for i, key in enumerate(keys):
+            rng = stream(key, CLUSCA)
+            own = range(i, rows, batch)
+            for s, p in enumerate(planned):
+                for g in groups:
+                    if s in init and g.name in init[s]:
+                        for r in own:
+                            init[s][g.name][r] = rng.choice(g.tokens, g.clusters, replace=False)
+                    elif draw_keys and s in fresh_keys and g.name in fresh_keys[s]:
+                        for r in own:
+                            fresh_keys[s][g.name][:, r] = rng.random((spec.fresh_layers(g.name), g.tokens), np.float32)
+        return cls(dict(init), dict(fresh_keys))
 
 
 class ScheduledDenoiser:
-    """Callable ``(step, model_feeds) -> out`` that runs the planned step kind on the engine.
+    """Callable ``(step, feeds) -> out`` that runs the planned step kind on the engine.
 
-    ``rng`` draws the cold-start centroids and the fresh-token keys, so a seed fixes the run.
-    ``propagation`` overrides gamma for some token groups (FLUX text: 0, scatter only, as the
-    reference); every other group uses ``config.propagation``.
-    ``timings`` collects seconds per graph name (host wall time around each engine call).
+    ``keys``: one per sample of the engine batch (``PAD_KEY`` for padding); they fix every draw of
+    the run. ``propagation`` overrides gamma for some token groups (FLUX text: 0, scatter only, as
+    the reference); every other group uses ``config.propagation``. Before the first step the
+    family runtime hands over every step's conditioning inputs (``condition``), when the engines
+    have a ``cond`` graph. ``timings`` collects seconds per graph name (host wall time per call).
     """
 
     def __init__(
@@ -38,14 +119,14 @@ class ScheduledDenoiser:
         engine: StepEngine,
         planned: list[PlannedStep],
         config: ClusCaConfig,
-        rng: np.random.Generator,
+        keys: list[SampleKey],
         propagation: dict[str, float] | None = None,
     ):
         self.engine = engine
         self.spec = engine.spec
         self.planned = planned
         self.config = config
-        self.rng = rng
+        self.keys = list(keys)
         self.timings: dict[str, list[float]] = defaultdict(list)
         self.groups = self.spec.clustered_groups if config.clusters > 0 else ()
         gammas = dict(propagation or {})
@@ -55,13 +136,48 @@ class ScheduledDenoiser:
             if not 0.0 <= float(value) <= 1.0:
                 raise ConfigError(f"propagation (gamma) of {name} tokens must be in [0, 1], got {value!r}")
         self.gamma = np.array([gammas.get(g.name, config.propagation) for g in self.spec.clustered_groups], np.float32)
-        missing = {GRAPH_PARTIAL if p.kind is StepKind.PARTIAL else GRAPH_FORECAST for p in planned if p.kind is not StepKind.FULL}
-        missing = [g for g in missing if not engine.has_graph(g)]
+        needed = {self.graph_of(p) for p in planned}
+        missing = sorted(g for g in needed if not engine.has_graph(g))
         if missing:
-            raise ValueError(f"engines lack the {missing[0]} graph this schedule needs")
+            raise ConfigError(f"engines lack the {missing[0]} graph this schedule needs; rebuild with clusca-trt build")
+        self._cond_feeds: list[dict[str, np.ndarray]] | None = None
+        self._cond_chunk = -1
+        self.random: RandomPlan | None = None
+
+    @staticmethod
+    def graph_of(p: PlannedStep) -> str:
+        if p.kind is StepKind.FULL:
+            return GRAPH_FULL if p.cache else GRAPH_PLAIN
+        return GRAPH_PARTIAL if p.kind is StepKind.PARTIAL else GRAPH_FORECAST
 
     def reset(self) -> None:
+        """Zero the engine's state and draw the run's randomness."""
         self.engine.reset()
+        self._cond_feeds, self._cond_chunk = None, -1
+        self.random = RandomPlan.draw(self.spec, self.planned, self.groups, self.config.fresh, self.keys)
+
+    def condition(self, step_feeds: list[dict[str, np.ndarray]]) -> None:
+        """Every step's conditioning inputs (``spec.cond_inputs``, each ``[graph batch]``), ahead."""
+        if len(step_feeds) != len(self.planned):
+            raise ConfigError(f"expected conditioning for {len(self.planned)} steps, got {len(step_feeds)}")
+        self._cond_feeds = step_feeds
+        self._cond_chunk = -1
+
+    def _tables(self, step: int) -> dict[str, np.ndarray]:
+        """Make sure the conditioning tables hold ``step``'s rows; its ``cond_row`` feed."""
+        spec = self.spec
+        if not spec.cond_tensors:
+            return {}
+        if self._cond_feeds is None:
+            raise ConfigError("expected the steps' conditioning (ScheduledDenoiser.condition) before the first step, got none")
+        per, rows = spec.options.cond_steps, spec.graph_batch
+        chunk = step // per
+        if chunk != self._cond_chunk:
+            steps = [min(s, len(self._cond_feeds) - 1) for s in range(chunk * per, (chunk + 1) * per)]
+            feeds = {t.name: np.concatenate([self._cond_feeds[s][t.name] for s in steps]) for t in spec.cond_inputs}
+            self._run(GRAPH_COND, feeds)
+            self._cond_chunk = chunk
+        return {COND_ROW: np.arange(rows, dtype=np.int64) + (step % per) * rows}
 
     def _run(self, graph: str, feeds: dict) -> np.ndarray | None:
         t0 = time.perf_counter()
@@ -71,32 +187,23 @@ class ScheduledDenoiser:
 
     def __call__(self, step: int, model_feeds: dict[str, np.ndarray]) -> np.ndarray:
         p = self.planned[step]
-        B = self.spec.graph_batch
-        order = self.spec.options.order
+        feeds = dict(model_feeds, **self._tables(step))
         if p.kind is StepKind.FULL:
-            feeds = dict(model_feeds)
-            if order > 0:
+            if not p.cache:
+                return self._run(GRAPH_PLAIN, feeds)
+            if self.spec.options.order > 0:
                 feeds["taylor_coef"] = p.coef
             out = self._run(GRAPH_FULL, feeds)
             if p.cluster:
+                warm = np.array([float(p.warm_start)], np.float32)
                 for g in self.groups:
-                    init = np.stack([self.rng.choice(g.tokens, g.clusters, replace=False) for _ in range(B)])
-                    self._run(
-                        f"cluster_{g.name}",
-                        {f"init_{g.name}": init.astype(np.int64), "warm": np.array([float(p.warm_start)], np.float32)},
-                    )
+                    self._run(f"cluster_{g.name}", {f"init_{g.name}": self.random.init[step][g.name], "warm": warm})
             return out
-        feeds = dict(model_feeds, forecast_coef=p.coef)
+        feeds["forecast_coef"] = p.coef
         if p.kind is StepKind.FORECAST:
             return self._run(GRAPH_FORECAST, feeds)
-        nearest = self.config.fresh is FreshPolicy.NEAREST
+        weight = np.array([1.0 if self.config.fresh is FreshPolicy.NEAREST else 0.0], np.float32)
         for g in self.groups:
-            layers = self.spec.fresh_layers(g.name)
-            shape = (layers, B, g.tokens)
-            key = np.zeros(shape, np.float32) if nearest else self.rng.random(shape, dtype=np.float32)
-            self._run(
-                f"select_{g.name}",
-                {f"key_{g.name}": key, "dist_weight": np.array([1.0 if nearest else 0.0], np.float32)},
-            )
+            self._run(f"select_{g.name}", {f"key_{g.name}": self.random.keys[step][g.name], "dist_weight": weight})
         feeds["gamma"] = self.gamma
         return self._run(GRAPH_PARTIAL, feeds)

@@ -34,11 +34,13 @@ class FluxRuntime(FlowMatchingRuntime):
     embeds = ("prompt_embeds", "pooled_prompt_embeds")
     default_guidance = DEFAULT_GUIDANCE
 
-    def initial_latents(self, seed: int, n: int, cfg) -> np.ndarray:
-        """Packed initial noise [n, image tokens, in_channels], as ``FluxPipeline.prepare_latents`` draws it."""
+    def noise_shape(self, cfg) -> tuple[int, ...]:
+        return (cfg.latent_channels, *cfg.latent_size)
+
+    def pack(self, noise: torch.Tensor, cfg) -> np.ndarray:
+        """Packed initial noise [n, image tokens, in_channels], as ``FluxPipeline.prepare_latents`` packs it."""
         lh, lw = cfg.latent_size
-        noise = torch.randn((n, cfg.latent_channels, lh, lw), generator=torch.Generator().manual_seed(seed))
-        return self.module().FluxPipeline._pack_latents(noise, n, cfg.latent_channels, lh, lw).numpy()
+        return self.module().FluxPipeline._pack_latents(noise, noise.shape[0], cfg.latent_channels, lh, lw).numpy()
 
     def finish(self, latents: np.ndarray, cfg) -> np.ndarray:
         """[n, tokens, C*4] -> the VAE latent [n, C, H/8, W/8]."""

@@ -37,9 +37,9 @@ class HunyuanVideoRuntime(FlowMatchingRuntime):
     embeds = ("prompt_embeds", "pooled_prompt_embeds", "prompt_attention_mask")
     default_guidance = DEFAULT_GUIDANCE
 
-    def initial_latents(self, seed: int, n: int, cfg) -> np.ndarray:
-        """Initial noise [n, C, F, H, W], as ``HunyuanVideoPipeline.prepare_latents`` draws it on the CPU."""
-        return torch.randn((n, *cfg.latent_shape), generator=torch.Generator().manual_seed(seed)).numpy()
+    def noise_shape(self, cfg) -> tuple[int, ...]:
+        """[C, F, H, W], as ``HunyuanVideoPipeline.prepare_latents`` draws it on the CPU."""
+        return tuple(cfg.latent_shape)
 
     def sigmas(self, cfg, steps: int):
         """The HunyuanVideo pipeline's sigmas (the shift is in the scheduler's config)."""

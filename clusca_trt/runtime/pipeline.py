@@ -25,7 +25,7 @@ from ..engines.open import open_engine
 from ..errors import ConfigError, EngineMismatchError
 from ..schedule import PlannedStep, count_kinds, plan
 from ..spec import ExportSpec
-from .driver import ScheduledDenoiser
+from .driver import SampleKey, ScheduledDenoiser
 
 log = logging.getLogger(__name__)
 
@@ -198,7 +198,7 @@ class Pipeline:
 
 
 class DenoiserFactory:
-    """Makes one ``ScheduledDenoiser`` per chunk (each with its own generator, state reset)."""
+    """Makes one ``ScheduledDenoiser`` per chunk (each with its samples' keys, state reset)."""
 
     def __init__(
         self,
@@ -211,8 +211,8 @@ class DenoiserFactory:
         self.propagation = propagation
         self.made: list[ScheduledDenoiser] = []
 
-    def __call__(self, rng: np.random.Generator) -> ScheduledDenoiser:
-        d = ScheduledDenoiser(self.engine, self.planned, self.config, rng, self.propagation)
+    def __call__(self, keys: list[SampleKey]) -> ScheduledDenoiser:
+        d = ScheduledDenoiser(self.engine, self.planned, self.config, keys, self.propagation)
         d.reset()
         self.made.append(d)
         return d

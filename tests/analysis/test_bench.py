@@ -52,10 +52,11 @@ def test_result_has_the_documented_keys(result):
     for key in ("flops_speedup", "wall_speedup", "efficiency", "overhead_share", "latency_ms", "run_ms",
                 "device", "provider", "versions", "methods", "memory"):
         assert key in result, key
-    assert set(result["latency_ms"]) == {"full", "cluster", "select", "partial", "forecast"}
+    assert set(result["latency_ms"]) == {"cond", "plain", "full", "cluster", "select", "partial", "forecast"}
     assert set(result["run_ms"]) == {"full", "clusca", "fora", "taylorseer"}
     clusca = result["methods"]["clusca"]
-    assert clusca["calls"] == {"full": 2, "cluster": 1, "select": 4, "partial": 4, "forecast": 0}
+    assert clusca["calls"] == {"cond": 1, "plain": 0, "full": 2, "cluster": 1, "select": 4, "partial": 4, "forecast": 0}
+    assert result["methods"]["full"]["calls"]["plain"] == 6 and result["methods"]["full"]["calls"]["full"] == 0
     assert set(clusca["overhead_ms"]) == {"clustering", "selection", "gather", "propagation"}
     assert 0.0 < result["overhead_share"] < 1.0
     # FLOPs are analytic: the schedule's, not a timing

@@ -59,15 +59,14 @@ def probes(tiny_model):
     def make(d):
         return dit.DiTAdapter(dit.init_random(dit.DiT(dataclasses.replace(cfg, depth=d)), seed=0))
 
-    return extrapolated_flops(make, cfg.depth, OPTIONS, graphs=("full", "partial"))
+    return extrapolated_flops(make, cfg.depth, OPTIONS, graphs=("cond", "full", "partial"))
 
 
 def hand_count_full_block(B, T, D, H, O):
     """One DiT block in the full step, written from the model code (models/dit.py, ops.py)."""
     linear = lambda rows, i, o: 2 * rows * i * o + rows * o  # noqa: E731  (weights + bias)
     btd = B * T * D
-    f = linear(B, D, 6 * D)  # adaLN modulation (its SiLU input is shared by every block)
-    f += 6 * btd + B * D + 2 * btd  # norm1 (LayerNormalization with a unit scale), modulate: 1 + scale, *, +
+    f = 6 * btd + B * D + 2 * btd  # norm1 (its modulation comes from the cond graph's table) (LayerNormalization with a unit scale), modulate: 1 + scale, *, +
     f += linear(B * T, D, 3 * D)  # qkv
     f += btd  # q * scale
     f += 2 * B * H * T * T * (D // H) * 2 + 5 * B * H * T * T  # q k^T, attn v, softmax
@@ -85,8 +84,7 @@ def hand_count_partial_block(B, T, D, K, O):
     linear = lambda rows, i, o: 2 * rows * i * o + rows * o  # noqa: E731
     btd, bkd = B * T * D, B * K * D
     forecast = (1 + 2 * O) * btd  # F_0 * c_0 + sum_i F_i * c_i
-    f = linear(B, D, 6 * D)
-    f += forecast + 2 * btd  # attention forecast, gate, residual
+    f = forecast + 2 * btd  # attention forecast, gate, residual
     f += B * K  # row offsets of the fresh indices (gather over the flattened [B * T, D])
     f += 6 * bkd + B * D + 2 * bkd  # norm2 + modulate on the K gathered rows
     f += linear(B * K, D, 4 * D) + 8 * B * K * 4 * D + linear(B * K, 4 * D, D)
@@ -100,6 +98,9 @@ def test_one_dit_block_matches_the_hand_count(probes, tiny_model):
     B, T, D, H, K, O = 4, cfg.tokens, cfg.hidden_size, cfg.num_heads, OPTIONS.clusters, OPTIONS.order
     assert probes.per_block["full"] == hand_count_full_block(B, T, D, H, O)
     assert probes.per_block["partial"] == hand_count_partial_block(B, T, D, K, O)
+    # the block's adaLN modulation, once for the rows of cond_steps steps (its SiLU input is shared)
+    R = OPTIONS.cond_steps * B
+    assert probes.per_block["cond"] == 2 * R * D * 6 * D + R * 6 * D
 
 
 def test_extrapolated_count_equals_the_direct_count(probes, engines_k4):
@@ -116,7 +117,11 @@ def test_extrapolated_count_equals_the_direct_count(probes, engines_k4):
 
 def test_components_name_the_clusca_operations(engines_k4):
     counts = count_engine_dir(engines_k4)
-    assert {"clusca.propagate", "clusca.taylor_forecast_layers", "mlp", "adaLN_modulation"} <= set(counts["partial"].by_component)
+    assert {"clusca.propagate", "clusca.taylor_forecast_layers", "mlp"} <= set(counts["partial"].by_component)
+    # the modulation is computed in the cond graph only: no step graph reads its weights
+    assert "adaLN_modulation" in counts["cond"].by_component
+    for name in ("plain", "full", "partial", "forecast"):
+        assert not {"adaLN_modulation", "t_embedder", "y_embedder"} & set(counts[name].by_component), name
     assert "attn" not in counts["partial"].by_component
     assert {"clusca.taylor_refresh_layers", "attn", "mlp"} <= set(counts["full"].by_component)
     for g in counts.values():
@@ -138,8 +143,10 @@ def test_schedule_counts_every_graph_call(engines_k4, per_graph, steps, interval
     kinds = count_kinds(planned)
     assert s.calls["full"] == kinds["full"] and s.calls["partial"] == s.calls["select"] == kinds["partial"]
     assert s.calls["cluster"] == sum(p.cluster for p in planned)
+    assert s.calls["cond"] == -(-steps // spec.options.cond_steps) and s.calls["plain"] == 0
     assert s.total == sum(s.calls[k] * per_graph[n] for k, n in
-                          [("full", "full"), ("partial", "partial"), ("select", "select_img"), ("cluster", "cluster_img")])
+                          [("cond", "cond"), ("full", "full"), ("partial", "partial"), ("select", "select_img"),
+                           ("cluster", "cluster_img")])
 
 
 def test_speedups(engines_k4, per_graph):

@@ -10,9 +10,10 @@ from tests.conftest import FLUX_OPTIONS
 
 
 def test_full_graph_matmuls_equal_the_hand_count(flux_engines, flux_model):
-    cfg, B = flux_model.adapter.cfg, flux_engines.spec.graph_batch
-    counted = count_file(flux_engines.graph_path("full")).by_category["matmul"]
-    assert counted == B * analytic_matmul_flops(cfg, FLUX_OPTIONS.clusters, FLUX_OPTIONS.text_clusters)["full"]
+    cfg, spec = flux_model.adapter.cfg, flux_engines.spec
+    hand = analytic_matmul_flops(cfg, FLUX_OPTIONS.clusters, FLUX_OPTIONS.text_clusters)
+    for graph, rows in (("full", spec.graph_batch), ("plain", spec.graph_batch), ("cond", spec.cond_rows)):
+        assert count_file(flux_engines.graph_path(graph)).by_category["matmul"] == rows * hand[graph], graph
 
 
 def test_partial_graph_matmuls_equal_the_hand_count(tmp_path, flux_model):

@@ -42,9 +42,10 @@ def test_support_data_records_its_tensorrt_version_and_covers_our_opsets():
 
 
 def _unsupported(src, dst):
-    """A real exported graph with one Sigmoid turned into Bernoulli (valid ONNX; no TensorRT support)."""
+    """A real exported graph with one element-wise op (Tanh / Gelu / Sigmoid) turned into Bernoulli
+    (valid ONNX; no TensorRT support)."""
     model = onnx.load(str(src), load_external_data=False)
-    node = next(n for n in model.graph.node if n.op_type == "Sigmoid")
+    node = next(n for n in model.graph.node if n.op_type in ("Tanh", "Gelu", "Sigmoid"))
     node.op_type = "Bernoulli"
     onnx.save(model, str(dst))
     return node.name

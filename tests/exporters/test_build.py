@@ -129,7 +129,7 @@ def test_manifest_records_what_was_built(small):
     data = json.loads((out / "manifest.json").read_text())
     assert data["model"]["source"] == {"kind": "random-init", "seed": 5}
     assert data["build"]["clusters"] == 2
-    assert set(data["graphs"]) == {"full", "partial", "forecast", "cluster_img", "select_img"}
+    assert set(data["graphs"]) == {"cond", "plain", "full", "partial", "forecast", "cluster_img", "select_img"}
     assert {"torch", "onnx", "onnxruntime-gpu", "clusca-trt"} <= set(data["versions"])
     for g in data["graphs"].values():
         assert len(g["files"][0]["sha256"]) == 64

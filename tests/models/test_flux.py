@@ -10,6 +10,7 @@ from clusca_trt.models import flux, load_model
 from clusca_trt.spec import BuildOptions
 from clusca_trt.steps import graph_module
 from tests.conftest import make_diffusers_dit
+from tests.step_helpers import conditioned
 from tests.flux_helpers import TINY, PartialStep, make_flux_folder, tiny_transformer
 
 SCHNELL = TINY.replace(guidance_embeds=False, scheduler=dict(flux.SCHEDULER_SCHNELL))
@@ -41,7 +42,7 @@ def test_full_step_equals_diffusers_forward(cfg):
     with torch.no_grad():
         want = theirs(**inputs, img_ids=img_ids, txt_ids=torch.zeros(cfg.text_length, 3)).sample
         ctx = FullContext(spec.slots, {}, None)
-        got = adapter.forward_step(ctx, inputs)
+        got = adapter.forward_step(ctx, conditioned(adapter, inputs))
     torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-6)
     assert set(ctx.new_state()) == {f"{s}_f0_out" for s in ("attn_img", "attn_txt", "mlp_img", "mlp_txt", "single")}
     assert ctx.new_state()["single_f0_out"].shape == (2, 2, cfg.text_length + cfg.image_tokens, 32)
@@ -52,15 +53,17 @@ def test_full_step_equals_diffusers_forward(cfg):
 
 def test_export_spec():
     spec = flux.FluxAdapter(tiny_transformer(SCHNELL), SCHNELL).export_spec(BuildOptions(batch=3, clusters=5))
-    names = ["hidden_states", "encoder_hidden_states", "pooled_projections", "timestep"]
-    assert [t.name for t in spec.model_inputs] == names
+    assert [t.name for t in spec.model_inputs] == ["hidden_states"]
+    assert [t.name for t in spec.cond_inputs] == ["encoder_hidden_states", "pooled_projections", "timestep"]
+    assert [t.name for t in spec.cond_tensors] == ["mod_double", "mod_single", "mod_out", "context"]
     assert spec.graph_batch == 3 and spec.output_shape == (3, 64, 16)
     assert [(g.name, g.tokens, g.clusters) for g in spec.groups] == [("img", 64, 5), ("txt", 16, 5)]  # K_txt = K
     assert spec.graphs["partial"].input("gamma").shape == (2,)  # one ratio per clustered group
-    assert set(spec.graphs) == {"full", "partial", "forecast", "cluster_img", "select_img", "cluster_txt", "select_txt"}
+    assert set(spec.graphs) == {"cond", "plain", "full", "partial", "forecast", "cluster_img", "select_img", "cluster_txt",
+                               "select_txt"}
     dev = flux.FluxAdapter(tiny_transformer(TINY), TINY)
     no_txt = dev.export_spec(BuildOptions(clusters=4, text_clusters=0))
-    assert "guidance" in [t.name for t in no_txt.model_inputs] and "cluster_txt" not in no_txt.graphs
+    assert "guidance" in [t.name for t in no_txt.cond_inputs] and "cluster_txt" not in no_txt.graphs
     with pytest.raises(ConfigError, match="clusters must be <= the 16 txt tokens, got 17"):
         dev.export_spec(BuildOptions(clusters=4, text_clusters=17))
 
@@ -74,8 +77,9 @@ def test_partial_step_is_the_spec():
     tokens = {"img": cfg.image_tokens, "txt": cfg.text_length}
     step = PartialStep(spec, tokens, {"img": K, "txt": KT}, {"img": 0.3, "txt": 0.1}, O, d)
     inputs = _inputs(cfg, batch=1)
-    feeds = step.feeds(inputs)
-    graph = graph_module(flux.FluxAdapter(model, cfg), spec, "partial")
+    adapter = flux.FluxAdapter(model, cfg)
+    feeds = step.feeds(inputs, adapter)
+    graph = graph_module(adapter, spec, "partial")
     with torch.no_grad():
         out, mlp_img_f0, mlp_txt_f0 = graph(*[feeds[n] for n in graph.input_names])
 

@@ -15,6 +15,7 @@ from clusca_trt.models import hunyuan_video as hv
 from clusca_trt.models import load_model
 from clusca_trt.spec import BuildOptions
 from clusca_trt.steps import graph_module
+from tests.step_helpers import conditioned
 from tests.conftest import make_diffusers_dit
 from tests.flux_helpers import PartialStep
 from tests.hunyuan_helpers import TINY, make_hunyuan_folder, tiny_transformer
@@ -57,7 +58,7 @@ def test_full_step_equals_diffusers_forward(cfg):
     with torch.no_grad():
         want = theirs(**inputs).sample
         ctx = FullContext(spec.slots, {}, None)
-        got = adapter.forward_step(ctx, inputs)
+        got = adapter.forward_step(ctx, conditioned(adapter, inputs))
     assert got.shape == (2, cfg.out_channels, *cfg.latent_shape[1:])
     torch.testing.assert_close(got, want, atol=0, rtol=0)  # the same modules, the same masks: bit for bit
     T, TT = cfg.video_tokens, cfg.text_length
@@ -105,12 +106,15 @@ def test_masks_without_boolean_writes_equal_diffusers(lengths):
 
 def test_export_spec():
     spec = hv.export_spec(TINY, BuildOptions(batch=3, clusters=5))
-    assert [t.name for t in spec.model_inputs] == [
-        "hidden_states", "encoder_hidden_states", "encoder_attention_mask", "pooled_projections", "timestep", "guidance"
+    assert [t.name for t in spec.model_inputs] == ["hidden_states"]
+    assert [t.name for t in spec.cond_inputs] == [
+        "encoder_hidden_states", "encoder_attention_mask", "pooled_projections", "timestep", "guidance"
     ]
+    assert [t.name for t in spec.cond_tensors] == ["mod_double", "mod_single", "mod_out", "context", "text_mask"]
     assert spec.graph_batch == 3 and spec.output_shape == (3, 4, 3, 8, 8)
     assert [(g.name, g.tokens, g.clusters) for g in spec.groups] == [("img", 48, 5), ("txt", 16, 5)]  # K_txt = K
-    assert set(spec.graphs) == {"full", "partial", "forecast", "cluster_img", "select_img", "cluster_txt", "select_txt"}
+    assert set(spec.graphs) == {"cond", "plain", "full", "partial", "forecast", "cluster_img", "select_img", "cluster_txt",
+                               "select_txt"}
     assert [(s.name, s.layers, s.tokens, s.fresh_group) for s in spec.slots] == [
         ("attn_img", 2, 48, None), ("attn_txt", 2, 16, None), ("mlp_img", 2, 48, "img"), ("mlp_txt", 2, 16, "txt"),
         ("single", 2, 64, None),
@@ -142,7 +146,7 @@ def test_partial_step_is_the_spec():
     tokens = {"img": cfg.video_tokens, "txt": cfg.text_length}
     step = PartialStep(spec, tokens, {"img": K, "txt": KT}, {"img": 0.3, "txt": 0.1}, O, d)
     inputs = _inputs(cfg, lengths=(6,))
-    feeds = step.feeds(inputs)
+    feeds = step.feeds(inputs, adapter)
     graph = graph_module(adapter, spec, "partial")
     with torch.no_grad():
         out, mlp_img_f0, mlp_txt_f0 = graph(*[feeds[n] for n in graph.input_names])

@@ -154,16 +154,21 @@ def test_partial_graph_runs_k_rows_per_stream_and_no_attention(hv_engines):
     B, D, T, TT, L2, L1, R = 2, 16, TINY.video_tokens, TINY.text_length, 2, 2, 1
     graphs = {n: onnx.shape_inference.infer_shapes(onnx.load(str(hv_engines.graph_path(n))))
               for n in ("full", "partial", "forecast")}
-    refiner = [(B, TT, D)] * R  # the token refiner's MLP and self-attention over the text tokens run every step
+    graphs["cond"] = onnx.shape_inference.infer_shapes(onnx.load(str(hv_engines.graph_path("cond"))))
+    # the token refiner (its MLP and self-attention over the text tokens) depends on the timestep and
+    # the text alone: it runs in the cond graph, for the rows of cond_steps steps at once, never in a step
+    rows = spec.cond_rows
+    assert _mlp_inputs(graphs["cond"], D) == [(rows, TT, D)] * R
+    assert _softmax_inputs(graphs["cond"]) == [(rows, 2, TT, TT)] * R
     # partial: per dual-stream block the video MLP on K = 4 rows and the text MLP on K_txt = 3 rows
-    assert _mlp_inputs(graphs["partial"], D) == sorted([(B, 4, D)] * L2 + [(B, 3, D)] * L2 + refiner)
-    # no attention over video tokens: the only softmax is the refiner's text self-attention
-    assert _softmax_inputs(graphs["partial"]) == [(B, 2, TT, TT)] * R
-    assert _mlp_inputs(graphs["forecast"], D) == refiner
-    assert _softmax_inputs(graphs["forecast"]) == [(B, 2, TT, TT)] * R
+    assert _mlp_inputs(graphs["partial"], D) == sorted([(B, 4, D)] * L2 + [(B, 3, D)] * L2)
+    # no attention at all
+    assert _softmax_inputs(graphs["partial"]) == []
+    assert _mlp_inputs(graphs["forecast"], D) == []
+    assert _softmax_inputs(graphs["forecast"]) == []
     # full: every token, joint attention in every block (video + text keys)
-    assert _mlp_inputs(graphs["full"], D) == sorted([(B, T, D)] * L2 + [(B, TT, D)] * (L2 + R) + [(B, T + TT, D)] * L1)
-    assert _softmax_inputs(graphs["full"]) == sorted([(B, 2, T + TT, T + TT)] * (L2 + L1) + [(B, 2, TT, TT)] * R)
+    assert _mlp_inputs(graphs["full"], D) == sorted([(B, T, D)] * L2 + [(B, TT, D)] * L2 + [(B, T + TT, D)] * L1)
+    assert _softmax_inputs(graphs["full"]) == sorted([(B, 2, T + TT, T + TT)] * (L2 + L1))
     assert [t.shape for t in spec.graphs["partial"].inputs if t.name.startswith("fresh_")] == [(L2, B, 4), (L2, B, 3)]
 
 

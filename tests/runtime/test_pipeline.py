@@ -117,8 +117,33 @@ def test_caches_stay_in_the_engine(pipes, monkeypatch):
     monkeypatch.setattr(engine.engine, "run", spy)
     engine.generate([1, 2], seed=0, steps=8, interval=3)
     fed = {name for _, names in calls for name in names}
-    assert fed <= {"x", "t", "y", "taylor_coef", "forecast_coef", "gamma", "init_img", "warm", "key_img", "dist_weight"}
-    assert [g for g, _ in calls][:5] == ["full", "full", "cluster_img", "select_img", "partial"]
+    assert fed <= {"x", "t", "y", "cond_row", "taylor_coef", "forecast_coef", "gamma", "init_img", "warm", "key_img",
+                   "dist_weight"}
+    # the conditioning of all 8 steps in one cond call, before the first step
+    assert [g for g, _ in calls][:6] == ["cond", "full", "full", "cluster_img", "select_img", "partial"]
+    assert [g for g, _ in calls].count("cond") == 1
+
+
+def test_method_full_runs_the_model_alone(pipes, monkeypatch):
+    """method full: the cache-free plain graph every step, no Taylor cache written."""
+    engine, _ = pipes[4]
+    calls = []
+    real_run = engine.engine.run
+    monkeypatch.setattr(engine.engine, "run", lambda graph, feeds: calls.append(graph) or real_run(graph, feeds))
+    engine.generate([1, 2], seed=0, steps=6, method="full")
+    assert calls == ["cond"] + ["plain"] * 6
+
+
+def test_a_sample_depends_on_its_own_key_alone(pipes):
+    """Per-sample random streams: a sample generated beside others (another chunk layout, other
+    neighbours) equals the same sample generated alone with the same key."""
+    engine, _ = pipes[4]  # batch 2
+    for method in ("clusca", "full"):
+        together = engine.generate([3, 1, 4], keys=[(7, 0), (9, 0), (7, 1)], steps=12, method=method).latents
+        alone = engine.generate([3, 4], seed=7, steps=12, method=method).latents
+        other = engine.generate([1], seed=9, steps=12, method=method).latents
+        np.testing.assert_allclose(together[[0, 2]], alone, rtol=1e-6, atol=1e-6)
+        np.testing.assert_allclose(together[1], other[0], rtol=1e-6, atol=1e-6)
 
 
 @pytest.mark.parametrize(
