@@ -225,6 +225,28 @@ def test_manifest_verify_covers_the_plans(engines_k4, tmp_path):
         Manifest.read(d).verify(hashes=True)
 
 
+def test_onnx_runtime_tensorrt_provider_caches_its_engines_in_the_engine_dir(engines_k4, monkeypatch):
+    import clusca_trt.engines.ort as ort_mod
+
+    seen = []
+    monkeypatch.setattr(ort_mod, "choose_provider", lambda requested="auto": "tensorrt")
+
+    def session(self, name, path, so, providers, graph_providers):
+        seen.append(providers)
+        return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+
+    monkeypatch.setattr(ort_mod.OrtEngine, "_session", session)
+    monkeypatch.setattr(ort_mod.OrtEngine, "_alloc", lambda self, shape, dtype: None)  # no CUDA memory here
+    ort_mod.OrtEngine(engines_k4.spec, engines_k4.graph_paths(), provider="tensorrt")
+    cache = engines_k4.directory / ort_mod.TRT_CACHE_DIR
+    name, options = seen[0][0]
+    assert name == "TensorrtExecutionProvider" and cache.is_dir()
+    assert options == {"trt_engine_cache_enable": True, "trt_engine_cache_path": str(cache),
+                       "trt_timing_cache_enable": True, "trt_timing_cache_path": str(cache)}
+    assert all(p == seen[0] for p in seen)  # every graph's session
+    cache.rmdir()
+
+
 # -- the low-precision rewrite -----------------------------------------------------------------------
 
 
