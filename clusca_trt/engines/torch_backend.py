@@ -173,6 +173,22 @@ class TorchEngine(StepEngine):
             out["reserved"] = int(torch.cuda.memory_reserved(self.device))
         return out
 
+    def graph_flops(self) -> dict[str, int]:
+        """FLOPs of one call of every graph, as ``torch.utils.flop_counter`` counts them: matrix
+        products, convolutions and attention (element-wise work is not counted). Runs each graph once
+        on the current buffers, eagerly; nothing is written back."""
+        from torch.utils.flop_counter import FlopCounterMode
+
+        out = {}
+        with self._on_device(), torch.inference_mode():
+            for name, module in self.modules.items():
+                low = name in MODEL_GRAPHS and self.dtype != torch.float32
+                with FlopCounterMode(display=False) as counter, torch.autocast(
+                        self.device.type, dtype=self.dtype, enabled=low, cache_enabled=False):
+                    module(*self._bound(name))
+                out[name] = int(counter.get_total_flops())
+        return out
+
     # -- running ------------------------------------------------------------------------------
     def _on_device(self):
         if self.device.type != "cuda":
