@@ -23,6 +23,12 @@ engines) and a GPU backend:
   buffers; ``cuda_graph.GraphCache`` keys each graph by its buffers' addresses and drops it where
   they change. A graph that cannot be captured makes the engine run eagerly, with a warning.
 
+* ``run_loop``: a chunk's whole sampling loop on the device (``runtime.device_loop`` gives it every
+  step's graphs and feeds, drawn up front, and guidance plus the sampler step in torch): the feeds
+  are uploaded once, the latents stay on the device, and the final latents are the loop's one host
+  synchronisation. The runtime uses it wherever ``device_loop`` is on (the default); off, the engine
+  runs step by step like the others, one synchronisation per step.
+
 The same code runs on the CPU without graphs (torch runs bf16 and fp16 on the CPU).
 """
 
@@ -30,14 +36,15 @@ from __future__ import annotations
 
 import contextlib
 import logging
+from collections.abc import Callable
 
 import numpy as np
 import torch
 
-from ..errors import BackendUnavailableError, ConfigError
+from ..errors import BackendUnavailableError, ConfigError, InputError
 from ..spec import GRAPH_FORECAST, GRAPH_FULL, GRAPH_PARTIAL, OUT, ExportSpec
 from ..steps import graph_module
-from .base import StepEngine
+from .base import NP_DTYPES, StepEngine
 from .cuda_graph import Action, CaptureConfig, GraphCache, GraphKey
 
 log = logging.getLogger(__name__)
@@ -104,6 +111,7 @@ class TorchEngine(StepEngine):
         self.graphs = GraphCache(CaptureConfig(enabled=cuda_graphs.enabled and on_cuda, warmup=max(cuda_graphs.warmup, 1),
                                                capture=frozenset(spec.graphs), max_graphs=max(len(spec.graphs), 1)))
         self.host_syncs = 0
+        self.device_loop = True  # the runtime may run a whole chunk's loop here (``run_loop``); False: step by step
         self.stream = torch.cuda.Stream(self.device) if on_cuda else None
         with self._on_device():
             adapter = adapter.to(self.device)
@@ -273,6 +281,96 @@ class TorchEngine(StepEngine):
                 value = value.clone()
             dst = self._out[graph] if t.name == OUT else self._state[t.state_name]
             dst.copy_(value)
+
+    # -- the whole loop on the device ------------------------------------------------------------
+    def run_loop(
+        self,
+        x0: np.ndarray,
+        steps: list[list[tuple[str, dict[str, np.ndarray]]]],
+        dynamic: Callable[[torch.Tensor], dict[str, torch.Tensor]],
+        update: Callable[[int, torch.Tensor, torch.Tensor], torch.Tensor],
+        progress: Callable[[int], None] | None = None,
+    ) -> np.ndarray:
+        """A whole sampling loop of one chunk on the device, with one host synchronisation: the download
+        of the final latents.
+
+        ``steps[s]``: the graphs step ``s`` runs, in order, with their host feeds (the driver's
+        ``ScheduledDenoiser.calls``: coefficients, random keys, k-means starts, timesteps, labels,
+        embeddings), every model input that depends on the latents left out. Those feeds are uploaded
+        once before the loop (a feed that does not change is copied into its graph's static buffer once;
+        the others are stacked and copied in on the device, step by step). ``dynamic(x)`` gives the
+        latents-dependent model inputs (DiT: ``x`` twice for guidance), ``update(s, x, out)`` the next
+        latents from the graph output (guidance and the sampler, in torch on the device)."""
+        with self._on_device(), torch.inference_mode():
+            x = self._to_device(np.ascontiguousarray(x0, dtype=np.float32))
+            names = set(dynamic(x))
+            constant, stacked = self._stage(steps, names)
+            for key, value in constant.items():
+                self._inputs[key].copy_(value)
+            taken: dict[tuple[str, str], int] = dict.fromkeys(stacked, 0)
+            for s, calls in enumerate(steps):
+                inputs = dynamic(x)
+                out = None
+                for graph, _ in calls:
+                    for name, value in inputs.items():
+                        if (graph, name) in self._inputs:
+                            self._inputs[graph, name].copy_(value)
+                    for t in self.host_inputs(graph):
+                        key = (graph, t.name)
+                        if key in stacked:
+                            self._inputs[key].copy_(stacked[key][taken[key]])
+                            taken[key] += 1
+                    self._launch(graph)
+                    out = self._out[graph] if graph in self._out else out
+                if out is None:
+                    raise ConfigError(f"step {s} of the loop runs no graph that returns out")
+                x = update(s, x, out)
+                if progress:
+                    progress(s)
+            return self._fetch(x)
+
+    def _stage(self, steps, dynamic: set[str]):
+        """Every host feed of the loop on the device: (feeds that never change, by (graph, input);
+        the others stacked over their calls, by (graph, input))."""
+        arrays: dict[tuple[str, str], list[np.ndarray]] = {}
+        for s, calls in enumerate(steps):
+            for graph, feeds in calls:
+                for t in self.host_inputs(graph):
+                    if t.name in dynamic:
+                        continue
+                    if t.name not in feeds:
+                        raise InputError(f"step {s}: graph {graph} expects input {t.name!r}, got none")
+                    a = feeds[t.name]
+                    if tuple(a.shape) != t.shape or a.dtype != NP_DTYPES[t.dtype]:
+                        raise InputError(f"step {s}: graph {graph} input {t.name}: expected {t.dtype}{list(t.shape)}, "
+                                         f"got {a.dtype}{list(a.shape)}")
+                    arrays.setdefault((graph, t.name), []).append(a)
+        constant, stacked = {}, {}
+        for key, values in arrays.items():
+            first = values[0]
+            same = all(a is first for a in values) or (
+                first.nbytes <= 1 << 20 and all(np.array_equal(a, first) for a in values))
+            if same:
+                constant[key] = self._to_device(np.ascontiguousarray(first))
+            else:
+                stacked[key] = self._to_device(np.stack(values))
+        return constant, stacked
+
+    def _to_device(self, array: np.ndarray) -> torch.Tensor:
+        """A host array on the device, without a host synchronisation (pinned memory, asynchronous copy)."""
+        if self.device.type != "cuda":
+            return torch.from_numpy(array.copy())
+        return torch.from_numpy(array).pin_memory().to(self.device, non_blocking=True)
+
+    def _fetch(self, x: torch.Tensor) -> np.ndarray:
+        """The loop's result to the host: its one host synchronisation."""
+        self.host_syncs += 1
+        if self.device.type != "cuda":
+            return x.float().numpy().copy()
+        host = torch.empty(x.shape, dtype=torch.float32, pin_memory=True)
+        host.copy_(x, non_blocking=True)
+        self.stream.synchronize()
+        return host.numpy().copy()
 
     def read_state(self, name: str) -> np.ndarray:
         with self._on_device():

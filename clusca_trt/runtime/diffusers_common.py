@@ -25,6 +25,7 @@ import torch
 
 from ..config import ClusCaConfig
 from ..errors import CheckpointError, InputError
+from . import device_loop
 from .driver import step_rng
 
 log = logging.getLogger(__name__)
@@ -206,9 +207,15 @@ class FlowMatchingRuntime:
 
     def sample_chunk(self, denoise: Denoise, cfg, steps: int, latents: np.ndarray, embeds: list[np.ndarray],
                      guidance: float, progress: Callable[[int], None] | None = None) -> np.ndarray:
-        """Denoise one chunk of ``latents`` (B = the engine batch) through all steps."""
-        return denoise_steps(denoise, self.make_scheduler(cfg, steps), latents,
-                             lambda x, t: self.feeds(cfg, x, t, embeds, guidance), progress)
+        """Denoise one chunk of ``latents`` (B = the engine batch) through all steps (on the engine's
+        device where it can run the whole loop: ``runtime.device_loop``)."""
+        scheduler = self.make_scheduler(cfg, steps)
+        feeds = lambda x, t: self.feeds(cfg, x, t, embeds, guidance)  # noqa: E731
+        if device_loop.engine_of(denoise) is not None:
+            out = device_loop.flow_chunk(denoise, scheduler, latents, feeds, progress)
+            if out is not None:
+                return out
+        return denoise_steps(denoise, scheduler, latents, feeds, progress)
 
     def sample(self, make_denoiser: Callable[[np.random.Generator], Denoise], batch: int, cfg,
                embeds: list[np.ndarray], seed: int, steps: int, guidance: float,

@@ -14,6 +14,7 @@ from typing import Callable
 import numpy as np
 
 from ..errors import InputError
+from . import device_loop
 from .driver import step_rng
 from .samplers import GaussianDiffusion
 
@@ -98,7 +99,8 @@ def sample(
             x = np.concatenate([x, np.zeros((pad, *latent_shape), np.float32)])
         rng = step_rng(seed, j)
         denoise = make_denoiser(rng)
-        result = sample_chunk(denoise, diffusion, x, chunk + [0] * pad, num_classes, cfg_scale, rng, progress)
+        run = device_loop.dit_chunk if device_loop.engine_of(denoise) is not None else sample_chunk
+        result = run(denoise, diffusion, x, chunk + [0] * pad, num_classes, cfg_scale, rng, progress)
         out.append(result[: len(chunk)])
     return np.concatenate(out, axis=0)
 

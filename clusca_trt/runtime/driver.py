@@ -70,6 +70,16 @@ class ScheduledDenoiser:
         return out
 
     def __call__(self, step: int, model_feeds: dict[str, np.ndarray]) -> np.ndarray:
+        out = None
+        for graph, feeds in self.calls(step, model_feeds):
+            result = self._run(graph, feeds)
+            out = result if result is not None else out
+        return out
+
+    def calls(self, step: int, model_feeds: dict[str, np.ndarray]) -> list[tuple[str, dict]]:
+        """The graphs that step ``step`` runs, in order, with their host feeds; draws the step's random
+        keys and k-means starts from ``rng``. ``__call__`` runs them; a device loop (``runtime.device_loop``)
+        collects every step's first and runs them all on the device."""
         p = self.planned[step]
         B = self.spec.graph_batch
         order = self.spec.options.order
@@ -77,26 +87,23 @@ class ScheduledDenoiser:
             feeds = dict(model_feeds)
             if order > 0:
                 feeds["taylor_coef"] = p.coef
-            out = self._run(GRAPH_FULL, feeds)
+            calls = [(GRAPH_FULL, feeds)]
             if p.cluster:
                 for g in self.groups:
                     init = np.stack([self.rng.choice(g.tokens, g.clusters, replace=False) for _ in range(B)])
-                    self._run(
-                        f"cluster_{g.name}",
-                        {f"init_{g.name}": init.astype(np.int64), "warm": np.array([float(p.warm_start)], np.float32)},
-                    )
-            return out
+                    calls.append((f"cluster_{g.name}", {f"init_{g.name}": init.astype(np.int64),
+                                                        "warm": np.array([float(p.warm_start)], np.float32)}))
+            return calls
         feeds = dict(model_feeds, forecast_coef=p.coef)
         if p.kind is StepKind.FORECAST:
-            return self._run(GRAPH_FORECAST, feeds)
+            return [(GRAPH_FORECAST, feeds)]
         nearest = self.config.fresh is FreshPolicy.NEAREST
+        calls = []
         for g in self.groups:
             layers = self.spec.fresh_layers(g.name)
             shape = (layers, B, g.tokens)
             key = np.zeros(shape, np.float32) if nearest else self.rng.random(shape, dtype=np.float32)
-            self._run(
-                f"select_{g.name}",
-                {f"key_{g.name}": key, "dist_weight": np.array([1.0 if nearest else 0.0], np.float32)},
-            )
+            calls.append((f"select_{g.name}",
+                          {f"key_{g.name}": key, "dist_weight": np.array([1.0 if nearest else 0.0], np.float32)}))
         feeds["gamma"] = self.gamma
-        return self._run(GRAPH_PARTIAL, feeds)
+        return calls + [(GRAPH_PARTIAL, feeds)]

@@ -66,18 +66,54 @@ def test_caches_take_the_precision_and_k_means_stays_fp32(torch_pipe):
     assert engine.weight_bytes() == sum(p.numel() for p in engine.adapter.parameters()) * low.itemsize
 
 
-def test_buffers_are_allocated_once_and_one_host_sync_per_step(engines_k4):
+@pytest.mark.parametrize("device_loop", [True, False])
+def test_buffers_are_allocated_once_and_host_syncs_are_counted(engines_k4, device_loop):
+    """The whole loop on the device: one host synchronisation per chunk (the final latents); step by
+    step: one per step (``out``)."""
     with Pipeline.load(engines_k4.directory, backend="torch") as pipe:
         engine = pipe.engine
+        engine.device_loop = device_loop
         buffers = {**{("state", n): b for n, b in engine._state.items()},
                    **{("input",) + k: b for k, b in engine._inputs.items()},
                    **{("out", n): b for n, b in engine._out.items()}}
         addresses = {k: b.data_ptr() for k, b in buffers.items()}
         before = engine.host_syncs
         pipe.generate([1, 7, 3], method="clusca", interval=3, **RUN)  # two chunks of the engine batch (2)
-        assert engine.host_syncs - before == 2 * RUN["steps"]  # the download of ``out``, once per step
+        assert engine.host_syncs - before == (2 if device_loop else 2 * RUN["steps"])
         assert {k: b.data_ptr() for k, b in buffers.items()} == addresses
         assert set(engine._inputs) == {(g, t.name) for g in pipe.spec.graphs for t in engine.host_inputs(g)}
+
+
+@pytest.mark.parametrize("sampler", ["ddim", "ddpm"])
+@pytest.mark.parametrize("method, fresh", [("clusca", "random"), ("clusca", "nearest"), ("taylorseer", None),
+                                           ("full", None)])
+def test_device_loop_equals_the_host_loop(engines_k4, sampler, method, fresh):
+    """The same draws (k-means starts, fresh-token keys, DDPM noise) in the same order, guidance and
+    the sampler in torch: the same latents (fp32, CPU)."""
+    with Pipeline.load(engines_k4.directory, backend="torch") as pipe:
+        kw = dict(method=method, interval=INTERVAL[method], fresh=fresh, sampler=sampler, **RUN)
+        on_device = pipe.generate([1, 7, 3], **kw).latents
+        pipe.engine.device_loop = False
+        host = pipe.generate([1, 7, 3], **kw).latents
+    assert _rel(on_device, host) < 1e-4, _rel(on_device, host)
+
+
+def test_flux_device_loop_equals_the_host_loop():
+    from clusca_trt.spec import BuildOptions
+
+    model = load_model("flux-tiny", random_init=True, seed=0)
+    cfg = model.adapter.cfg
+    pipe = Pipeline.from_adapter(model.adapter, model.adapter.export_spec(BuildOptions(batch=1, clusters=4,
+                                                                                       text_clusters=3, order=1)))
+    rng = np.random.default_rng(0)
+    embeds = dict(prompt_embeds=rng.standard_normal((2, cfg.text_length, cfg.joint_attention_dim), np.float32),
+                  pooled_prompt_embeds=rng.standard_normal((2, cfg.pooled_projection_dim), np.float32))
+    before = pipe.engine.host_syncs
+    on_device = pipe.generate(**embeds, seed=0, steps=10, method="clusca", interval=3).latents
+    assert pipe.engine.host_syncs - before == 2  # two samples, a chunk each: one download each
+    pipe.engine.device_loop = False
+    host = pipe.generate(**embeds, seed=0, steps=10, method="clusca", interval=3).latents
+    assert _rel(on_device, host) < 1e-4, _rel(on_device, host)
 
 
 def test_k_means_in_bf16_flips_assignments(engines_k4):

@@ -1,7 +1,7 @@
 """GPU checks of the torch backend on CUDA: fp32 against ONNX Runtime on the CPU (TF32 off,
 tests/gpu/conftest.py), bf16 within the CPU targets, every graph captured once as a CUDA graph and
-replayed, replay equal to eager launches, one host synchronisation per step, the device index
-honoured, FLUX's diffusers modules under capture.
+replayed, replay equal to eager launches, the whole loop on the device equal to the host loop with
+one host synchronisation per sample, the device index honoured, FLUX's diffusers modules under capture.
 
 Skipped, with the reason, where torch sees no CUDA GPU.
 """
@@ -63,12 +63,25 @@ def test_every_graph_is_captured_once_and_replay_equals_eager(engines_k4):
         assert eager.engine.graphs.stats[Action.CAPTURE] == 0
 
 
-def test_one_host_synchronisation_per_step(engines_k4):
+@pytest.mark.parametrize("device_loop", [True, False])
+def test_host_synchronisations(engines_k4, device_loop):
+    """The whole loop on the device: one per sample chunk (the final latents); step by step: one per step."""
     with Pipeline.load(engines_k4.directory, backend="torch", device="cuda", precision="bf16") as pipe:
+        pipe.engine.device_loop = device_loop
         pipe.generate([1, 7], method="clusca", interval=3, **RUN)  # captures (one synchronisation each)
         before = pipe.engine.host_syncs
         pipe.generate([1, 7], method="clusca", interval=3, **RUN)
-        assert pipe.engine.host_syncs - before == RUN["steps"]
+        assert pipe.engine.host_syncs - before == (1 if device_loop else RUN["steps"])
+
+
+@pytest.mark.parametrize("sampler", ["ddim", "ddpm"])
+def test_device_loop_equals_the_host_loop_on_cuda(engines_k4, sampler):
+    with Pipeline.load(engines_k4.directory, backend="torch", device="cuda") as pipe:
+        kw = dict(method="clusca", interval=3, sampler=sampler, **RUN)
+        on_device = pipe.generate([1, 7], **kw).latents
+        pipe.engine.device_loop = False
+        host = pipe.generate([1, 7], **kw).latents
+    assert _rel(on_device, host) < 1e-4
 
 
 def test_the_device_index_is_honoured(engines_k4):
