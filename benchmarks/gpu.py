@@ -18,7 +18,7 @@ Models (random weights, made on the device; nothing is downloaded):
   ``FluxPipeline`` runs it). If the first full step says the whole run would not fit ``--budget``
   seconds, blocks are dropped from the end of both stacks in proportion and the table says so.
 
-Each method runs once on a short schedule first (warm-up: the torch engine captures its CUDA
+Each method runs twice on a short schedule first (warm-up: the torch engine captures its CUDA
 graphs), then ``--repeats`` rounds run every method once in a rotated order; latencies are
 medians. FLOPs: matrix products, convolutions and attention of one call of each graph, counted by
 ``torch.utils.flop_counter`` (element-wise work not counted), summed over the method's schedule;
@@ -118,8 +118,9 @@ def quiet():
 
 
 def measure(methods: list[Method], steps: int, warmup_steps: int, repeats: int, device: torch.device) -> None:
-    for m in methods:
-        log.info("warm-up: %s (%d steps)", m.label, warmup_steps)
+    for m in methods:  # twice: every graph a short run calls is then warmed up and captured
+        log.info("warm-up: %s (2 x %d steps)", m.label, warmup_steps)
+        m.run(warmup_steps)
         m.run(warmup_steps)
     for r in range(repeats):
         order = methods[r % len(methods):] + methods[: r % len(methods)]
@@ -353,7 +354,7 @@ def bench_flux(args, device: torch.device, deadline: float) -> dict:
     del probe
     # full-step equivalents: warm-ups + repeats x (ours full, ClusCa ~N/5 + partial, TaylorSeer, eager diffusers)
     per_round = steps * (1 + 1.05) + 2 * (steps / 6 + 4)
-    needed = step_s * (args.repeats * per_round + 2 * args.warmup_steps * 2)
+    needed = step_s * (args.repeats * per_round + 4 * args.warmup_steps * 2)
     left = deadline - time.monotonic()
     if needed > left and not args.tiny:
         fraction = max(0.05, left / needed * 0.9)
