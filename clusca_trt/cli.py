@@ -137,6 +137,14 @@ def build(model_name, checkpoint, random_init, seed, clusters, order, batch, kme
                    f"({trt_options.precision}) for {', '.join(plans.data['tensorrt']['plans'])}")
 
 
+def _device_options(fn):
+    """--device and --precision of generate and bench (the torch backend; TensorRT: the device)."""
+    fn = click.option("--precision", type=click.Choice(["fp32", "bf16", "fp16"]), default=None,
+                      help="torch backend: weights and caches in this precision [default: fp32]; k-means stays fp32.")(fn)
+    return click.option("--device", default=None, metavar="cpu|cuda[:N]",
+                        help="torch backend: where it runs [default: cpu]; tensorrt: the GPU [default: cuda:0].")(fn)
+
+
 def _progress(total: int, label: str):
     """A progress bar on stderr for interactive use; silent when stderr is not a terminal or with -q."""
     quiet = not logging.getLogger("clusca_trt").isEnabledFor(logging.INFO)
@@ -167,6 +175,7 @@ def _progress(total: int, label: str):
 @click.option("--provider", type=click.Choice(["auto", "cpu", "cuda", "tensorrt"]), default="auto", show_default=True)
 @click.option("--backend", type=click.Choice(["onnxruntime", "torch", "tensorrt"]), default="onnxruntime",
               show_default=True, help="tensorrt: the plans built with build --backend tensorrt.")
+@_device_options
 @click.option("--out", "out_file", type=click.Path(path_type=Path), required=True,
               help=".npz (latents, labels, images), .png, or .mp4 for videos (several: <stem>-<i>.mp4)")
 @click.option("--compare", is_flag=True,
@@ -174,8 +183,8 @@ def _progress(total: int, label: str):
                    "row per method and print each one's measured speed-up vs full.")
 @_errors
 def generate(engine_dir, method, interval, propagation, order, clusters, warmup, fresh, steps, sampler, cfg_scale,
-             seed, class_labels, provider, backend, out_file, prompts, guidance, text_propagation, height, width,
-             frames, compare):
+             seed, class_labels, provider, backend, device, precision, out_file, prompts, guidance, text_propagation,
+             height, width, frames, compare):
     """Sample with the engines in ENGINE_DIR and write latents (.npz), an image grid (.png) or videos (.mp4)."""
     from .runtime.output import write_result
     from .runtime.pipeline import Pipeline
@@ -183,7 +192,8 @@ def generate(engine_dir, method, interval, propagation, order, clusters, warmup,
     if out_file.suffix not in (".npz", ".png", ".mp4"):
         raise click.BadParameter(f"expected a .npz, .png or .mp4 (video) file, got {out_file.name}", param_hint="--out")
     select = {"height": height, "width": width, "frames": frames}
-    with Pipeline.load(engine_dir, provider=provider, backend=backend, select=select) as pipe:
+    with Pipeline.load(engine_dir, provider=provider, backend=backend, select=select, device=device,
+                       precision=precision) as pipe:
         family = pipe.model["family"]
         if family == "hunyuan-video":
             from .runtime.hunyuan_video import DEFAULT_GUIDANCE as HV_GUIDANCE, DEFAULT_STEPS as HV_STEPS
@@ -313,6 +323,7 @@ class _BaselineRefused(click.ClickException):
               help="Profiled partial-graph calls that split its time (propagation); 0: skip.")
 @click.option("--provider", type=click.Choice(["auto", "cpu", "cuda", "tensorrt"]), default="auto", show_default=True)
 @click.option("--backend", type=click.Choice(["onnxruntime", "torch"]), default="onnxruntime", show_default=True)
+@_device_options
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="ONNX Runtime intra-op threads.")
 @click.option("--json", "json_file", type=click.Path(path_type=Path), default=None,
               help="Write the result as JSON (usable as a --baseline later).")
@@ -322,8 +333,8 @@ class _BaselineRefused(click.ClickException):
               help="Tolerance against --baseline: exit 1 when a run is slower by more.")
 @_errors
 def bench(engine_dir, methods, interval, propagation, order, warmup, fresh, steps, sampler, cfg_scale, seed,
-          class_labels, repeats, warmup_runs, profile_calls, provider, backend, threads, json_file, baseline,
-          max_regression):
+          class_labels, repeats, warmup_runs, profile_calls, provider, backend, device, precision, threads, json_file,
+          baseline, max_regression):
     """Latency of the engines in ENGINE_DIR: full vs ClusCa vs FORA / TaylorSeer, interleaved.
 
     Prints median latency per step kind and per sampling run, wall and FLOPs speed-ups, their
@@ -341,7 +352,8 @@ def bench(engine_dir, methods, interval, propagation, order, warmup, fresh, step
         propagation=propagation, order=order, warmup=warmup, fresh=fresh, repeats=repeats,
         warmup_runs=warmup_runs, profile_calls=profile_calls,
     )
-    with Pipeline.load(engine_dir, provider=provider, backend=backend, threads=threads) as pipe:
+    with Pipeline.load(engine_dir, provider=provider, backend=backend, threads=threads, device=device,
+                       precision=precision) as pipe:
         inputs = default_inputs(pipe, settings, _labels(class_labels))
         result = run_bench(pipe, settings, inputs, threads=threads)
     click.echo(format_table(result))

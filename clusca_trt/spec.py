@@ -28,6 +28,7 @@ GRAPH_FULL = "full"
 GRAPH_PARTIAL = "partial"
 GRAPH_FORECAST = "forecast"
 MODEL_GRAPHS = (GRAPH_PLAIN, GRAPH_FULL, GRAPH_PARTIAL, GRAPH_FORECAST)  # one adapter forward, four contexts
+WEIGHTED_GRAPHS = (GRAPH_COND, *MODEL_GRAPHS)  # the graphs with the model's weights (low precision applies)
 COND_ROW = "cond_row"
 TABLE_SUFFIX = "_table"
 

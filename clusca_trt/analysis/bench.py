@@ -122,7 +122,7 @@ def parse_tolerance(value: "str | float") -> float:
 
 def device_name(provider: str) -> str:
     """What ran: the CPU model and usable cores, or the GPU."""
-    if provider in ("cuda", "tensorrt"):
+    if provider in ("cuda", "tensorrt") or "cuda" in provider:  # ONNX Runtime's, or torch-cuda:N, cuda:N fp16
         try:
             import torch
 
@@ -292,7 +292,11 @@ def run_bench(pipe, settings: BenchSettings = BenchSettings(), inputs: tuple[tup
     result["partial_profile_ms"] = {k: _ms(v) for k, v in profile.items()}
     result["flops"] = flops_detail
     state_bytes = sum(int(np.prod(t.shape)) * (8 if t.dtype == "int64" else 4) for t in pipe.spec.state_tensors().values())
+    if hasattr(pipe.engine, "state_bytes"):  # the engine's own buffers (half-precision caches, ping-pong spares)
+        state_bytes = pipe.engine.state_bytes()
     result["memory"] = {"peak_rss_mib": round(peak_mib, 1), "state_mib": round(state_bytes / 2**20, 1)}
+    if hasattr(pipe.engine, "device_memory"):  # torch: weights, state, the CUDA allocator's peak
+        result["memory"]["device_mib"] = {k: round(v / 2**20, 1) for k, v in pipe.engine.device_memory().items()}
     return result
 
 

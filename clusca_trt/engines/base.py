@@ -29,6 +29,7 @@ class StepEngine(abc.ABC):
     def __init__(self, spec: ExportSpec):
         self.spec = spec
         self.state_specs = spec.state_tensors()
+        self.pingpong = pingpong_state(spec)
 
     def host_inputs(self, graph: str) -> list:
         """The inputs of ``graph`` the caller must feed (all others come from the state)."""
@@ -74,3 +75,16 @@ class StepEngine(abc.ABC):
 
 def returns_out(g: GraphSpec) -> bool:
     return any(t.name == OUT for t in g.outputs)
+
+
+def pingpong_state(spec: ExportSpec) -> frozenset[str]:
+    """The state tensors some graph both reads and writes (input ``X``, output ``X_out``: the module
+    caches in the full and partial graphs, the centroids in the cluster graph). An engine whose
+    graphs must not write what they read (TensorRT, ONNX Runtime) keeps two buffers of these and
+    swaps them after the call; every other state tensor is written by graphs that do not read it
+    and needs one buffer."""
+    out = set()
+    for g in spec.graphs.values():
+        reads = {t.name for t in g.inputs}
+        out |= {t.state_name for t in g.outputs if t.name != OUT and t.state_name in reads}
+    return frozenset(out)

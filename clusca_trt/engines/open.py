@@ -1,17 +1,21 @@
 """Open what was built: ``open_engine(manifest, backend)`` -> a ``StepEngine``.
 
     onnxruntime   the graph files through ONNX Runtime (the best provider that really loads)
-    tensorrt      the plans built with ``clusca-trt build --backend tensorrt``
-    torch         the PyTorch reference: the model the engines were built from, run eagerly; its
-                  weights are loaded by the entry point the build recorded in the manifest
-                  (``model.loader``, ``module:function``), so this package imports no model code
+    tensorrt      the plans built with ``clusca-trt build --backend tensorrt``, on ``device`` cuda:N
+    torch         the model the engines were built from, run by PyTorch on ``device`` (cpu, cuda,
+                  cuda:N) in ``precision`` (fp32, bf16, fp16; CUDA graphs on a GPU); its weights
+                  are loaded by the entry point the build recorded in the manifest (``model.loader``,
+                  ``module:function``), so this package imports no model code
+
+``device`` and ``precision`` are None where the backend's default is meant: ONNX Runtime picks its
+device by ``provider`` and runs the float32 graphs; TensorRT runs cuda:0 in the plans' precision.
 """
 
 from __future__ import annotations
 
 import importlib
 
-from ..errors import EngineError
+from ..errors import ConfigError, EngineError, EngineMismatchError
 from .base import StepEngine
 from .manifest import Manifest
 
@@ -23,21 +27,42 @@ def open_engine(
     backend: str = "onnxruntime",
     provider: str = "auto",
     threads: int | None = None,
+    device: str | None = None,
+    precision: str | None = None,
 ) -> StepEngine:
     """The engine of one build. The caller has verified the manifest's files (``Manifest.verify``)."""
     if backend == "onnxruntime":
         from .ort import OrtEngine
 
+        if device is not None or precision not in (None, "fp32"):
+            raise ConfigError("device and precision apply to the torch and tensorrt backends; ONNX Runtime runs the "
+                              "float32 graphs on its provider's device (choose it with provider)")
         return OrtEngine(manifest.spec, manifest.graph_paths(), provider=provider, threads=threads)
     if backend == "torch":
-        from .torch_backend import TorchEngine
+        from .torch_backend import TorchEngine, check_precision, parse_device
 
-        return TorchEngine(load_adapter(manifest), manifest.spec)
+        device, precision = parse_device(device or "cpu"), precision or "fp32"
+        check_precision(precision)  # both before the model is loaded
+        return TorchEngine(load_adapter(manifest), manifest.spec, device=device, precision=precision)
     if backend == "tensorrt":
         from .tensorrt import load_engine
 
-        return load_engine(manifest, verify=False)
+        built = manifest.data.get("tensorrt", {}).get("options", {}).get("precision")
+        if precision is not None and built is not None and precision != built:
+            raise EngineMismatchError(f"TensorRT plans in {manifest.directory} were built in {built}, requested "
+                                      f"{precision}; rebuild with clusca-trt build --backend tensorrt --precision {precision}")
+        return load_engine(manifest, device=cuda_index(device), verify=False)
     raise EngineError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
+
+
+def cuda_index(device: str | None) -> int:
+    """``None``, ``cuda`` or ``cuda:N`` -> N (0 by default); anything else is refused."""
+    if device in (None, "cuda"):
+        return 0
+    head, _, index = str(device).partition(":")
+    if head != "cuda" or not index.isdigit():
+        raise ConfigError(f"device must be cuda or cuda:N for TensorRT, got {device!r}")
+    return int(index)
 
 
 def load_adapter(manifest: Manifest):

@@ -38,6 +38,20 @@ PROVIDERS = {
     "cpu": "CPUExecutionProvider",
 }
 PREFERENCE = ("tensorrt", "cuda", "cpu")
+TRT_CACHE_DIR = "ort-tensorrt-cache"  # in the engine directory: the TensorRT provider's engines and timing cache
+
+
+def tensorrt_provider_options(cache_dir: Path) -> dict:
+    """ONNX Runtime's TensorRT provider options: its engines and timing cache kept in ``cache_dir``
+    (without them it rebuilds every engine at every load). TF32 is TensorRT's default (on for fp32
+    layers); ``NVIDIA_TF32_OVERRIDE=0`` turns it off, as the GPU tests do where they compare at 1e-3."""
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    return {
+        "trt_engine_cache_enable": True,
+        "trt_engine_cache_path": str(cache_dir),
+        "trt_timing_cache_enable": True,
+        "trt_timing_cache_path": str(cache_dir),
+    }
 
 
 def _probe_model() -> bytes:
@@ -124,8 +138,10 @@ class OrtEngine(StepEngine):
         self.provider = choose_provider(provider)
         self.device = "cpu" if self.provider == "cpu" else "cuda"
         providers: list = [PROVIDERS[self.provider]]
-        if self.provider == "tensorrt" and trt_cache_dir is not None:
-            providers = [(PROVIDERS["tensorrt"], {"trt_engine_cache_enable": True, "trt_engine_cache_path": str(trt_cache_dir)})]
+        if self.provider == "tensorrt":
+            if trt_cache_dir is None:  # beside the graphs: the engine directory
+                trt_cache_dir = Path(next(iter(graph_paths.values()))).parent / TRT_CACHE_DIR
+            providers = [(PROVIDERS["tensorrt"], tensorrt_provider_options(Path(trt_cache_dir)))]
         self.cuda_graph = cuda_graph and self.provider == "cuda"
         if cuda_graph and not self.cuda_graph:
             log.warning("CUDA graphs need ONNX Runtime's CUDA provider; %s runs without them", self.provider)

@@ -2,29 +2,42 @@
 
 Build (``build_plans``): every graph of an engine directory -> ``<graph>.<key>.plan`` beside it,
 with Polygraphy's loaders (``NetworkFromOnnxPath`` -> ``CreateConfig`` -> ``EngineFromNetwork``
--> ``SaveEngine``), static shapes, strongly typed networks, a timing cache reused across builds,
-the builder optimisation level and workspace limit as options. Precision lives in the graph:
+-> ``SaveEngine``), static shapes, strongly typed networks, TF32 off, a timing cache reused across
+builds, the builder optimisation level and workspace limit as options, on the CUDA device asked
+for (current while building, deserializing and creating contexts). Precision lives in the graph:
 for fp16 / bf16 the model graphs (full, partial, forecast) are rewritten so that MatMul, Gemm
 and Conv run in the low type between casts (PyTorch autocast's policy: element-wise work,
-normalisation, softmax and the sinusoidal timestep embedding stay fp32), then built strongly
-typed; weakly typed builds with precision flags are deprecated since TensorRT 10.12 and gone
-in 11. The k-means and selection graphs stay fp32 (argmin over distances is precision
-sensitive, and they are tiny). Graph inputs and outputs, and so the module caches, stay fp32.
+normalisation, softmax and the sinusoidal timestep embedding stay fp32), and the module caches
+are graph inputs and outputs in the low type (half the state memory); then built strongly
+typed (weakly typed builds with precision flags are deprecated since TensorRT 10.12 and gone
+in 11). The rewrite streams the weights tensor by tensor between external-data files, so host
+memory stays bounded for FLUX-size graphs (``_lowered_file``). The k-means and selection graphs
+stay fp32 (argmin over distances is precision sensitive, and they are tiny), and so do the
+hidden states, centroids and distances.
 
-The plans are keyed by content (``plan_key``): the ONNX files, the build options, the TensorRT
-version and the GPU's compute capability. The manifest's ``tensorrt`` section records them;
-plans built for another TensorRT version or GPU are refused with a one-line message, never
+The plans are keyed by content (``plan_key``): the ONNX files, the build options, the hash of
+the precision-rewriting code (fp16 / bf16), the TensorRT version and the GPU (compute capability
+and name). The manifest's ``tensorrt`` section records them; plans built for another TensorRT
+version or GPU, or lowered by other rewriting code, are refused with a one-line message, never
 deserialized.
+
+Weights: every plan embeds its own copy of the weights it uses (full + partial + forecast: about
+2.2 x the model's weights on the device, and as much again on disk). TensorRT's weight-stripped
+plans (``STRIP_PLAN`` with ``REFIT_IDENTICAL``, refitted at load from the ONNX weights) shrink the
+plan files but not the device memory: a refit copies the weights into each engine. See the
+README's GPU section for the numbers and the route to one device copy.
 
 Run (``TensorRTEngine``): one execution context per plan, bound to device buffers with
 ``set_tensor_address`` and launched with ``execute_async_v3`` on one CUDA stream. The state
 (module caches, hidden states, centroids, assignments, fresh indices) lives on the GPU for the
-whole sampling run, two buffers per tensor (ping-pong: a graph that reads ``mlp_f0`` and writes
-``mlp_f0_out`` reads one and writes the other). Graphs without a host output (cluster, select)
-are queued and launched with the next graph that has one, so the partial step's sequence
-(select -> partial) is one unit; that unit is captured once as a CUDA graph per address set
-(``cuda_graph.GraphCache``) and replayed. Host feeds are copied into static device buffers
-before the launch; ``out`` is the only tensor that comes back, once per step.
+whole sampling run in the plans' types; a tensor that one graph both reads and writes (the caches,
+the centroids: ``base.pingpong_state``) has two buffers that swap after the call, every other one
+buffer. Graphs without a host output (cluster, select) are queued and launched with the next graph
+that has one, so the partial step's sequence (select -> partial) is one unit; that unit is captured
+once as a CUDA graph per address set (``cuda_graph.GraphCache``) and replayed. Host feeds are
+written into pinned host buffers and copied asynchronously on the engine's stream; ``out`` is the
+only tensor that comes back, once per step, and its download is the step's one host
+synchronisation (``Device.host_syncs`` counts them).
 
 TensorRT, Polygraphy's TensorRT backend and CUDA (through a CUDA build of torch) are imported
 lazily: ``import clusca_trt`` and every CPU path work without them.
@@ -47,7 +60,7 @@ import numpy as np
 
 from ..errors import BackendUnavailableError, ConfigError, EngineError, EngineMismatchError
 from ..hashing import value_sha256
-from ..spec import GRAPH_FORECAST, GRAPH_FULL, GRAPH_PARTIAL, OUT, ExportSpec
+from ..spec import OUT, STATE_SUFFIX, WEIGHTED_GRAPHS, ExportSpec
 from .base import StepEngine, returns_out
 from .cuda_graph import Action, CaptureConfig, GraphCache, GraphKey
 from .manifest import Manifest, describe_files, now
@@ -55,9 +68,9 @@ from .manifest import Manifest, describe_files, now
 log = logging.getLogger(__name__)
 
 PRECISIONS = ("fp32", "fp16", "bf16")
-MODEL_GRAPHS = (GRAPH_FULL, GRAPH_PARTIAL, GRAPH_FORECAST)  # built in the requested precision
+MODEL_GRAPHS = WEIGHTED_GRAPHS  # built in the requested precision
 LOW_PRECISION_OPS = frozenset({"MatMul", "Gemm", "Conv", "ConvTranspose"})
-PLAN_FORMAT = 1
+PLAN_FORMAT = 2  # 2: fp16 / bf16 plans keep the module caches in the low type
 INSTALL_HINT = (
     "install it with: pip install 'clusca-trt[tensorrt]' (NVIDIA's tensorrt wheels; they need an NVIDIA GPU, "
     "its driver and a CUDA build of torch)"
@@ -128,7 +141,9 @@ class TrtBuildOptions:
 
 @dataclass(frozen=True)
 class TrtPlatform:
-    """What a plan is only valid for: the exact TensorRT version and the GPU's compute capability."""
+    """What a plan is only valid for: the exact TensorRT version, the GPU's compute capability and
+    its name (two GPUs of one compute capability differ in multiprocessors, memory and clocks,
+    which TensorRT's tactic choice depends on)."""
 
     tensorrt: str
     compute_capability: str
@@ -145,34 +160,47 @@ def current_platform(device: int = 0) -> TrtPlatform:
     return TrtPlatform(str(trt.__version__), f"{major}.{minor}", torch.cuda.get_device_name(device))
 
 
+def rewrite_key(options: "TrtBuildOptions") -> str | None:
+    """The hash of the precision-rewriting code where it shapes the plans (fp16 / bf16), else None."""
+    return rewrite_code_sha256() if options.precision != "fp32" else None
+
+
 def plan_key(onnx_sha256: dict[str, str], options: TrtBuildOptions, platform: TrtPlatform) -> str:
-    """Content key of a set of plans: ONNX file hashes, build options, TensorRT version, GPU."""
+    """Content key of a set of plans: ONNX file hashes, build options, the code that rewrote their
+    precision, TensorRT version, GPU (compute capability and name)."""
     return value_sha256(
         {
             "format": PLAN_FORMAT,
             "onnx": dict(sorted(onnx_sha256.items())),
             "options": options.key_dict(),
+            "rewrite": rewrite_key(options),
             "tensorrt": platform.tensorrt,
             "compute_capability": platform.compute_capability,
+            "device": platform.device,
         }
     )
 
 
 def check_platform(recorded: dict, current: TrtPlatform, directory: Path | str = "") -> None:
-    """Refuse plans built for another TensorRT version or GPU (one line, says how to fix it)."""
+    """Refuse plans built for another TensorRT version or GPU, or lowered to fp16 / bf16 by other
+    precision-rewriting code (one line, says how to fix it)."""
     rec = recorded.get("platform", {})
-    got = (rec.get("tensorrt"), rec.get("compute_capability"))
-    want = (current.tensorrt, current.compute_capability)
+    got = (rec.get("tensorrt"), rec.get("compute_capability"), rec.get("device") or "")
+    want = (current.tensorrt, current.compute_capability, current.device)
+    where = f" in {directory}" if str(directory) else ""
     if got != want:
-        where = f" in {directory}" if str(directory) else ""
-        built_on = f" ({rec['device']})" if rec.get("device") else ""
+        built_on = f" ({got[2]})" if got[2] else ""
         raise EngineMismatchError(
             f"TensorRT plans{where} were built with TensorRT {got[0]} for compute capability {got[1]}{built_on}, "
-            f"this machine has TensorRT {want[0]} and compute capability {want[1]} ({current.device}); "
+            f"this machine has TensorRT {want[0]} and compute capability {want[1]} ({want[2]}); "
             f"rebuild them with clusca-trt build --backend tensorrt"
         )
-    if rec.get("device") and current.device and rec["device"] != current.device:
-        log.info("plans were built on %s and run on %s (same compute capability)", rec["device"], current.device)
+    options = recorded.get("options") or {}
+    if options.get("precision", "fp32") != "fp32" and recorded.get("rewrite") != rewrite_code_sha256():
+        raise EngineMismatchError(
+            f"TensorRT plans{where} were lowered to {options['precision']} by another version of clusca-trt's "
+            f"precision rewrite; rebuild them with clusca-trt build --backend tensorrt"
+        )
 
 
 def default_timing_cache(platform: TrtPlatform, env: dict | None = None) -> Path:
@@ -186,23 +214,29 @@ def default_timing_cache(platform: TrtPlatform, env: dict | None = None) -> Path
 # -- precision: move it into the graph ------------------------------------------------------
 
 
-def lower_precision(model, precision: str, types: dict[str, int] | None = None):
+def lower_precision(model, precision: str, types: dict[str, int] | None = None, state=(), store=None):
     """ONNX model -> the same model with MatMul / Gemm / Conv / ConvTranspose in fp16 or bf16.
 
     Float inputs of those nodes are cast to the low type (initializers are converted instead),
-    their outputs cast back to fp32, so every other node, the graph inputs and outputs keep
-    their types. A node whose operator does not take the low type at the model's opset stays
-    fp32 (ONNX Conv takes bf16 from opset 22). ``types`` maps value names to ONNX element types
-    (default: ONNX shape inference on ``model``; pass it for models over 2 GB). Returns a new model.
+    their outputs cast back to fp32, so every other node keeps its type. A node whose operator
+    does not take the low type at the model's opset stays fp32 (ONNX Conv takes bf16 from
+    opset 22). ``state``: names of graph inputs and outputs (the module caches) that take the low
+    type at the graph's interface, cast to fp32 right after the input and from fp32 right before
+    the output (TensorRT fuses the casts), so the engine keeps them in half the memory; every other
+    input and output keeps its type. ``types`` maps value names to ONNX element types (default: ONNX
+    shape inference on ``model``; pass it for models over 2 GB). ``store`` reads and writes
+    initializers (``_MemoryStore`` by default; ``_ExternalStore`` streams them tensor by tensor
+    between external-data files). Returns a new model.
     """
     import onnx
     import onnx.defs
-    from onnx import TensorProto, helper, numpy_helper
+    from onnx import TensorProto, helper
 
     if precision == "fp32":
         return model
     if precision not in ("fp16", "bf16"):
         raise ConfigError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    store = store or _MemoryStore()
     low = TensorProto.FLOAT16 if precision == "fp16" else TensorProto.BFLOAT16
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
     low_str = "tensor(float16)" if precision == "fp16" else "tensor(bfloat16)"
@@ -212,12 +246,14 @@ def lower_precision(model, precision: str, types: dict[str, int] | None = None):
     }
     if types is None:
         types = value_types(onnx.shape_inference.infer_shapes(model))
+    types = dict(types)
     out = onnx.ModelProto()
     out.CopyFrom(model)
     g = out.graph
+    head, tail = _low_interface(g, set(state), low, types)
     inits = {i.name: i for i in g.initializer}
     converted: dict[str, str] = {}
-    nodes = []
+    nodes = list(head)
     for node in g.node:
         if node.op_type not in lowered_ops or node.domain not in ("", "ai.onnx"):
             nodes.append(node)
@@ -228,8 +264,7 @@ def lower_precision(model, precision: str, types: dict[str, int] | None = None):
             if name not in converted:
                 converted[name] = f"{name}__{precision}"
                 if name in inits:
-                    g.initializer.append(numpy_helper.from_array(_to_low(numpy_helper.to_array(inits[name]), precision),
-                                                                 converted[name]))
+                    g.initializer.append(store.convert(inits[name], converted[name], lambda a: _to_low(a, precision)))
                 else:
                     nodes.append(helper.make_node("Cast", [name], [converted[name]], name=f"{name}__to_{precision}", to=low))
             node.input[i] = converted[name]
@@ -237,9 +272,11 @@ def lower_precision(model, precision: str, types: dict[str, int] | None = None):
         for j, name in enumerate(node.output):
             if name and types.get(name) == TensorProto.FLOAT:
                 node.output[j] = f"{name}__{precision}"
+                converted[name] = node.output[j]  # a lowered consumer reads the low value: no cast pair
                 back.append(helper.make_node("Cast", [node.output[j]], [name], name=f"{name}__to_fp32", to=TensorProto.FLOAT))
         nodes.append(node)
         nodes += back
+    nodes += tail
     del g.node[:]
     g.node.extend(nodes)
     used = {i for n in g.node for i in n.input} | {o.name for o in g.output}
@@ -247,6 +284,60 @@ def lower_precision(model, precision: str, types: dict[str, int] | None = None):
     del g.initializer[:]
     g.initializer.extend(keep)
     return out
+
+
+def _low_interface(g, state: set[str], low: int, types: dict[str, int]) -> tuple[list, list]:
+    """Give the float graph inputs and outputs named in ``state`` the low type ``low``: consumers
+    of such an input read its fp32 cast ``<name>__fp32``; such an output is the low cast of what
+    its producer made (renamed ``<name>__fp32``). Returns the Cast nodes to put first and last."""
+    from onnx import TensorProto, helper
+
+    head, tail = [], []
+    touched = set()
+    for v in g.input:
+        if v.name in state and v.type.tensor_type.elem_type == TensorProto.FLOAT:
+            wide = f"{v.name}__fp32"
+            for n in g.node:
+                for i, name in enumerate(n.input):
+                    if name == v.name:
+                        n.input[i] = wide
+            for o in g.output:  # a state tensor passed through unchanged
+                if o.name == v.name:
+                    raise ConfigError(f"graph output {o.name} is also a graph input; cannot give it a low type")
+            head.append(helper.make_node("Cast", [v.name], [wide], name=f"{v.name}__to_fp32_in", to=TensorProto.FLOAT))
+            v.type.tensor_type.elem_type = low
+            types[v.name], types[wide] = low, TensorProto.FLOAT
+            touched.add(v.name)
+    for v in g.output:
+        if v.name in state and v.type.tensor_type.elem_type == TensorProto.FLOAT:
+            wide = f"{v.name}__fp32"
+            producers = [n for n in g.node if v.name in n.output]
+            if not producers:
+                raise ConfigError(f"graph output {v.name} has no producing node; cannot give it a low type")
+            for n in producers:
+                for j, name in enumerate(n.output):
+                    if name == v.name:
+                        n.output[j] = wide
+            for n in g.node:  # nodes that also read the output inside the graph read its fp32 value
+                for i, name in enumerate(n.input):
+                    if name == v.name:
+                        n.input[i] = wide
+            tail.append(helper.make_node("Cast", [wide], [v.name], name=f"{v.name}__to_low_out", to=low))
+            v.type.tensor_type.elem_type = low
+            types[v.name], types[wide] = low, TensorProto.FLOAT
+            touched.add(v.name)
+    keep = [vi for vi in g.value_info if vi.name not in touched]
+    del g.value_info[:]
+    g.value_info.extend(keep)
+    return head, tail
+
+
+def half_state(spec: ExportSpec) -> frozenset[str]:
+    """The graph inputs and outputs of the model graphs that are kept in the plan's low type: the
+    module caches (``<slot>_f0``, ``<slot>_fhi`` and their ``_out``). Hidden states, centroids,
+    distances and indices stay as they are (k-means runs in fp32)."""
+    names = {t.name for t in spec.cache_tensors()}
+    return frozenset(names | {n + STATE_SUFFIX for n in names})
 
 
 def value_types(model) -> dict[str, int]:
@@ -270,16 +361,96 @@ def _to_low(a: np.ndarray, precision: str) -> np.ndarray:
     return a.astype(ml_dtypes.bfloat16)
 
 
-def _lowered_file(src: Path, precision: str, workdir: Path) -> Path:
-    """Write the low-precision twin of ``src`` into ``workdir`` (weights as external data)."""
+class _MemoryStore:
+    """Initializers in memory: read, convert, and put back as embedded tensors."""
+
+    def convert(self, tensor, name: str, fn):
+        from onnx import numpy_helper
+
+        return numpy_helper.from_array(fn(numpy_helper.to_array(tensor)), name)
+
+
+class _ExternalStore:
+    """Initializers streamed tensor by tensor: read from the source model's external data
+    (``source_dir``), written to one new external-data file ``sink`` (named ``location`` beside
+    the new model). At most one tensor (and its converted twin) is in memory at a time."""
+
+    ALIGN = 4096
+
+    def __init__(self, source_dir: Path, sink, location: str):
+        self.source_dir, self.sink, self.location = str(source_dir), sink, location
+        self.written: set[str] = set()  # names of the tensors already in ``sink``
+
+    def read(self, tensor) -> np.ndarray:
+        from onnx import numpy_helper
+
+        return numpy_helper.to_array(tensor, self.source_dir)
+
+    def put(self, array: np.ndarray, name: str):
+        from onnx import TensorProto, external_data_helper, numpy_helper
+
+        tensor = numpy_helper.from_array(array, name)
+        raw = tensor.raw_data
+        pad = -self.sink.tell() % self.ALIGN
+        self.sink.write(b"\0" * pad)
+        offset = self.sink.tell()
+        self.sink.write(raw)
+        external_data_helper.set_external_data(tensor, self.location, offset, len(raw))
+        tensor.ClearField("raw_data")
+        tensor.data_location = TensorProto.EXTERNAL
+        self.written.add(name)
+        return tensor
+
+    def convert(self, tensor, name: str, fn):
+        return self.put(fn(self.read(tensor)), name)
+
+    def relocate(self, model) -> None:
+        """Move every initializer that still points into the source's external data into ``sink``."""
+        from onnx import external_data_helper
+
+        for tensor in model.graph.initializer:
+            if external_data_helper.uses_external_data(tensor) and tensor.name not in self.written:
+                tensor.CopyFrom(self.put(self.read(tensor), tensor.name))
+
+
+def _lowered_file(src: Path, precision: str, workdir: Path, state=()) -> Path:
+    """Write the low-precision twin of ``src`` into ``workdir`` (weights as external data).
+
+    Host memory stays bounded for graphs of any size: the graph is loaded without its weights,
+    and the weights are streamed tensor by tensor from ``src``'s external data into the twin's
+    (read, convert, write, drop). Peak: the graph structure plus about 2.5 x the largest
+    tensor in fp32 (FLUX.1-dev's largest, a single block's ``proj_out``, is 189 MB: well under
+    1 GB at the peak), never the whole model."""
     import onnx
 
-    types = value_types(onnx.shape_inference.infer_shapes(onnx.load(str(src), load_external_data=False)))
-    model = lower_precision(onnx.load(str(src)), precision, types)
+    src = Path(src)
+    model = onnx.load(str(src), load_external_data=False)
+    types = value_types(onnx.shape_inference.infer_shapes(model))
     dst = workdir / src.name
-    onnx.save_model(model, str(dst), save_as_external_data=True, all_tensors_to_one_file=True,
-                    location=dst.name + ".data", size_threshold=1024)
+    location = dst.name + ".data"
+    with open(workdir / location, "wb") as sink:
+        store = _ExternalStore(src.parent, sink, location)
+        low = lower_precision(model, precision, types, state=state, store=store)
+        store.relocate(low)
+    onnx.save_model(low, str(dst))
     return dst
+
+
+def rewrite_code_sha256() -> str:
+    """Hash of the code that rewrites a graph's precision (part of the plan key: plans lowered by
+    other code are rebuilt, and refused at load)."""
+    import hashlib
+    import inspect
+
+    h = hashlib.sha256(repr(sorted(LOW_PRECISION_OPS)).encode())
+    for obj in (lower_precision, _low_interface, half_state, value_types, _to_low, _MemoryStore, _ExternalStore,
+                _lowered_file):
+        try:
+            h.update(inspect.getsource(obj).encode())
+        except (OSError, TypeError):  # no source shipped: the compiled code stands for it
+            code = getattr(obj, "__code__", None)
+            h.update(repr((code.co_code, code.co_consts) if code else obj.__qualname__).encode())
+    return h.hexdigest()
 
 
 # -- build ----------------------------------------------------------------------------------
@@ -301,8 +472,15 @@ def _polygraphy_output(what: str):
             log.debug("polygraphy / TensorRT output (%s):\n%s", what, buf.getvalue())
 
 
+def on_device(index: int):
+    """Make CUDA device ``index`` current (``cudaSetDevice``, through torch) for what TensorRT does
+    next: it builds, deserializes and creates execution contexts on the current device."""
+    return _require_cuda_torch(index).cuda.device(index)
+
+
 def build_plan(onnx_path: Path, plan_path: Path, options: TrtBuildOptions, timing_cache: Path):
-    """One ONNX graph -> one serialized plan at ``plan_path``; returns the deserialized engine."""
+    """One ONNX graph -> one serialized plan at ``plan_path``; returns the deserialized engine.
+    Call it with the target device current (``on_device``)."""
     trt = require_tensorrt()
     from polygraphy.backend.trt import CreateConfig, EngineFromNetwork, NetworkFromOnnxPath, SaveEngine
 
@@ -310,7 +488,7 @@ def build_plan(onnx_path: Path, plan_path: Path, options: TrtBuildOptions, timin
         network = NetworkFromOnnxPath(str(onnx_path), strongly_typed=True)
         pools = {trt.MemoryPoolType.WORKSPACE: options.workspace_mib << 20} if options.workspace_mib else None
         config = CreateConfig(
-            tf32=False,  # fp32 means fp32; the low-precision parts are explicit in the graph
+            tf32=False,  # Polygraphy clears TensorRT's TF32 flag: fp32 means fp32; low precision is explicit in the graph
             builder_optimization_level=options.optimization_level,
             memory_pool_limits=pools,
             load_timing_cache=str(timing_cache),
@@ -320,12 +498,14 @@ def build_plan(onnx_path: Path, plan_path: Path, options: TrtBuildOptions, timin
 
 
 def build_plans(manifest: Manifest, options: TrtBuildOptions, device: int = 0, force: bool = False) -> Manifest:
-    """Build (or reuse) a TensorRT plan for every graph of an engine directory.
+    """Build (or reuse) a TensorRT plan for every graph of an engine directory, on CUDA device ``device``.
 
-    Content-keyed: the same ONNX files (and weights), options, TensorRT version and GPU reuse the
-    plans (after checking their files). Every plan is built in a temporary folder first; only
-    then do they move in under new names, the manifest is replaced atomically and the old plans
-    are removed, so a failed build leaves the directory as it was.
+    Content-keyed: the same ONNX files (and weights), options, precision-rewriting code, TensorRT
+    version and GPU reuse the plans (after checking their files). Every plan is built in a temporary
+    folder first; only then do they move in under new names, the manifest is replaced atomically and
+    the old plans are removed, so a failed build leaves the directory as it was. A lowered (fp16 /
+    bf16) graph is written next to its plan, streamed tensor by tensor (``_lowered_file``), and
+    deleted once its plan is built.
     """
     from .trt_compat import check_graphs
 
@@ -351,13 +531,17 @@ def build_plans(manifest: Manifest, options: TrtBuildOptions, device: int = 0, f
         staged = {}
         for i, (name, src) in enumerate(manifest.graph_paths().items(), 1):
             precision = options.graph_precision(name)
-            log.info("building TensorRT plan for %s (%d/%d, %s, optimisation level %d)", name, i,
-                     len(spec.graphs), precision, options.optimization_level)
-            onnx_file = src if precision == "fp32" else _lowered_file(src, precision, work)
+            log.info("building TensorRT plan for %s (%d/%d, %s, optimisation level %d, cuda:%d)", name, i,
+                     len(spec.graphs), precision, options.optimization_level, device)
+            lowered = None if precision == "fp32" else _lowered_file(src, precision, work, state=half_state(spec))
             staged[name] = work / f"{name}.plan"
-            engine = build_plan(onnx_file, staged[name], options, timing_cache)
-            check_plan_io(spec, name, engine_io(engine))
-            del engine
+            with on_device(device):
+                engine = build_plan(lowered or src, staged[name], options, timing_cache)
+                check_plan_io(spec, name, engine_io(engine))
+                del engine
+            if lowered is not None:
+                for f in (lowered, lowered.with_name(lowered.name + ".data")):
+                    f.unlink(missing_ok=True)
         plans = {}
         for name, tmp_plan in staged.items():
             final = directory / f"{name}.{key[:12]}.plan"
@@ -370,6 +554,7 @@ def build_plans(manifest: Manifest, options: TrtBuildOptions, device: int = 0, f
             "created": now(),
             "platform": platform.to_dict(),
             "options": options.key_dict(),
+            "rewrite": rewrite_key(options),
             "plans": plans,
         }
         updated = Manifest(data, directory)
@@ -378,8 +563,8 @@ def build_plans(manifest: Manifest, options: TrtBuildOptions, device: int = 0, f
         shutil.rmtree(work, ignore_errors=True)
     for f in old - _plan_files(updated):
         f.unlink(missing_ok=True)
-    log.info("TensorRT plans written to %s (key %s, TensorRT %s, sm %s)", directory, key[:12], platform.tensorrt,
-             platform.compute_capability)
+    log.info("TensorRT plans written to %s (key %s, TensorRT %s, sm %s, %s)", directory, key[:12], platform.tensorrt,
+             platform.compute_capability, platform.device)
     return updated
 
 
@@ -443,11 +628,17 @@ def check_plan_io(spec: ExportSpec, graph: str, io: dict[str, TensorIO]) -> None
 
 
 class Device(Protocol):
-    """Buffers, copies and graphs on one stream (CUDA through torch here; a numpy twin in the tests)."""
+    """Buffers, copies and graphs on one stream (CUDA through torch here; a numpy twin in the tests).
+
+    Host synchronisations (the host waiting for the device) are counted in ``host_syncs``:
+    ``download`` is one (it returns host data), ``synchronize`` is one, and an ``upload`` is one
+    only if its staging buffer is still being read by an earlier copy (never in the engine's
+    steady state: every step ends with the download of ``out``, after which all copies are done)."""
 
     stream_handle: int
+    host_syncs: int
 
-    def alloc(self, shape: tuple[int, ...], dtype: str) -> Any: ...
+    def alloc(self, shape: tuple[int, ...], dtype: str, staged: bool = False) -> Any: ...
     def address(self, buf) -> int: ...
     def zero(self, buf) -> None: ...
     def upload(self, buf, array: np.ndarray) -> None: ...
@@ -455,6 +646,7 @@ class Device(Protocol):
     def synchronize(self) -> None: ...
     def capture(self, launch: Callable[[int], None]) -> Any: ...
     def replay(self, graph) -> None: ...
+    def activate(self) -> contextlib.AbstractContextManager: ...
 
 
 class Runner(Protocol):
@@ -467,53 +659,90 @@ class Runner(Protocol):
     def launch(self, stream_handle: int) -> None: ...
 
 
+@dataclass
+class StagedBuffer:
+    """A device buffer with a pinned host twin: a host feed is written into ``host`` and copied to
+    ``device`` asynchronously on the engine's stream; ``copied`` is the event of the last copy."""
+
+    device: Any
+    host: Any
+    copied: Any = None
+
+
 class TorchCudaDevice:
-    """Device buffers are torch CUDA tensors; one side stream; graphs are ``torch.cuda.CUDAGraph``."""
+    """Device buffers are torch CUDA tensors on device ``index``; one stream; graphs are
+    ``torch.cuda.CUDAGraph``. Host feeds go through pinned host buffers and asynchronous copies on
+    the stream; ``out`` comes back through a pinned buffer, with the one synchronisation of a step."""
 
     def __init__(self, index: int = 0):
         torch = _require_cuda_torch(index)
         self.torch = torch
+        self.index = index
         self.device = torch.device("cuda", index)
-        self.stream = torch.cuda.Stream(self.device)
+        with torch.cuda.device(index):
+            self.stream = torch.cuda.Stream(self.device)
         self.stream_handle = self.stream.cuda_stream
+        self.host_syncs = 0
+        self._pinned_out: dict[tuple, Any] = {}
         self._dtypes = {
             "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
             "int64": torch.int64, "int32": torch.int32, "bool": torch.bool,
         }
 
-    def alloc(self, shape, dtype):
-        with self.torch.cuda.stream(self.stream):
-            return self.torch.zeros(tuple(shape), dtype=self._dtypes[dtype], device=self.device)
+    def activate(self):
+        return self.torch.cuda.device(self.index)
+
+    def alloc(self, shape, dtype, staged: bool = False):
+        with self.activate(), self.torch.cuda.stream(self.stream):
+            buf = self.torch.zeros(tuple(shape), dtype=self._dtypes[dtype], device=self.device)
+            if not staged:
+                return buf
+            host_dtype = self._dtypes["float32"] if dtype in ("float16", "bfloat16") else buf.dtype
+            return StagedBuffer(buf, self.torch.empty(tuple(shape), dtype=host_dtype, pin_memory=True))
 
     def address(self, buf) -> int:
-        return int(buf.data_ptr())
+        return int((buf.device if isinstance(buf, StagedBuffer) else buf).data_ptr())
 
     def zero(self, buf) -> None:
-        with self.torch.cuda.stream(self.stream):
-            buf.zero_()
+        with self.activate(), self.torch.cuda.stream(self.stream):
+            (buf.device if isinstance(buf, StagedBuffer) else buf).zero_()
 
-    def upload(self, buf, array) -> None:
-        # a synchronous copy from pageable memory: the launches it precedes are queued, not yet
-        # issued (see TensorRTEngine.run), so this waits for nothing but the copy
-        with self.torch.cuda.stream(self.stream):
-            buf.copy_(self.torch.from_numpy(np.ascontiguousarray(array)))
+    def upload(self, buf: StagedBuffer, array) -> None:
+        if buf.copied is not None and not buf.copied.query():  # the last copy still reads ``host``
+            self.host_syncs += 1
+            buf.copied.synchronize()
+        buf.host.numpy()[...] = array  # a host memcpy into pinned memory
+        with self.activate(), self.torch.cuda.stream(self.stream):
+            buf.device.copy_(buf.host, non_blocking=True)
+            if buf.copied is None:
+                buf.copied = self.torch.cuda.Event()
+            buf.copied.record(self.stream)
 
     def download(self, buf) -> np.ndarray:
-        with self.torch.cuda.stream(self.stream):
-            host = buf.float().to("cpu") if buf.dtype in (self.torch.float16, self.torch.bfloat16) else buf.to("cpu")
-        return host.numpy()
+        torch = self.torch
+        with self.activate(), torch.cuda.stream(self.stream):
+            src = buf.float() if buf.dtype in (torch.float16, torch.bfloat16) else buf
+            key = (tuple(src.shape), src.dtype)
+            if key not in self._pinned_out:
+                self._pinned_out[key] = torch.empty(key[0], dtype=src.dtype, pin_memory=True)
+            host = self._pinned_out[key]
+            host.copy_(src, non_blocking=True)
+        self.synchronize()
+        return host.numpy().copy()
 
     def synchronize(self) -> None:
+        self.host_syncs += 1
         self.stream.synchronize()
 
     def capture(self, launch):
         graph = self.torch.cuda.CUDAGraph()
-        with self.torch.cuda.graph(graph, stream=self.stream, capture_error_mode="thread_local"):
+        self.host_syncs += 1  # torch.cuda.graph synchronizes the device before it captures (once per graph)
+        with self.activate(), self.torch.cuda.graph(graph, stream=self.stream, capture_error_mode="thread_local"):
             launch(self.stream_handle)
         return graph
 
     def replay(self, graph) -> None:
-        with self.torch.cuda.stream(self.stream):
+        with self.activate(), self.torch.cuda.stream(self.stream):
             graph.replay()
 
 
@@ -541,7 +770,12 @@ class TrtRunner:
 
 
 class TensorRTEngine(StepEngine):
-    """Step graphs as TensorRT plans; the state stays on the device. Use as a context manager."""
+    """Step graphs as TensorRT plans; the state stays on the device. Use as a context manager.
+
+    Host synchronisations per step: one, the download of ``out`` (``Device.host_syncs`` counts
+    them). Host feeds are written into pinned staging buffers and copied asynchronously on the
+    engine's stream; graphs without ``out`` are queued and launched with the next one that has it.
+    """
 
     backend = "tensorrt"
 
@@ -568,14 +802,15 @@ class TensorRTEngine(StepEngine):
         self._dtypes = self._buffer_dtypes()
         self._queue: list[tuple[str, dict[str, int]]] = []
         self._alloc_all()
-        log.info("TensorRT engine on %s (CUDA graphs %s)", provider, "on" if cuda_graphs.enabled else "off")
+        log.info("TensorRT engine on %s (CUDA graphs %s, state %.1f MiB)", provider,
+                 "on" if cuda_graphs.enabled else "off", self.state_bytes() / 2**20)
 
     def _buffer_dtypes(self) -> dict[str, str]:
         """dtype of every state tensor and output buffer, from the plans (must agree across plans)."""
         seen: dict[str, str] = {}
         for name, runner in self.runners.items():
             for tio in runner.tensors.values():
-                state = tio.name.removesuffix("_out")
+                state = tio.name.removesuffix(STATE_SUFFIX)
                 key = state if state in self.state_specs else f"{name}:{tio.name}"
                 if key in seen and seen[key] != tio.dtype:
                     raise EngineError(f"plans disagree on the type of {key}: {seen[key]} and {tio.dtype}; rebuild")
@@ -586,41 +821,65 @@ class TensorRTEngine(StepEngine):
         return self._dtypes.get(key, spec_dtype)
 
     def _alloc_all(self) -> None:
-        """Every device buffer, anew: state and spare per state tensor, ``out`` per graph, one
-        static buffer per host input. Graphs captured with the old buffers are dropped."""
+        """Every device buffer, anew: one per state tensor and a spare for those a graph both reads
+        and writes (``pingpong``), ``out`` per graph, one staged (pinned host + device) buffer per
+        host input. Graphs captured with the old buffers are dropped."""
         d = self.device
-        self._state = {n: d.alloc(t.shape, self._dtype(n, t.dtype)) for n, t in self.state_specs.items()}
-        self._spare = {n: d.alloc(t.shape, self._dtype(n, t.dtype)) for n, t in self.state_specs.items()}
-        self._out = {}
-        self._feeds = {}
-        for name, g in self.spec.graphs.items():
-            for t in g.outputs:
-                if t.name == OUT:
-                    self._out[name] = d.alloc(t.shape, self._dtype(f"{name}:{OUT}", t.dtype))
-            for t in self.host_inputs(name):
-                self._feeds[name, t.name] = d.alloc(t.shape, self._dtype(f"{name}:{t.name}", t.dtype))
-        d.synchronize()
+        with d.activate():
+            self._state = {n: d.alloc(t.shape, self._dtype(n, t.dtype)) for n, t in self.state_specs.items()}
+            self._spare = {n: d.alloc(t.shape, self._dtype(n, t.dtype))
+                           for n, t in self.state_specs.items() if n in self.pingpong}
+            self._home = dict(self._state)  # where each ping-pong pair starts a run (``reset``)
+            self._out = {}
+            self._feeds = {}
+            for name, g in self.spec.graphs.items():
+                for t in g.outputs:
+                    if t.name == OUT:
+                        self._out[name] = d.alloc(t.shape, self._dtype(f"{name}:{OUT}", t.dtype))
+                for t in self.host_inputs(name):
+                    self._feeds[name, t.name] = d.alloc(t.shape, self._dtype(f"{name}:{t.name}", t.dtype), staged=True)
+            d.synchronize()
         dropped = self.graphs.invalidate()
         if dropped:
             log.info("device buffers reallocated: %d captured CUDA graphs dropped", dropped)
 
+    def state_bytes(self) -> int:
+        """Device bytes of the state, spares included."""
+        sizes = {"float16": 2, "bfloat16": 2, "int32": 4, "float32": 4, "int64": 8, "bool": 1}
+        total = 0
+        for n, t in self.state_specs.items():
+            total += int(np.prod(t.shape)) * sizes.get(self._dtype(n, t.dtype), 4) * (2 if n in self.pingpong else 1)
+        return total
+
     def reallocate(self) -> None:
         """Free and allocate every device buffer anew (the state is lost, as after ``reset``).
         Captured CUDA graphs refer to the old buffers: they are dropped and re-captured."""
-        self._flush()
-        self.device.synchronize()
+        with self.device.activate():
+            self._flush()
+            self.device.synchronize()
         self._alloc_all()
 
     def reset(self) -> None:
-        self._flush()
-        for buf in self._state.values():
-            self.device.zero(buf)
+        """Zero the state, and put every ping-pong pair back in its first-run order: each run binds
+        the same addresses whatever its number of swaps (a plain last step swaps nothing), so its
+        captured CUDA graphs replay on the next run."""
+        with self.device.activate():
+            self._flush()
+            for n in self.pingpong:
+                if self._state[n] is not self._home[n]:
+                    self._state[n], self._spare[n] = self._spare[n], self._state[n]
+            for buf in self._state.values():
+                self.device.zero(buf)
 
     def run(self, graph: str, feeds: dict[str, np.ndarray]) -> np.ndarray | None:
         g = self.spec.graphs[graph]
         self.check_feeds(g, feeds)
+        with self.device.activate():
+            return self._run(graph, g, feeds)
+
+    def _run(self, graph, g, feeds) -> np.ndarray | None:
         if any(name == graph for name, _ in self._queue):
-            self._flush()  # its static feed buffers are about to be overwritten
+            self._flush()  # its staged feed buffers are about to be overwritten
         runner = self.runners[graph]
         bind: dict[str, int] = {}
         for t in g.inputs:
@@ -628,22 +887,26 @@ class TensorRTEngine(StepEngine):
                 buf = self._state[t.name]
             else:
                 buf = self._feeds[graph, t.name]
-                self.device.upload(buf, feeds[t.name])
+                self.device.upload(buf, feeds[t.name])  # asynchronous, on the engine's stream
             if t.name in runner.tensors:
                 bind[t.name] = self.device.address(buf)
-        written = []
+        swapped = []
         for t in g.outputs:
-            buf = self._out[graph] if t.name == OUT else self._spare[t.state_name]
+            if t.name == OUT:
+                buf = self._out[graph]
+            elif t.state_name in self._spare:  # read and written by this graph: write the other buffer
+                buf = self._spare[t.state_name]
+                swapped.append(t.state_name)
+            else:  # no graph reads what this one writes here while it runs: in place
+                buf = self._state[t.state_name]
             bind[t.name] = self.device.address(buf)
-            if t.name != OUT:
-                written.append(t.state_name)
-        for n in written:  # ping-pong: what was written is the state for every graph queued after this one
+        for n in swapped:  # ping-pong: what was written is the state for every graph queued after this one
             self._state[n], self._spare[n] = self._spare[n], self._state[n]
         self._queue.append((graph, bind))
         if not returns_out(g):
             return None  # launched with the next graph that returns ``out`` (or on read_state/reset)
         self._flush()
-        return np.asarray(self.device.download(self._out[graph]), dtype=np.float32)
+        return np.asarray(self.device.download(self._out[graph]), dtype=np.float32)  # the step's one host sync
 
     def _flush(self) -> None:
         if not self._queue:
@@ -685,12 +948,13 @@ class TensorRTEngine(StepEngine):
             self.runners[name].launch(stream_handle)
 
     def read_state(self, name: str) -> np.ndarray:
-        self._flush()
-        return np.asarray(self.device.download(self._state[name]))
+        with self.device.activate():
+            self._flush()
+            return np.asarray(self.device.download(self._state[name]))
 
     def close(self) -> None:
         self._queue.clear()
-        with contextlib.suppress(Exception):
+        with contextlib.suppress(Exception), self.device.activate():
             self.device.synchronize()
         self.graphs.invalidate()
         self._state, self._spare, self._out, self._feeds = {}, {}, {}, {}
@@ -700,8 +964,9 @@ class TensorRTEngine(StepEngine):
 def load_engine(
     manifest: Manifest, device: int = 0, cuda_graphs: CaptureConfig | bool = True, verify: bool = True
 ) -> TensorRTEngine:
-    """The TensorRT engine of an engine directory built with ``--backend tensorrt``. Refuses plans
-    built for another TensorRT version or GPU before reading them."""
+    """The TensorRT engine of an engine directory built with ``--backend tensorrt``, on CUDA device
+    ``device`` (current while the plans are deserialized and their contexts created). Refuses plans
+    built for another TensorRT version, GPU or precision rewrite before reading them."""
     require_tensorrt()
     section = manifest.data.get("tensorrt")
     if not section:
@@ -714,11 +979,12 @@ def load_engine(
     from polygraphy.backend.trt import EngineFromBytes
 
     runners = {}
-    for name, entry in section["plans"].items():
-        path = manifest.directory / entry["file"]
-        with _polygraphy_output(f"loading TensorRT plan {path.name}"):
-            engine = EngineFromBytes(path.read_bytes())()
-        runners[name] = TrtRunner(name, engine)
+    with on_device(device):
+        for name, entry in section["plans"].items():
+            path = manifest.directory / entry["file"]
+            with _polygraphy_output(f"loading TensorRT plan {path.name}"):
+                engine = EngineFromBytes(path.read_bytes())()
+            runners[name] = TrtRunner(name, engine)
     precision = section["options"]["precision"]
     return TensorRTEngine(manifest.spec, runners, TorchCudaDevice(device), cuda_graphs,
                           provider=f"cuda:{device} {precision}")

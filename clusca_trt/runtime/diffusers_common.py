@@ -25,6 +25,7 @@ import torch
 
 from ..config import ClusCaConfig
 from ..errors import CheckpointError, InputError
+from . import device_loop
 from .driver import PAD_KEY, SampleKey, sample_keys
 
 log = logging.getLogger(__name__)
@@ -227,12 +228,17 @@ class FlowMatchingRuntime:
 
     def sample_chunk(self, denoise: Denoise, cfg, steps: int, latents: np.ndarray, embeds: list[np.ndarray],
                      guidance: float, progress: Callable[[int], None] | None = None) -> np.ndarray:
-        """Denoise one chunk of ``latents`` (B = the engine batch) through all steps."""
+        """Denoise one chunk of ``latents`` (B = the engine batch) through all steps (on the engine's
+        device where it can run the whole loop: ``runtime.device_loop``)."""
         scheduler = self.make_scheduler(cfg, steps)
         feeds = lambda x, t: self.feeds(cfg, x, t, embeds, guidance)  # noqa: E731
         if hasattr(denoise, "condition"):  # the engines take every step's conditioning ahead
             x0 = torch.from_numpy(latents)
             denoise.condition([feeds(x0, t) for t in scheduler.timesteps])
+        if device_loop.engine_of(denoise) is not None:
+            out = device_loop.flow_chunk(denoise, scheduler, latents, feeds, progress)
+            if out is not None:
+                return out
         return denoise_steps(denoise, scheduler, latents, feeds, progress)
 
     def sample(self, make_denoiser: Callable[[list[SampleKey]], Denoise], batch: int, cfg,

@@ -14,6 +14,7 @@ from typing import Callable
 import numpy as np
 
 from ..errors import InputError
+from . import device_loop
 from .driver import PAD_KEY, SAMPLER, SampleKey, initial_noise, sample_keys, stream
 from .samplers import GaussianDiffusion
 
@@ -99,7 +100,8 @@ def sample(
         if pad:
             x = np.concatenate([x, np.zeros((pad, *latent_shape), np.float32)])
         denoise = make_denoiser(chunk_keys)
-        result = sample_chunk(denoise, diffusion, x, chunk + [0] * pad, num_classes, cfg_scale, chunk_keys, progress)
+        run = device_loop.dit_chunk if device_loop.engine_of(denoise) is not None else sample_chunk
+        result = run(denoise, diffusion, x, chunk + [0] * pad, num_classes, cfg_scale, chunk_keys, progress)
         out.append(result[: len(chunk)])
     return np.concatenate(out, axis=0)
 

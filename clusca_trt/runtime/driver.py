@@ -163,21 +163,23 @@ class ScheduledDenoiser:
         self._cond_feeds = step_feeds
         self._cond_chunk = -1
 
-    def _tables(self, step: int) -> dict[str, np.ndarray]:
-        """Make sure the conditioning tables hold ``step``'s rows; its ``cond_row`` feed."""
+    def _tables(self, step: int) -> tuple[list[tuple[str, dict]], dict[str, np.ndarray]]:
+        """(the cond graph call that fills the tables with ``step``'s rows, if they do not hold them
+        yet; ``step``'s ``cond_row`` feed)."""
         spec = self.spec
         if not spec.cond_tensors:
-            return {}
+            return [], {}
         if self._cond_feeds is None:
             raise ConfigError("expected the steps' conditioning (ScheduledDenoiser.condition) before the first step, got none")
         per, rows = spec.options.cond_steps, spec.graph_batch
         chunk = step // per
+        calls = []
         if chunk != self._cond_chunk:
             steps = [min(s, len(self._cond_feeds) - 1) for s in range(chunk * per, (chunk + 1) * per)]
             feeds = {t.name: np.concatenate([self._cond_feeds[s][t.name] for s in steps]) for t in spec.cond_inputs}
-            self._run(GRAPH_COND, feeds)
+            calls.append((GRAPH_COND, feeds))
             self._cond_chunk = chunk
-        return {COND_ROW: np.arange(rows, dtype=np.int64) + (step % per) * rows}
+        return calls, {COND_ROW: np.arange(rows, dtype=np.int64) + (step % per) * rows}
 
     def _run(self, graph: str, feeds: dict) -> np.ndarray | None:
         t0 = time.perf_counter()
@@ -186,24 +188,35 @@ class ScheduledDenoiser:
         return out
 
     def __call__(self, step: int, model_feeds: dict[str, np.ndarray]) -> np.ndarray:
+        out = None
+        for graph, feeds in self.calls(step, model_feeds):
+            result = self._run(graph, feeds)
+            out = result if result is not None else out
+        return out
+
+    def calls(self, step: int, model_feeds: dict[str, np.ndarray]) -> list[tuple[str, dict]]:
+        """The graphs step ``step`` runs, in order, with their host feeds (the last one returns ``out``).
+        ``__call__`` runs them; a device loop (``runtime.device_loop``) collects every step's and runs
+        them all on the device. Call in step order: the conditioning tables are filled as needed."""
         p = self.planned[step]
-        feeds = dict(model_feeds, **self._tables(step))
+        calls, rows = self._tables(step)
+        feeds = dict(model_feeds, **rows)
         if p.kind is StepKind.FULL:
             if not p.cache:
-                return self._run(GRAPH_PLAIN, feeds)
+                return calls + [(GRAPH_PLAIN, feeds)]
             if self.spec.options.order > 0:
                 feeds["taylor_coef"] = p.coef
-            out = self._run(GRAPH_FULL, feeds)
+            calls.append((GRAPH_FULL, feeds))
             if p.cluster:
                 warm = np.array([float(p.warm_start)], np.float32)
                 for g in self.groups:
-                    self._run(f"cluster_{g.name}", {f"init_{g.name}": self.random.init[step][g.name], "warm": warm})
-            return out
+                    calls.append((f"cluster_{g.name}", {f"init_{g.name}": self.random.init[step][g.name], "warm": warm}))
+            return calls
         feeds["forecast_coef"] = p.coef
         if p.kind is StepKind.FORECAST:
-            return self._run(GRAPH_FORECAST, feeds)
+            return calls + [(GRAPH_FORECAST, feeds)]
         weight = np.array([1.0 if self.config.fresh is FreshPolicy.NEAREST else 0.0], np.float32)
         for g in self.groups:
-            self._run(f"select_{g.name}", {f"key_{g.name}": self.random.keys[step][g.name], "dist_weight": weight})
+            calls.append((f"select_{g.name}", {f"key_{g.name}": self.random.keys[step][g.name], "dist_weight": weight}))
         feeds["gamma"] = self.gamma
-        return self._run(GRAPH_PARTIAL, feeds)
+        return calls + [(GRAPH_PARTIAL, feeds)]

@@ -84,24 +84,31 @@ class Pipeline:
         verify: bool = True,
         threads: int | None = None,
         select: dict | None = None,
+        device: str | None = None,
+        precision: str | None = None,
     ) -> "Pipeline":
         """Open an engine directory. ``verify`` checks every file's size and sha256 first.
 
         A directory with several builds (FLUX: one per resolution) opens the one whose build
-        options match ``select``, e.g. ``{"height": 768, "width": 1360}``."""
+        options match ``select``, e.g. ``{"height": 768, "width": 1360}``. ``device`` (cpu, cuda,
+        cuda:N) and ``precision`` (fp32, bf16, fp16) choose where and how the torch backend runs
+        (TensorRT: the device; see ``engines.open``)."""
         manifest = Manifest.read(find_build(Path(directory), select))
         manifest.verify(hashes=verify)
-        engine = open_engine(manifest, backend, provider=provider, threads=threads)
+        engine = open_engine(manifest, backend, provider=provider, threads=threads, device=device, precision=precision)
         log.info("engines from %s run on %s/%s", directory, engine.backend, engine.provider)
         return cls(engine, manifest.model, _defaults(manifest.defaults), manifest, manifest.data.get("decoder"))
 
     @classmethod
-    def from_adapter(cls, adapter, spec: ExportSpec, device: str = "cpu", decoder: dict | None = None) -> "Pipeline":
-        """The PyTorch reference: the step graphs run eagerly over ``adapter`` (no export)."""
+    def from_adapter(cls, adapter, spec: ExportSpec, device: str = "cpu", decoder: dict | None = None,
+                     precision: str = "fp32", cuda_graphs: bool = True) -> "Pipeline":
+        """The step graphs run by PyTorch over ``adapter`` (no export): the reference in fp32 on the
+        CPU, a GPU backend on ``cuda[:N]``. The adapter is moved (and for bf16 / fp16 cast) in place."""
         from ..engines.torch_backend import TorchEngine
 
         model = {"family": adapter.family, "config": adapter.cfg.to_dict(), "sampling": adapter.sampling_info()}
-        return cls(TorchEngine(adapter, spec, device), model, adapter.default_run, decoder=decoder)
+        engine = TorchEngine(adapter, spec, device, precision=precision, cuda_graphs=cuda_graphs)
+        return cls(engine, model, adapter.default_run, decoder=decoder)
 
     # -- settings -------------------------------------------------------------------------
     def resolve_config(

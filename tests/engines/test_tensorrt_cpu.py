@@ -10,6 +10,7 @@
   with, and reading a freed buffer fails, as on a GPU.
 """
 
+import contextlib
 import json
 import subprocess
 import sys
@@ -24,6 +25,7 @@ from click.testing import CliRunner
 
 from clusca_trt.cli import main
 from clusca_trt.config import ClusCaConfig
+from clusca_trt.engines.base import pingpong_state
 from clusca_trt.engines.cuda_graph import Action, CaptureConfig
 from clusca_trt.engines.manifest import Manifest, describe_files
 from clusca_trt.engines.tensorrt import (
@@ -31,13 +33,16 @@ from clusca_trt.engines.tensorrt import (
     TensorRTEngine,
     TrtBuildOptions,
     TrtPlatform,
+    _lowered_file,
     build_plans,
     check_plan_io,
     check_platform,
     default_timing_cache,
+    half_state,
     lower_precision,
     plan_key,
     require_tensorrt,
+    rewrite_code_sha256,
 )
 from clusca_trt.errors import BackendUnavailableError, ConfigError, EngineError, EngineMismatchError
 from clusca_trt.runtime.pipeline import Pipeline
@@ -147,15 +152,36 @@ def test_plan_key_changes_with_what_changes_a_plan(change):
     assert plan_key(x, o, p) != plan_key(ONNX, *base[:2])
 
 
-def test_plan_key_ignores_the_timing_cache_and_the_gpu_name():
+def test_plan_key_ignores_the_timing_cache_but_not_the_gpu_name():
     a = plan_key(ONNX, TrtBuildOptions(timing_cache="/tmp/a.cache"), H100)
-    b = plan_key(dict(reversed(ONNX.items())), TrtBuildOptions(timing_cache="/x/b.cache"), TrtPlatform("10.15.1.29", "9.0", "H200"))
+    b = plan_key(dict(reversed(ONNX.items())), TrtBuildOptions(timing_cache="/x/b.cache"), H100)
     assert a == b and len(a) == 64
+    assert plan_key(ONNX, TrtBuildOptions(), TrtPlatform(H100.tensorrt, "9.0", "NVIDIA H200")) != a
+
+
+def test_plan_key_of_low_precision_plans_follows_the_rewriting_code(monkeypatch):
+    import clusca_trt.engines.tensorrt as trt_mod
+
+    keys = {p: plan_key(ONNX, TrtBuildOptions(precision=p), H100) for p in ("fp32", "bf16")}
+    monkeypatch.setattr(trt_mod, "rewrite_code_sha256", lambda: "0" * 64)  # another version of lower_precision
+    assert plan_key(ONNX, TrtBuildOptions(precision="bf16"), H100) != keys["bf16"]
+    assert plan_key(ONNX, TrtBuildOptions(precision="fp32"), H100) == keys["fp32"]  # fp32 plans are not rewritten
+
+
+def _section(platform=H100, precision="fp16", rewrite=None):
+    return {"platform": platform.to_dict(), "options": TrtBuildOptions(precision=precision).key_dict(),
+            "rewrite": rewrite_code_sha256() if rewrite is None else rewrite}
 
 
 def test_plans_for_the_same_platform_load():
-    check_platform({"platform": H100.to_dict()}, H100, "engines/dit")
-    check_platform({"platform": H100.to_dict()}, TrtPlatform(H100.tensorrt, "9.0", "NVIDIA H200"), "engines/dit")
+    check_platform(_section(), H100, "engines/dit")
+    check_platform(_section(precision="fp32", rewrite="old"), H100, "engines/dit")  # fp32: no rewrite to match
+
+
+def test_plans_lowered_by_other_rewriting_code_are_refused():
+    with pytest.raises(EngineMismatchError, match="lowered to fp16 by another version of clusca-trt's precision "
+                                                  "rewrite; rebuild them with clusca-trt build --backend tensorrt"):
+        check_platform(_section(rewrite="0" * 64), H100, "engines/dit")
 
 
 @pytest.mark.parametrize(
@@ -163,11 +189,12 @@ def test_plans_for_the_same_platform_load():
     [
         (TrtPlatform("10.16.0.1", "9.0", "NVIDIA H100 80GB HBM3"), "this machine has TensorRT 10.16.0.1 and compute capability 9.0"),
         (TrtPlatform("10.15.1.29", "8.9", "NVIDIA L4"), "this machine has TensorRT 10.15.1.29 and compute capability 8.9 (NVIDIA L4)"),
+        (TrtPlatform("10.15.1.29", "9.0", "NVIDIA H200"), "this machine has TensorRT 10.15.1.29 and compute capability 9.0 (NVIDIA H200)"),
     ],
 )
 def test_plans_for_another_tensorrt_or_gpu_are_refused_in_one_line(current, expected):
     with pytest.raises(EngineMismatchError) as e:
-        check_platform({"platform": H100.to_dict()}, current, "engines/dit")
+        check_platform(_section(), current, "engines/dit")
     msg = str(e.value)
     assert msg.startswith("TensorRT plans in engines/dit were built with TensorRT 10.15.1.29 for compute capability 9.0 "
                           "(NVIDIA H100 80GB HBM3)")
@@ -196,6 +223,28 @@ def test_manifest_verify_covers_the_plans(engines_k4, tmp_path):
     plan.write_bytes(b"serialized plan byteZ")
     with pytest.raises(EngineError, match="full.0123456789ab.plan is corrupt"):
         Manifest.read(d).verify(hashes=True)
+
+
+def test_onnx_runtime_tensorrt_provider_caches_its_engines_in_the_engine_dir(engines_k4, monkeypatch):
+    import clusca_trt.engines.ort as ort_mod
+
+    seen = []
+    monkeypatch.setattr(ort_mod, "choose_provider", lambda requested="auto": "tensorrt")
+
+    def session(self, name, path, so, providers, graph_providers):
+        seen.append(providers)
+        return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+
+    monkeypatch.setattr(ort_mod.OrtEngine, "_session", session)
+    monkeypatch.setattr(ort_mod.OrtEngine, "_alloc", lambda self, shape, dtype: None)  # no CUDA memory here
+    ort_mod.OrtEngine(engines_k4.spec, engines_k4.graph_paths(), provider="tensorrt")
+    cache = engines_k4.directory / ort_mod.TRT_CACHE_DIR
+    name, options = seen[0][0]
+    assert name == "TensorrtExecutionProvider" and cache.is_dir()
+    assert options == {"trt_engine_cache_enable": True, "trt_engine_cache_path": str(cache),
+                       "trt_timing_cache_enable": True, "trt_timing_cache_path": str(cache)}
+    assert all(p == seen[0] for p in seen)  # every graph's session
+    cache.rmdir()
 
 
 # -- the low-precision rewrite -----------------------------------------------------------------------
@@ -258,17 +307,106 @@ def test_bf16_graphs_compute_what_the_fp32_graphs_compute(engines_k4, graph):
         np.testing.assert_allclose(a, b, rtol=0, atol=3e-2 * np.abs(b).max())
 
 
+@pytest.mark.parametrize("graph", ["full", "partial", "forecast"])
+def test_lowered_graphs_keep_the_caches_in_the_low_type(engines_k4, graph, tmp_path):
+    spec = engines_k4.spec
+    path = _lowered_file(engines_k4.graph_path(graph), "bf16", tmp_path, state=half_state(spec))
+    onnx.checker.check_model(str(path), full_check=True)
+    low = onnx.load(str(path))
+    caches = half_state(spec)
+    g = spec.graphs[graph]
+    for values, specs in ((low.graph.input, g.inputs), (low.graph.output, g.outputs)):
+        assert [v.name for v in values] == [t.name for t in specs]  # the interface keeps its names
+        for v, t in zip(values, specs):
+            want = onnx.TensorProto.BFLOAT16 if v.name in caches else (
+                onnx.TensorProto.INT64 if t.dtype == "int64" else onnx.TensorProto.FLOAT)
+            assert v.type.tensor_type.elem_type == want, v.name
+    assert caches & {t.name for t in g.inputs + g.outputs}  # every model graph reads or writes caches
+
+
+def test_fp16_state_graphs_compute_what_the_fp32_graphs_compute(engines_k4, tmp_path):
+    spec = engines_k4.spec
+    src = engines_k4.graph_path("full")
+    model = onnx.load(str(src))
+    feeds = _feeds(model)
+    ref = ort.InferenceSession(str(src), providers=["CPUExecutionProvider"])
+    low = ort.InferenceSession(str(_lowered_file(src, "fp16", tmp_path, state=half_state(spec))),
+                               providers=["CPUExecutionProvider"])
+    caches = half_state(spec)
+    low_feeds = {k: v.astype(np.float16) if k in caches else v for k, v in feeds.items()}
+    names = [o.name for o in model.graph.output]
+    for name, a, b in zip(names, low.run(names, low_feeds), ref.run(names, feeds)):
+        assert a.dtype == (np.float16 if name in caches else b.dtype), name
+        np.testing.assert_allclose(a.astype(np.float32), b, rtol=0, atol=5e-3 * np.abs(b).max() + 1e-3)
+
+
+def test_lowering_a_large_graph_streams_its_weights(tmp_path):
+    """Host memory while lowering stays near the largest tensor, not the model: 32 weights of 4 MiB
+    (128 MiB of external data) are lowered to fp16 with a peak RSS increase well under the model's
+    size (loading it whole, as before, took more than the model). Measured in a fresh process
+    (``ru_maxrss`` is a high-water mark)."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    n, d = 32, 1024
+    weights = [numpy_helper.from_array(rng.standard_normal((d, d), dtype=np.float32) / np.float32(np.sqrt(d)), f"w{i}")
+               for i in range(n)]
+    nodes = [helper.make_node("MatMul", ["x" if i == 0 else f"h{i - 1}", f"w{i}"], [f"h{i}"]) for i in range(n)]
+    graph = helper.make_graph(nodes, "big", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4, d])],
+                              [helper.make_tensor_value_info(f"h{n - 1}", TensorProto.FLOAT, [4, d])], weights)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    model.ir_version = 9  # what the installed ONNX Runtime reads
+    src = tmp_path / "src" / "full.onnx"
+    src.parent.mkdir()
+    onnx.save_model(model, str(src), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location="full.onnx.data", size_threshold=1024)
+    del model, graph, weights
+    assert (src.parent / "full.onnx.data").stat().st_size >= 2 ** 27  # 128 MiB of weights
+    out = tmp_path / "out"
+    out.mkdir()
+    code = (
+        "import resource, sys\n"
+        "from pathlib import Path\n"
+        "import numpy, onnx, ml_dtypes\n"
+        "from clusca_trt.engines.tensorrt import _lowered_file\n"
+        "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+        "_lowered_file(Path(sys.argv[1]), 'fp16', Path(sys.argv[2]))\n"
+        "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before)\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code, str(src), str(out)], capture_output=True, text=True, timeout=300,
+                       check=False)
+    assert r.returncode == 0, r.stderr[-2000:]
+    grown_mib = int(r.stdout.strip().splitlines()[-1]) / 1024
+    assert grown_mib < 40, f"lowering 128 MiB of weights grew the peak RSS by {grown_mib:.0f} MiB"
+    assert (out / "full.onnx.data").stat().st_size >= 2 ** 26  # the fp16 weights, streamed out
+    onnx.checker.check_model(str(out / "full.onnx"), full_check=True)
+    x = rng.standard_normal((4, d), dtype=np.float32)
+    a = ort.InferenceSession(str(out / "full.onnx"), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    b = ort.InferenceSession(str(src), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    np.testing.assert_allclose(a, b, rtol=0, atol=2e-2 * np.abs(b).max())
+
+
 # -- the engine over a numpy twin of the device ------------------------------------------------------
 
 
 class _Buffer:
-    __slots__ = ("__weakref__", "array", "ptr")
+    __slots__ = ("__weakref__", "array", "ptr", "staged")
+
+
+def _np_dtype(dtype: str):
+    if dtype == "bfloat16":
+        import ml_dtypes
+
+        return ml_dtypes.bfloat16
+    return np.dtype(dtype)
 
 
 class NumpyDevice:
     """Buffers are numpy arrays at fake addresses that are never reused; a freed buffer is gone
     from the address table. A capture records (runner, addresses bound at capture time);
-    a replay runs exactly those, as a CUDA graph does."""
+    a replay runs exactly those, as a CUDA graph does. Counts host synchronisations as the CUDA
+    device does (a download, a synchronize, a capture), checks that every call happens with the
+    device made current, and that host feeds go through staged buffers."""
 
     stream_handle = 7
 
@@ -277,10 +415,21 @@ class NumpyDevice:
         self._next = 1 << 12
         self.capturing = None
         self.launched = []  # graph names, in launch order (eager launches and replays)
+        self.host_syncs = 0
+        self.active = 0  # depth of activate()
 
-    def alloc(self, shape, dtype):
+    @contextlib.contextmanager
+    def activate(self):
+        self.active += 1
+        try:
+            yield
+        finally:
+            self.active -= 1
+
+    def alloc(self, shape, dtype, staged=False):
+        assert self.active
         b = _Buffer()
-        b.array, b.ptr = np.zeros(shape, dtype), self._next
+        b.array, b.ptr, b.staged = np.zeros(shape, _np_dtype(dtype)), self._next, staged
         self._next += 1 << 12
         self.table[b.ptr] = b
         return b
@@ -289,19 +438,25 @@ class NumpyDevice:
         return buf.ptr
 
     def zero(self, buf):
+        assert self.active
         buf.array[...] = 0
 
     def upload(self, buf, array):
-        assert self.capturing is None
+        assert self.capturing is None and self.active and buf.staged
         buf.array[...] = array
 
     def download(self, buf):
-        return buf.array.copy()
+        assert self.active
+        self.host_syncs += 1
+        return buf.array.astype(np.float32) if buf.array.dtype.kind == "f" or buf.array.dtype == _np_dtype("bfloat16") \
+            else buf.array.copy()
 
     def synchronize(self):
-        pass
+        self.host_syncs += 1
 
     def capture(self, launch):
+        assert self.active
+        self.host_syncs += 1
         self.capturing = []
         try:
             launch(self.stream_handle)
@@ -310,13 +465,14 @@ class NumpyDevice:
             self.capturing = None
 
     def replay(self, graph):
+        assert self.active
         for runner, addresses in graph:
             runner.execute(addresses)
 
 
 class OrtPlan:
     """A "plan": the graph's ONNX file run by ONNX Runtime CPU, reading and writing device buffers
-    by the addresses bound to it."""
+    by the addresses bound to it. Its I/O types are the file's (a lowered graph has fp16 caches)."""
 
     def __init__(self, name, path, spec, device):
         g = spec.graphs[name]
@@ -324,8 +480,11 @@ class OrtPlan:
         self.session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
         self.inputs = [t.name for t in g.inputs]
         self.outputs = [t.name for t in g.outputs]
-        self.tensors = {t.name: TensorIO(t.name, True, t.shape, t.dtype) for t in g.inputs}
-        self.tensors.update({t.name: TensorIO(t.name, False, t.shape, t.dtype) for t in g.outputs})
+        proto = onnx.load(str(path), load_external_data=False).graph
+        types = {v.name: onnx.helper.tensor_dtype_to_np_dtype(v.type.tensor_type.elem_type).name
+                 for v in list(proto.input) + list(proto.output)}
+        self.tensors = {t.name: TensorIO(t.name, True, t.shape, types[t.name]) for t in g.inputs}
+        self.tensors.update({t.name: TensorIO(t.name, False, t.shape, types[t.name]) for t in g.outputs})
         self.addresses = {}
 
     def set_address(self, tensor, address):
@@ -333,7 +492,7 @@ class OrtPlan:
         self.addresses[tensor] = address
 
     def launch(self, stream_handle):
-        assert stream_handle == NumpyDevice.stream_handle
+        assert stream_handle == NumpyDevice.stream_handle and self.device.active
         if self.device.capturing is not None:
             self.device.capturing.append((self, dict(self.addresses)))
         else:
@@ -341,16 +500,18 @@ class OrtPlan:
 
     def execute(self, addresses):
         self.device.launched.append(self.name)
+        ins, outs = {addresses[n] for n in self.inputs}, {addresses[n] for n in self.outputs}
+        assert not ins & outs, f"{self.name} reads and writes one buffer (TensorRT forbids aliased I/O)"
         table = self.device.table
         feeds = {n: table[addresses[n]].array for n in self.inputs}  # KeyError: a freed buffer
         for n, value in zip(self.outputs, self.session.run(self.outputs, feeds)):
             np.copyto(table[addresses[n]].array, value)
 
 
-def twin_engine(manifest, cuda_graphs=True):
+def twin_engine(manifest, cuda_graphs=True, paths=None):
     device = NumpyDevice()
     spec = manifest.spec
-    plans = {n: OrtPlan(n, p, spec, device) for n, p in manifest.graph_paths().items()}
+    plans = {n: OrtPlan(n, p, spec, device) for n, p in (paths or manifest.graph_paths()).items()}
     return TensorRTEngine(spec, plans, device, cuda_graphs=cuda_graphs, provider="numpy-twin")
 
 
@@ -442,6 +603,51 @@ def test_state_never_comes_to_the_host_between_steps(engines_k4):
     assert downloads and all(s == out_shape for s in downloads)  # only ``out``, once per engine step
 
 
+def test_one_host_synchronisation_per_step(engines_k4):
+    engine = twin_engine(engines_k4)
+    pipe = _pipeline(engine, engines_k4)
+    pipe.generate([1, 7], method="clusca", **RUN)  # first run: captures (one sync each)
+    captured = engine.graphs.stats[Action.CAPTURE]
+    before = engine.device.host_syncs
+    pipe.generate([1, 7], method="clusca", **RUN)
+    assert engine.graphs.stats[Action.CAPTURE] == captured
+    assert engine.device.host_syncs - before == RUN["steps"]  # the download of ``out``, nothing else
+
+
+def test_only_state_a_graph_reads_and_writes_has_a_spare_buffer(engines_k4):
+    engine = twin_engine(engines_k4)
+    assert engine.pingpong == pingpong_state(engines_k4.spec) == {
+        "attn_f0", "attn_fhi", "mlp_f0", "mlp_fhi", "centroids_img"}
+    assert set(engine._spare) == engine.pingpong  # hidden, assignments, distances, fresh indices: one buffer
+    sizes = {n: int(np.prod(t.shape)) * 4 * (2 if t.dtype == "int64" else 1) for n, t in engine.state_specs.items()}
+    assert engine.state_bytes() == sum(sizes.values()) + sum(sizes[n] for n in engine.pingpong)
+
+
+@pytest.fixture(scope="module")
+def fp16_plans(engines_k4, tmp_path_factory):
+    """The graphs as build_plans lowers them for fp16 plans: model graphs with fp16 caches."""
+    spec, work = engines_k4.spec, tmp_path_factory.mktemp("fp16")
+    paths = {}
+    for name, path in engines_k4.graph_paths().items():
+        precision = TrtBuildOptions(precision="fp16").graph_precision(name)
+        paths[name] = path if precision == "fp32" else _lowered_file(path, precision, work, state=half_state(spec))
+    return paths
+
+
+@pytest.mark.parametrize("method", ["taylorseer", "clusca"])
+def test_twin_engine_with_fp16_state_equals_onnx_runtime_fp32(engines_k4, ort_reference, fp16_plans, method):
+    engine = twin_engine(engines_k4, paths=fp16_plans)
+    state = engine._state
+    assert {n for n, b in state.items() if b.array.dtype == np.float16} == set(half_state(engines_k4.spec)) & set(state)
+    assert state["hidden_img"].array.dtype == state["centroids_img"].array.dtype == np.float32  # k-means in fp32
+    result = _pipeline(engine, engines_k4).generate([1, 7], method=method, **RUN)
+    ref = ort_reference[method]
+    assert np.abs(result.latents - ref).max() / np.abs(ref).max() < 3e-2
+    full = twin_engine(engines_k4).state_bytes()
+    tables = sum(4 * int(np.prod(t.shape)) for t in engines_k4.spec.cond_tables())  # fp32 in both
+    assert engine.state_bytes() - tables < 0.6 * (full - tables)  # the caches are most of the rest
+
+
 def test_plan_io_must_match_the_spec(engines_k4):
     spec = engines_k4.spec
     g = spec.graphs["partial"]
@@ -465,9 +671,20 @@ class FakeBuilder:
 
     def __init__(self, spec, fail_on=None):
         self.spec, self.fail_on, self.calls = spec, fail_on, []
+        self.current_device = None  # what on_device made current
+        self.devices = []  # the current device at each build
+
+    @contextlib.contextmanager
+    def on_device(self, index):
+        previous, self.current_device = self.current_device, index
+        try:
+            yield
+        finally:
+            self.current_device = previous
 
     def build_plan(self, onnx_path, plan_path, options, timing_cache):
         name = plan_path.stem
+        self.devices.append(self.current_device)
         if name == self.fail_on:
             raise EngineError(f"TensorRT build of {name}.onnx failed: out of memory")
         model = onnx.load(str(onnx_path))
@@ -491,6 +708,7 @@ def fake_trt(monkeypatch, engines_k4, tmp_path):
     monkeypatch.setattr(trt_mod, "current_platform", lambda device=0: H100)
     monkeypatch.setattr(trt_mod, "build_plan", lambda *a: builder.build_plan(*a))
     monkeypatch.setattr(trt_mod, "engine_io", lambda engine: builder.engine_io(engine))
+    monkeypatch.setattr(trt_mod, "on_device", builder.on_device)
     d = tmp_path / "eng"
     d.mkdir()
     for p in engines_k4.directory.iterdir():
@@ -517,6 +735,14 @@ def test_build_plans_builds_every_graph_in_its_precision_and_records_them(fake_t
     assert {p["precision"] for n, p in section["plans"].items()} == {"bf16", "fp32"}
     Manifest.read(manifest.directory).verify(hashes=True)
     assert not list(manifest.directory.glob(".plans-building-*"))
+
+
+def test_build_plans_builds_on_the_device_asked_for(fake_trt):
+    builder, manifest = fake_trt
+    updated = build_plans(manifest, TrtBuildOptions(precision="bf16"), device=1)
+    assert builder.devices == [1] * len(manifest.spec.graphs)
+    assert updated.data["tensorrt"]["rewrite"] == rewrite_code_sha256()
+    assert updated.data["tensorrt"]["platform"]["device"] == H100.device
 
 
 def test_build_plans_reuses_same_key_and_replaces_on_change(fake_trt):
