@@ -261,8 +261,11 @@ def inspect(engine_dir, as_json, verify):
 
     infos = []
     for build_dir in list_builds(engine_dir):  # several for a directory with one build per resolution
-        manifest = Manifest.read(build_dir)
-        manifest.verify(hashes=verify)
+        manifest = Manifest.read(build_dir)  # schema-checked
+        if verify:
+            manifest.check(hashes=True)  # the full check of Pipeline.load: sizes, sha256, graphs vs spec
+        else:
+            manifest.verify(hashes=False)
         infos.append(describe(manifest))
     if as_json:
         click.echo(json.dumps(infos[0] if len(infos) == 1 else {"builds": infos}, indent=2, sort_keys=True))

@@ -20,7 +20,7 @@ import numpy as np
 
 from ..config import ClusCaConfig, Method
 from ..engines.base import StepEngine
-from ..engines.manifest import Manifest, find_build
+from ..engines.manifest import Manifest, read_build
 from ..engines.open import open_engine
 from ..errors import ConfigError, EngineMismatchError
 from ..schedule import PlannedStep, count_kinds, plan
@@ -85,13 +85,18 @@ class Pipeline:
         threads: int | None = None,
         select: dict | None = None,
     ) -> "Pipeline":
-        """Open an engine directory. ``verify`` checks every file's size and sha256 first.
+        """Open an engine directory. ``verify`` checks every file's sha256 first; sizes, and each graph
+        file's inputs and outputs against the manifest's spec, are always checked. Every file comes
+        from the one build the manifest names (never a mix of two, even during a rebuild).
 
         A directory with several builds (FLUX: one per resolution) opens the one whose build
         options match ``select``, e.g. ``{"height": 768, "width": 1360}``."""
-        manifest = Manifest.read(find_build(Path(directory), select))
-        manifest.verify(hashes=verify)
-        engine = open_engine(manifest, backend, provider=provider, threads=threads)
+
+        def open_checked(manifest: Manifest):
+            manifest.check(hashes=verify)
+            return manifest, open_engine(manifest, backend, provider=provider, threads=threads)
+
+        manifest, engine = read_build(Path(directory), open_checked, select)
         log.info("engines from %s run on %s/%s", directory, engine.backend, engine.provider)
         return cls(engine, manifest.model, _defaults(manifest.defaults), manifest, manifest.data.get("decoder"))
 

@@ -11,6 +11,7 @@
 """
 
 import json
+import shutil
 import subprocess
 import sys
 import weakref
@@ -183,9 +184,7 @@ def test_default_timing_cache_is_per_tensorrt_version_and_gpu(tmp_path):
 
 def test_manifest_verify_covers_the_plans(engines_k4, tmp_path):
     d = tmp_path / "eng"
-    d.mkdir()
-    for p in engines_k4.directory.iterdir():
-        (d / p.name).write_bytes(p.read_bytes())
+    shutil.copytree(engines_k4.directory, d)
     plan = d / "full.0123456789ab.plan"
     plan.write_bytes(b"serialized plan bytes")
     data = json.loads((d / "manifest.json").read_text())
@@ -492,14 +491,12 @@ def fake_trt(monkeypatch, engines_k4, tmp_path):
     monkeypatch.setattr(trt_mod, "build_plan", lambda *a: builder.build_plan(*a))
     monkeypatch.setattr(trt_mod, "engine_io", lambda engine: builder.engine_io(engine))
     d = tmp_path / "eng"
-    d.mkdir()
-    for p in engines_k4.directory.iterdir():
-        (d / p.name).write_bytes(p.read_bytes())
+    shutil.copytree(engines_k4.directory, d)
     return builder, Manifest.read(d)
 
 
 def _dir_state(d):
-    return {p.name: p.read_bytes() for p in sorted(d.iterdir())}
+    return {str(p.relative_to(d)): p.read_bytes() for p in sorted(d.rglob("*")) if p.is_file()}
 
 
 def test_build_plans_builds_every_graph_in_its_precision_and_records_them(fake_trt, tmp_path):
