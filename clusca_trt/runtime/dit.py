@@ -13,23 +13,13 @@ from typing import Callable
 
 import numpy as np
 
-from ..errors import InputError
 from .driver import step_rng
+from .inputs import check_labels  # strict: a list of ints, no str / float / bool
 from .samplers import GaussianDiffusion
 
 log = logging.getLogger(__name__)
 
 Denoise = Callable[[int, dict], np.ndarray]
-
-
-def check_labels(labels, num_classes: int) -> list[int]:
-    labels = [int(v) for v in labels]
-    if not labels:
-        raise InputError("expected at least one class label, got none")
-    bad = [v for v in labels if not 0 <= v < num_classes]
-    if bad:
-        raise InputError(f"class labels must be in 0..{num_classes - 1}, got {bad[0]}")
-    return labels
 
 
 def initial_noise(seed: int, n: int, shape: tuple[int, int, int]) -> np.ndarray:
