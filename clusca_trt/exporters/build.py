@@ -189,7 +189,7 @@ def _build_locked(model, options, out, spec, key, versions, force, check) -> Bui
             "defaults": asdict(model.adapter.default_run),
         }
         manifest = Manifest(data, out)
-        manifest.check(hashes=True)  # what a reader will check, before anyone can read it
+        manifest.check(hashes=False)  # what a reader checks (the hashes were just taken), before anyone reads it
         replace_manifest(out, data)  # the switch: one atomic rename
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
