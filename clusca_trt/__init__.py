@@ -19,6 +19,7 @@ from .errors import (
     EngineError,
     EngineMismatchError,
     InputError,
+    NonFiniteOutputError,
 )
 
 __all__ = [
@@ -32,6 +33,7 @@ __all__ = [
     "FreshPolicy",
     "InputError",
     "Method",
+    "NonFiniteOutputError",
     "Pipeline",
     "__version__",
 ]

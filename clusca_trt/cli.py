@@ -9,6 +9,7 @@ import functools
 import json
 import io
 import logging
+import re
 import sys
 from pathlib import Path
 
@@ -52,12 +53,13 @@ def main(verbose: int, quiet: bool) -> None:
 
 
 def _labels(value: str | None) -> list[int] | None:
+    """``--class-labels``: comma-separated integers, each one there (no empty list, no empty item)."""
     if value is None:
         return None
-    try:
-        return [int(v) for v in value.split(",") if v.strip()]
-    except ValueError:
-        raise click.BadParameter(f"expected comma-separated integers, got {value!r}") from None
+    items = [v.strip() for v in value.split(",")]
+    if not all(re.fullmatch(r"-?[0-9]+", v) for v in items):
+        raise InputError(f"--class-labels: expected comma-separated integers, got {value!r}")
+    return [int(v) for v in items]
 
 
 @main.command()
@@ -112,7 +114,10 @@ def build(model_name, checkpoint, random_init, seed, clusters, order, batch, kme
     from .models import DEFAULT_MODEL, load_model
     from .spec import BuildOptions
 
-    name = model_name or DEFAULT_MODEL
+    # every size option in range before anything is loaded or allocated (the family defaults come later)
+    BuildOptions(batch=batch, clusters=0 if clusters is None else clusters, order=0 if order is None else order,
+                 kmeans_iterations=kmeans_iterations, distance=distance, opset=opset, text_clusters=text_clusters)
+    name = DEFAULT_MODEL if model_name is None else model_name
     loaded = load_model(name, checkpoint=checkpoint, random_init=random_init, seed=seed,
                         height=height, width=width, text_length=text_length, frames=frames)
     family_defaults = loaded.adapter.default_run
@@ -186,14 +191,16 @@ def generate(engine_dir, method, interval, propagation, order, clusters, warmup,
              seed, class_labels, provider, backend, device, precision, out_file, prompts, guidance, text_propagation,
              height, width, frames, compare):
     """Sample with the engines in ENGINE_DIR and write latents (.npz), an image grid (.png) or videos (.mp4)."""
-    from .runtime.output import write_result
+    from .runtime.output import check_output, write_result
     from .runtime.pipeline import Pipeline
 
     if out_file.suffix not in (".npz", ".png", ".mp4"):
         raise click.BadParameter(f"expected a .npz, .png or .mp4 (video) file, got {out_file.name}", param_hint="--out")
+    labels = _labels(class_labels)
     select = {"height": height, "width": width, "frames": frames}
     with Pipeline.load(engine_dir, provider=provider, backend=backend, select=select, device=device,
                        precision=precision) as pipe:
+        check_output(out_file, has_decoder=pipe.decoder is not None)  # before sampling, not after
         family = pipe.model["family"]
         if family == "hunyuan-video":
             from .runtime.hunyuan_video import DEFAULT_GUIDANCE as HV_GUIDANCE, DEFAULT_STEPS as HV_STEPS
@@ -218,7 +225,7 @@ def generate(engine_dir, method, interval, propagation, order, clusters, warmup,
         else:
             if prompts:
                 raise InputError(f"expected --class-labels for a {family} model, got --prompt")
-            labels = _labels(class_labels) or list(range(pipe.spec.options.batch))
+            labels = list(range(pipe.spec.options.batch)) if labels is None else labels
             steps = 50 if steps is None else steps
             inputs = dict(class_labels=labels, steps=steps, sampler=sampler, cfg_scale=cfg_scale)
             count = len(labels)
@@ -271,8 +278,11 @@ def inspect(engine_dir, as_json, verify):
 
     infos = []
     for build_dir in list_builds(engine_dir):  # several for a directory with one build per resolution
-        manifest = Manifest.read(build_dir)
-        manifest.verify(hashes=verify)
+        manifest = Manifest.read(build_dir)  # schema-checked
+        if verify:
+            manifest.check(hashes=True)  # the full check of Pipeline.load: sizes, sha256, graphs vs spec
+        else:
+            manifest.verify(hashes=False)
         infos.append(describe(manifest))
     if as_json:
         click.echo(json.dumps(infos[0] if len(infos) == 1 else {"builds": infos}, indent=2, sort_keys=True))
@@ -352,9 +362,10 @@ def bench(engine_dir, methods, interval, propagation, order, warmup, fresh, step
         propagation=propagation, order=order, warmup=warmup, fresh=fresh, repeats=repeats,
         warmup_runs=warmup_runs, profile_calls=profile_calls,
     )
+    labels = _labels(class_labels)
     with Pipeline.load(engine_dir, provider=provider, backend=backend, threads=threads, device=device,
                        precision=precision) as pipe:
-        inputs = default_inputs(pipe, settings, _labels(class_labels))
+        inputs = default_inputs(pipe, settings, labels)
         result = run_bench(pipe, settings, inputs, threads=threads)
     click.echo(format_table(result))
     if json_file is not None:

@@ -7,10 +7,19 @@ are frozen, so a config that exists is a valid one.
 from __future__ import annotations
 
 import dataclasses
+import numbers
 from dataclasses import dataclass
 from enum import Enum
 
 from .errors import ConfigError
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_real(v) -> bool:
+    return isinstance(v, numbers.Real) and not isinstance(v, bool)
 
 
 class Method(str, Enum):
@@ -67,15 +76,15 @@ class ClusCaConfig:
     fresh: FreshPolicy = FreshPolicy.RANDOM
 
     def __post_init__(self) -> None:
-        if not isinstance(self.interval, int) or self.interval < 1:
+        if not _is_int(self.interval) or self.interval < 1:
             raise ConfigError(f"interval must be an integer >= 1, got {self.interval!r}")
-        if not isinstance(self.clusters, int) or self.clusters < 0:
+        if not _is_int(self.clusters) or self.clusters < 0:
             raise ConfigError(f"clusters must be an integer >= 0, got {self.clusters!r}")
-        if not 0.0 <= float(self.propagation) <= 1.0:
-            raise ConfigError(f"propagation (gamma) must be in [0, 1], got {self.propagation!r}")
-        if not isinstance(self.order, int) or self.order < 0:
+        if not _is_real(self.propagation) or not 0.0 <= float(self.propagation) <= 1.0:  # NaN fails too
+            raise ConfigError(f"propagation (gamma) must be in [0, 1] (a number), got {self.propagation!r}")
+        if not _is_int(self.order) or self.order < 0:
             raise ConfigError(f"order must be an integer >= 0, got {self.order!r}")
-        if not isinstance(self.warmup, int) or self.warmup < 1:
+        if not _is_int(self.warmup) or self.warmup < 1:
             raise ConfigError(f"warmup must be an integer >= 1, got {self.warmup!r}")
         object.__setattr__(self, "fresh", FreshPolicy.parse(self.fresh))
         object.__setattr__(self, "propagation", float(self.propagation))

@@ -27,3 +27,7 @@ class BackendUnavailableError(ClusCaError):
 
 class InputError(ClusCaError, ValueError):
     """A run-time input (labels, prompt, shapes) is invalid."""
+
+
+class NonFiniteOutputError(EngineError):
+    """The engines produced NaN or inf (from a non-finite weight or input, or an overflow)."""

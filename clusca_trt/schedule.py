@@ -15,6 +15,8 @@ import numpy as np
 from .config import ClusCaConfig
 from .errors import ConfigError
 
+MAX_STEPS = 10_000  # sampling steps a schedule may have (checked before it is built)
+
 
 class StepKind(str, Enum):
     FULL = "full"  # all tokens; refresh the caches (and cluster, if a partial step follows)
@@ -59,8 +61,8 @@ class PlannedStep:
 
 def plan(steps: int, config: ClusCaConfig, built_order: int) -> list[PlannedStep]:
     """The whole schedule for ``steps`` sampling steps."""
-    if steps < 1:
-        raise ConfigError(f"steps must be >= 1, got {steps}")
+    if not isinstance(steps, int) or isinstance(steps, bool) or not 1 <= steps <= MAX_STEPS:
+        raise ConfigError(f"steps must be an integer in 1..{MAX_STEPS}, got {steps!r}")
     if config.order > built_order:
         raise ConfigError(f"order must be <= the built order {built_order}, got {config.order}")
     kinds = [step_kind(s, config.interval, config.warmup, config.clusters) for s in range(steps)]

@@ -33,6 +33,12 @@ COND_ROW = "cond_row"
 TABLE_SUFFIX = "_table"
 
 DTYPES = ("float32", "int64")
+MAX_BATCH = 1024  # samples per engine call (a memory estimate at build time may lower it)
+MAX_KMEANS_ITERATIONS = 100  # the Lloyd loop is unrolled in the cluster graph
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
 
 
 @dataclass(frozen=True)
@@ -106,21 +112,23 @@ class BuildOptions:
     cond_steps: int = 50
 
     def __post_init__(self) -> None:
-        if not isinstance(self.batch, int) or self.batch < 1:
-            raise ConfigError(f"batch must be an integer >= 1, got {self.batch!r}")
-        if not isinstance(self.clusters, int) or self.clusters < 0:
+        if not _is_int(self.batch) or not 1 <= self.batch <= MAX_BATCH:
+            raise ConfigError(f"batch must be an integer in 1..{MAX_BATCH}, got {self.batch!r}")
+        if not _is_int(self.clusters) or self.clusters < 0:
             raise ConfigError(f"clusters must be an integer >= 0, got {self.clusters!r}")
-        if self.text_clusters is not None and (not isinstance(self.text_clusters, int) or self.text_clusters < 0):
+        if self.text_clusters is not None and (not _is_int(self.text_clusters) or self.text_clusters < 0):
             raise ConfigError(f"text clusters must be an integer >= 0 or None, got {self.text_clusters!r}")
-        if not isinstance(self.order, int) or not 0 <= self.order <= 8:
+        if not _is_int(self.order) or not 0 <= self.order <= 8:
             raise ConfigError(f"order must be an integer in [0, 8], got {self.order!r}")
-        if self.kmeans_iterations < 1:
-            raise ConfigError(f"kmeans iterations must be >= 1, got {self.kmeans_iterations}")
+        if not _is_int(self.kmeans_iterations) or not 1 <= self.kmeans_iterations <= MAX_KMEANS_ITERATIONS:
+            raise ConfigError(
+                f"kmeans iterations must be an integer in 1..{MAX_KMEANS_ITERATIONS}, got {self.kmeans_iterations!r}"
+            )
         if self.distance not in ("l1", "l2"):
             raise ConfigError(f"distance must be 'l1' or 'l2', got {self.distance!r}")
         if self.dtype != "float32":
             raise ConfigError(f"dtype must be 'float32' for ONNX export, got {self.dtype!r}")
-        if not 18 <= self.opset <= 20:
+        if not _is_int(self.opset) or not 18 <= self.opset <= 20:
             raise ConfigError(f"opset must be in 18..20, got {self.opset}")
         if not isinstance(self.cond_steps, int) or not 1 <= self.cond_steps <= 1000:
             raise ConfigError(f"cond steps must be an integer in 1..1000, got {self.cond_steps!r}")

@@ -32,12 +32,14 @@ def open_engine(
 ) -> StepEngine:
     """The engine of one build. The caller has verified the manifest's files (``Manifest.verify``)."""
     if backend == "onnxruntime":
-        from .ort import OrtEngine
+        from .ort import TRT_CACHE_DIR, OrtEngine
 
         if device is not None or precision not in (None, "fp32"):
             raise ConfigError("device and precision apply to the torch and tensorrt backends; ONNX Runtime runs the "
                               "float32 graphs on its provider's device (choose it with provider)")
-        return OrtEngine(manifest.spec, manifest.graph_paths(), provider=provider, threads=threads)
+        # the TensorRT provider's engine cache: in the engine directory (the build folders are immutable)
+        return OrtEngine(manifest.spec, manifest.graph_paths(), provider=provider, threads=threads,
+                         trt_cache_dir=manifest.directory / TRT_CACHE_DIR)
     if backend == "torch":
         from .torch_backend import TorchEngine, check_precision, parse_device
 

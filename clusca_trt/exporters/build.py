@@ -1,10 +1,18 @@
-"""Build an engine directory: export every graph into a temporary sibling folder, check it,
-write the manifest, then swap it into place. A failed build leaves nothing behind, and the
-previous engines (if any) untouched.
+"""Build an engine directory: export every graph into a new build folder, check it, then switch
+the manifest to it by one atomic rename. A failed or killed build leaves the previous engines
+in use and untouched; its folder is removed by the next build.
+
+    DIR/.builds/<key>-<time>-<id>/   the new build's graph files (immutable once written)
+    DIR/manifest.json                replaced by one rename: names the build folder in use
+
+Two builds of one directory take turns (``build_lock``). The build before the current one stays
+until the next build (a reader that read the old manifest can finish loading it); anything older,
+and the folders of killed builds, are removed under the lock. Files a user put in the directory
+are never touched.
 
 The directory is content-keyed: the key hashes the model (config + checkpoint content or
 random-init seed), the build options and the library versions. Building again with the
-same key reuses what is there (after checking the files); any change rebuilds.
+same key reuses what is there (after the full check ``Pipeline.load`` runs); any change rebuilds.
 """
 
 from __future__ import annotations
@@ -13,15 +21,19 @@ import logging
 import os
 import shutil
 import tempfile
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from ..errors import EngineError
+from ..errors import ConfigError, EngineError
 from .onnx_export import export_all
+from ..files import user_mode
 from ..hashing import value_sha256
 from ..models import LOADER, LoadedModel
-from ..spec import BuildOptions
-from ..engines.manifest import FORMAT, MANIFEST, Manifest, describe_files, library_versions, now
+from ..spec import BuildOptions, ExportSpec
+from ..engines.manifest import (FORMAT, LOCK, MANIFEST, Manifest, build_lock, describe_files, library_versions, now,
+                                read_manifest_json, replace_manifest)
+from ..engines.schema import BUILDS, is_build_dir
 
 log = logging.getLogger(__name__)
 
@@ -60,11 +72,42 @@ def _reusable(out: Path, key: str) -> Manifest | None:
         if manifest.key != key:
             log.info("engine directory %s was built from other inputs: rebuilding", out)
             return None
-        manifest.verify(hashes=True)
+        manifest.check(hashes=True)  # the same full check as Pipeline.load
         return manifest
     except EngineError as e:
         log.info("engine directory %s cannot be reused (%s): rebuilding", out, e)
         return None
+
+
+_OURS = {MANIFEST, LOCK, BUILDS}
+
+
+def _user_files(out: Path) -> list[str]:
+    """What is in ``out`` besides an engine directory's own files."""
+    return sorted(p.name for p in out.iterdir() if p.name not in _OURS and not p.name.startswith(f".{MANIFEST}."))
+
+
+def check_memory(spec: ExportSpec, what: str = "this build") -> None:
+    """Refuse a build whose engine state (module caches, hidden states; allocated twice while
+    exporting) cannot fit in this machine's memory, before anything is allocated."""
+    state = sum(4 * _prod(t.shape) for t in spec.state_tensors().values())
+    try:
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return
+    if 2 * state > total:
+        raise ConfigError(
+            f"{what} needs about {2 * state / 2**30:.1f} GiB for its engine state (batch {spec.options.batch}, "
+            f"graph batch {spec.graph_batch}), expected at most this machine's {total / 2**30:.1f} GiB; "
+            f"lower --batch or --order"
+        )
+
+
+def _prod(shape) -> int:
+    n = 1
+    for d in shape:
+        n *= int(d)
+    return n
 
 
 def build_engines(
@@ -74,7 +117,7 @@ def build_engines(
     ``out/<build_name>`` for a model with several builds per directory, e.g. FLUX resolutions).
 
     ``check(paths)``, if given, also vets the graphs (e.g. ``trt_compat.check_graphs``): on a fresh
-    export before anything is written into place, on reused engines before they are returned."""
+    export before anything is switched into place, on reused engines before they are returned."""
     out = Path(out)
     if model.build_name is not None:
         if (out / MANIFEST).is_file():
@@ -84,11 +127,26 @@ def build_engines(
         out = out / model.build_name
     if out.exists() and not out.is_dir():
         raise EngineError(f"expected a directory for the engines at {out}, got a file")
-    if out.is_dir() and any(out.iterdir()) and not (out / MANIFEST).is_file():
+    if out.is_dir() and not (out / MANIFEST).is_file() and _user_files(out):
         raise EngineError(f"expected an empty folder or an engine directory at {out}, got a folder with other files")
     spec = model.adapter.export_spec(options)  # validates K against the token count before any work
+    check_memory(spec)
     versions = library_versions()
     key = build_key(model, options, versions)
+    created = not out.exists()
+    with build_lock(out):
+        try:
+            return _build_locked(model, options, out, spec, key, versions, force, check)
+        except BaseException:
+            if created:
+                _remove_if_empty(out)
+            raise
+
+
+def _build_locked(model, options, out, spec, key, versions, force, check) -> BuildResult:
+    """The build, under the directory's lock."""
+    current = read_manifest_json(out)
+    _remove_debris(out, keep={current.get("build_dir"), current.get("previous")} if current else set())
     if not force:
         existing = _reusable(out, key)
         if existing is not None:
@@ -97,16 +155,23 @@ def build_engines(
                 check(existing.graph_paths())
             return BuildResult(existing, reused=True)
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.building-", dir=out.parent))
+    builds = out / BUILDS
+    if not builds.is_dir():
+        builds.mkdir()
+    stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime())
+    tmp = Path(tempfile.mkdtemp(prefix=f"{key[:12]}-{stamp}-", dir=builds))
+    user_mode(tmp)
     try:
         paths = export_all(model.adapter, spec, tmp)
         if check is not None:
             check(paths)
+        previous = _previous_build(out, current)
         data = {
             "format": FORMAT,
             "key": key,
             "created": now(),
+            "build_dir": f"{BUILDS}/{tmp.name}",
+            "previous": previous,
             "model": {
                 "name": model.name,
                 "family": model.family,
@@ -123,27 +188,76 @@ def build_engines(
             "versions": versions,
             "defaults": asdict(model.adapter.default_run),
         }
-        manifest = Manifest(data, tmp)
-        manifest.write()
-        _swap_into_place(tmp, out)
+        manifest = Manifest(data, out)
+        manifest.check(hashes=False)  # what a reader checks (the hashes were just taken), before anyone reads it
+        replace_manifest(out, data)  # the switch: one atomic rename
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    _retire(out, current, keep={tmp.name, Path(previous).name if previous else None})
     log.info("engines written to %s (key %s)", out, key[:12])
-    return BuildResult(Manifest(data, out), reused=False)
+    return BuildResult(manifest, reused=False)
 
 
-def _swap_into_place(new: Path, out: Path) -> None:
-    old = None
-    if out.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-        os.rmdir(old)
-        os.replace(out, old)
+def _previous_build(out: Path, current: dict | None) -> str | None:
+    """The build folder the manifest being replaced names, where it is a valid one that exists."""
+    name = current.get("build_dir") if current and current.get("format") == FORMAT else None
+    return name if is_build_dir(name) and (out / name).is_dir() else None
+
+
+def _remove_debris(out: Path, keep: set) -> None:
+    """Folders of killed builds: build folders the manifest does not name (as its build or the
+    previous one), and the temporary siblings of the earlier layout (``.NAME.building-*``,
+    ``.NAME.old-*``). Called under the lock, so no live build owns them."""
+    keep_names = {Path(k).name for k in keep if isinstance(k, str) and k}
+    builds = out / BUILDS
+    if builds.is_dir():
+        for p in builds.iterdir():
+            if p.name not in keep_names:
+                log.info("removing %s (left by an interrupted or superseded build)", p)
+                _remove(p)
+    for pattern in (f".{out.name}.building-*", f".{out.name}.old-*"):
+        for p in out.parent.glob(pattern):
+            if p.is_dir():
+                log.info("removing %s (left by an interrupted build)", p)
+                shutil.rmtree(p, ignore_errors=True)
+    for p in out.glob(f".{MANIFEST}.*"):  # a manifest update killed before its rename
+        p.unlink(missing_ok=True)
+
+
+def _retire(out: Path, replaced: dict | None, keep: set) -> None:
+    """After the switch: remove build folders older than the one just replaced, the TensorRT plans
+    of the replaced manifest (built from its graphs), and the graph files of a replaced manifest of
+    the earlier format (they lay beside it). Nothing the manifests do not name is touched."""
+    builds = out / BUILDS
+    for p in builds.iterdir():
+        if p.name not in keep:
+            _remove(p)
+    if not replaced:
+        return
+    named = [f.get("file") for e in (replaced.get("tensorrt") or {}).get("plans", {}).values() for f in e.get("files", [])]
+    if replaced.get("format") != FORMAT:  # the earlier layout: graph files beside the manifest
+        named += [f.get("file") for e in (replaced.get("graphs") or {}).values() for f in e.get("files", [])]
+    for name in named:
+        if isinstance(name, str) and name and "/" not in name and name not in (".", "..") and name not in _OURS:
+            (out / name).unlink(missing_ok=True)
+
+
+def _remove(p: Path) -> None:
+    if p.is_dir() and not p.is_symlink():
+        shutil.rmtree(p, ignore_errors=True)
+    else:
+        p.unlink(missing_ok=True)
+
+
+def _remove_if_empty(out: Path) -> None:
+    """A directory this build created and that holds nothing of use goes again (under the lock)."""
     try:
-        os.replace(new, out)
-    except BaseException:
-        if old is not None:
-            os.replace(old, out)
-        raise
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+        builds = out / BUILDS
+        if builds.is_dir() and not any(builds.iterdir()):
+            builds.rmdir()
+        if {p.name for p in out.iterdir()} <= {LOCK}:
+            (out / LOCK).unlink(missing_ok=True)
+            out.rmdir()
+    except OSError:
+        pass

@@ -18,6 +18,7 @@ from pathlib import Path
 import onnx
 import torch
 
+from ..engines.signature import signature_mismatch
 from ..errors import ClusCaError
 from ..spec import ExportSpec
 from ..steps import example_inputs, graph_module
@@ -78,24 +79,9 @@ def check_graph(path: Path, spec: ExportSpec, name: str) -> None:
         onnx.checker.check_model(str(path), full_check=False)
     except Exception as e:
         raise ExportError(f"ONNX checker rejected {path.name}: {e}".splitlines()[0]) from e
-    model = onnx.load(str(path), load_external_data=False)
-    want = spec.graphs[name]
-    for kind, got, expected in (
-        ("input", model.graph.input, want.inputs),
-        ("output", model.graph.output, want.outputs),
-    ):
-        got_sig = [(v.name, _shape(v), _dtype(v)) for v in got]
-        exp_sig = [(t.name, t.shape, t.dtype) for t in expected]
-        if got_sig != exp_sig:
-            raise ExportError(f"{path.name}: expected {kind}s {exp_sig}, got {got_sig}")
-
-
-def _shape(v) -> tuple:
-    return tuple(d.dim_value if d.HasField("dim_value") else d.dim_param for d in v.type.tensor_type.shape.dim)
-
-
-def _dtype(v) -> str:
-    return onnx.helper.tensor_dtype_to_np_dtype(v.type.tensor_type.elem_type).name
+    mismatch = signature_mismatch(path, spec.graphs[name])
+    if mismatch is not None:
+        raise ExportError(mismatch)
 
 
 def export_all(adapter, spec: ExportSpec, out_dir: Path) -> dict[str, Path]:

@@ -16,6 +16,7 @@ from ..errors import ConfigError, EngineMismatchError
 
 log = logging.getLogger(__name__)
 
+MAX_SEED = 2**63 - 1
 DEFAULT_MODEL = "dit-digits"  # the built-in trained model (weights in clusca_trt/data)
 
 # family -> module; each module's model_names() says which --model names it serves
@@ -69,7 +70,7 @@ def model_names() -> list[str]:
 
 def family_of(name: str) -> str:
     index = _name_index()
-    if name not in index:
+    if not isinstance(name, str) or name not in index:
         raise ConfigError(f"model must be one of {', '.join(index)}, got {name!r}")
     return index[name]
 
@@ -83,12 +84,19 @@ def load_model(
 ) -> LoadedModel:
     """Load ``name`` from ``checkpoint`` (a file or a diffusers folder), or with random weights.
 
-    ``options`` are family build options (e.g. FLUX's height/width); unset ones are dropped."""
+    ``options`` are family build options (e.g. FLUX's height/width); unset ones are dropped.
+    Every floating tensor of the loaded model is checked finite once (a NaN weight makes NaN engines)."""
+    from .checks import check_weights
+
     family = family_of(name)
     if checkpoint is not None and random_init:
         raise ConfigError("give either a checkpoint or random_init, got both")
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED:
+        raise ConfigError(f"seed must be an integer in 0..{MAX_SEED}, got {seed!r}")
     options = {k: v for k, v in options.items() if v is not None}
-    return family_module(family).load(name, checkpoint=checkpoint, random_init=random_init, seed=seed, **options)
+    loaded = family_module(family).load(name, checkpoint=checkpoint, random_init=random_init, seed=seed, **options)
+    check_weights(loaded.adapter, f"model {name}" + (f" from {checkpoint}" if checkpoint is not None else ""))
+    return loaded
 
 
 # the entry point an engine directory's manifest names for loading its model again (the torch backend)

@@ -10,7 +10,6 @@ transformer class, its build options, its decoder kind) and passes its own confi
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +21,7 @@ from torch import nn
 from ..errors import CheckpointError, ConfigError
 from ..hashing import tree_sha256
 from ..spec import BuildOptions, CacheSlot, ExportSpec, TensorSpec, TokenGroup, make_spec
+from .checks import check_safetensors_dtypes, config_value, read_config
 
 log = logging.getLogger(__name__)
 
@@ -113,10 +113,7 @@ def transformer_dir(fam: DiffusersFamily, path: Path) -> Path:
     for folder in (path, path / "transformer"):
         config = folder / "config.json"
         if config.is_file():
-            try:
-                cls = json.loads(config.read_text()).get("_class_name")
-            except ValueError as e:
-                raise CheckpointError(f"{config} is not readable JSON: {e}".splitlines()[0]) from e
+            cls = read_config(config, f"{fam.label} config").get("_class_name")
             if cls != fam.transformer_class:
                 raise CheckpointError(f"expected a {fam.transformer_class} config in {folder}, got {cls}")
             return folder
@@ -139,8 +136,15 @@ def pipeline_dir(path: Path) -> Path | None:
 def architecture(folder: Path, defaults, names: tuple[str, ...]) -> tuple[dict, dict]:
     """(the folder's raw ``config.json``, its architecture fields ``names``), unset ones from
     ``defaults``; an unset or null ``out_channels`` is ``in_channels``."""
-    raw = json.loads((folder / "config.json").read_text())
-    arch = {n: raw.get(n, getattr(defaults, n)) for n in names}
+    path = folder / "config.json"
+    raw = read_config(path, "transformer config")
+    arch = {}
+    for n in names:
+        default = getattr(defaults, n)
+        kind = bool if isinstance(default, bool) else int if isinstance(default, int) else \
+            float if isinstance(default, float) else "ints" if isinstance(default, tuple) else type(default)
+        value = config_value(raw, n, kind, default, f"config {path}", low=0 if kind in (int, float) else None)
+        arch[n] = tuple(value) if kind == "ints" else value
     arch["out_channels"] = arch["out_channels"] or arch["in_channels"]
     return raw, arch
 
@@ -154,8 +158,8 @@ def pipeline_configs(root: Path | None) -> tuple[dict | None, dict | None]:
     vae = root / "vae" / "config.json"
     scheduler = None
     if sched.is_file():
-        scheduler = {k: v for k, v in json.loads(sched.read_text()).items() if not k.startswith("_")}
-    return scheduler, json.loads(vae.read_text()) if vae.is_file() else None
+        scheduler = {k: v for k, v in read_config(sched, "scheduler config").items() if not k.startswith("_")}
+    return scheduler, read_config(vae, "VAE config") if vae.is_file() else None
 
 
 def checked_config(fam: DiffusersFamily, folder: Path, base, **changes):
@@ -164,12 +168,15 @@ def checked_config(fam: DiffusersFamily, folder: Path, base, **changes):
         return base.replace(**changes)
     except ConfigError as e:
         raise CheckpointError(f"unsupported {fam.label} config in {folder}: {e}") from e
+    except (TypeError, ValueError) as e:  # a value of the wrong type in a folder's config
+        raise CheckpointError(f"unsupported {fam.label} config in {folder}: {type(e).__name__}: {e}".splitlines()[0]) from e
 
 
 def load_transformer(fam: DiffusersFamily, folder: Path) -> nn.Module:
     cls = fam.transformer_cls()
-    try:
-        return cls.from_pretrained(str(folder)).eval()
+    check_safetensors_dtypes(folder, f"cannot load {fam.label} transformer from {folder}")
+    try:  # a local folder only: never the network
+        return cls.from_pretrained(str(folder), local_files_only=True).eval()
     except Exception as e:  # diffusers raises many types for a bad folder
         message = f"cannot load {fam.label} transformer from {folder}: {type(e).__name__}: {e}"
         raise CheckpointError(message.splitlines()[0]) from e

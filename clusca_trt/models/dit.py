@@ -11,7 +11,6 @@ after the last block is the hidden state to cluster.
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import math
 from dataclasses import dataclass
@@ -25,6 +24,7 @@ from ..config import ClusCaConfig
 from ..errors import CheckpointError, ConfigError
 from ..hashing import tree_sha256
 from ..spec import BuildOptions, CacheSlot, ExportSpec, TensorSpec, TokenGroup, make_spec
+from .checks import check_safetensors_dtypes, check_state_dict, config_value, read_config
 
 log = logging.getLogger(__name__)
 
@@ -414,6 +414,7 @@ def load_original(path: Path, cfg: DiTConfig) -> DiT:
         sd = sd["model"]
     if not isinstance(sd, dict):
         raise CheckpointError(f"expected a state dict in {path}, got {type(sd).__name__}")
+    sd = check_state_dict(sd, f"checkpoint {path.name}")  # tensors only, floating point, as float32
     model = DiT(cfg)
     _check_state_dict(model, sd, f"checkpoint {path.name}")
     model.load_state_dict(sd)
@@ -433,24 +434,29 @@ def _diffusers_dir(path: Path) -> Path:
 
 def diffusers_config(path: Path) -> DiTConfig:
     folder = _diffusers_dir(path)
-    raw = json.loads((folder / "config.json").read_text())
+    raw = read_config(folder / "config.json", "DiT config")
     if raw.get("_class_name") not in (None, "DiTTransformer2DModel", "Transformer2DModel"):
         raise CheckpointError(f"expected a DiTTransformer2DModel config in {folder}, got {raw.get('_class_name')}")
-    heads = raw.get("num_attention_heads", 16)
-    in_ch = raw.get("in_channels", 4)
-    out_ch = raw.get("out_channels") or in_ch
+    where = f"DiT config {folder / 'config.json'}"
+
+    def field(name, default, kind=int):
+        return config_value(raw, name, kind, default, where, low=1 if kind is int else 0)
+
+    heads = field("num_attention_heads", 16)
+    in_ch = field("in_channels", 4)
+    out_ch = field("out_channels", None) or in_ch
     try:
         return DiTConfig(
-            input_size=raw.get("sample_size", 32),
-            patch_size=raw.get("patch_size", 2),
+            input_size=field("sample_size", 32),
+            patch_size=field("patch_size", 2),
             in_channels=in_ch,
-            hidden_size=heads * raw.get("attention_head_dim", 72),
-            depth=raw.get("num_layers", 28),
+            hidden_size=heads * field("attention_head_dim", 72),
+            depth=field("num_layers", 28),
             num_heads=heads,
-            num_classes=raw.get("num_embeds_ada_norm", 1000),
+            num_classes=field("num_embeds_ada_norm", 1000),
             learn_sigma=out_ch == 2 * in_ch,
             time_freq_shift=1,
-            mlp_norm_eps=raw.get("norm_eps", 1e-5),
+            mlp_norm_eps=field("norm_eps", 1e-5, float),
         )
     except ConfigError as e:
         raise CheckpointError(f"unsupported DiT config in {folder}: {e}") from e
@@ -509,8 +515,9 @@ def load_diffusers(path: Path, expect: DiTConfig | None = None) -> DiT:
                     f"checkpoint {path} does not match the config: expected {f}={getattr(expect, f)}, "
                     f"got {getattr(cfg, f)}"
                 )
+    check_safetensors_dtypes(_diffusers_dir(path), f"cannot load diffusers DiT from {path}")
     try:
-        theirs = DiTTransformer2DModel.from_pretrained(str(_diffusers_dir(path)))
+        theirs = DiTTransformer2DModel.from_pretrained(str(_diffusers_dir(path)), local_files_only=True)
     except Exception as e:
         raise CheckpointError(f"cannot load diffusers DiT from {path}: {type(e).__name__}: {e}".splitlines()[0]) from e
     try:

@@ -32,12 +32,14 @@ from ..config import ClusCaConfig
 from ..errors import CheckpointError, ConfigError
 from ..spec import BuildOptions, ExportSpec, TensorSpec
 from . import diffusers_folder
+from .checks import config_value
 from .diffusers_folder import DiffusersFamily, block_modulations, double_block, final_norm, single_block
 
 log = logging.getLogger(__name__)
 
 FAMILY = "flux"
 MAX_TEXT_LENGTH = 512  # T5's limit in the FLUX pipeline
+MAX_SIDE = 8192  # pixels (FLUX.1 is trained up to 2 MP)
 BUILD_OPTIONS = ("height", "width", "text_length")
 DIFFUSERS = DiffusersFamily(FAMILY, "FLUX", "FluxTransformer2DModel", BUILD_OPTIONS, decoder_kind="vae")
 
@@ -79,8 +81,8 @@ class FluxConfig:
         multiple = 2 * self.vae_scale_factor
         for side in ("height", "width"):
             v = getattr(self, side)
-            if not isinstance(v, int) or v < multiple or v % multiple:
-                raise ConfigError(f"{side} must be a positive multiple of {multiple}, got {v!r}")
+            if not isinstance(v, int) or isinstance(v, bool) or not multiple <= v <= MAX_SIDE or v % multiple:
+                raise ConfigError(f"{side} must be a positive multiple of {multiple}, got {v!r} (at most {MAX_SIDE})")
         if not isinstance(self.text_length, int) or not 1 <= self.text_length <= MAX_TEXT_LENGTH:
             raise ConfigError(f"text length must be an integer in 1..{MAX_TEXT_LENGTH}, got {self.text_length!r}")
         if self.in_channels % 4:
@@ -281,7 +283,8 @@ def folder_config(folder: Path, root: Path | None, expect: FluxConfig | None) ->
     scheduler, vae = diffusers_folder.pipeline_configs(root)
     extra = {
         "scheduler": dict(base.scheduler) if scheduler is None else scheduler,
-        "vae_scale_factor": 8 if vae is None else 2 ** (len(vae.get("block_out_channels", [0] * 4)) - 1),
+        "vae_scale_factor": 8 if vae is None else 2 ** (len(config_value(
+            vae, "block_out_channels", "ints", [0] * 4, f"VAE config of {root}")) - 1),
     }
     return diffusers_folder.checked_config(DIFFUSERS, folder, base, **arch, **extra)
 

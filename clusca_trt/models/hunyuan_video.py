@@ -47,6 +47,8 @@ log = logging.getLogger(__name__)
 FAMILY = "hunyuan-video"
 TRANSFORMER_CLASS = "HunyuanVideoTransformer3DModel"
 MAX_TEXT_LENGTH = 1024
+MAX_SIDE = 8192  # pixels
+MAX_FRAMES = 1025  # video frames (4 k + 1)
 BUILD_OPTIONS = ("height", "width", "frames", "text_length")
 DIFFUSERS = DiffusersFamily(FAMILY, "HunyuanVideo", TRANSFORMER_CLASS, BUILD_OPTIONS, decoder_kind="video-vae")
 
@@ -91,11 +93,13 @@ class HunyuanVideoConfig:
         multiple = self.vae_scale_factor * self.patch_size
         for side in ("height", "width"):
             v = getattr(self, side)
-            if not isinstance(v, int) or v < multiple or v % multiple:
-                raise ConfigError(f"{side} must be a positive multiple of {multiple}, got {v!r}")
+            if not isinstance(v, int) or isinstance(v, bool) or not multiple <= v <= MAX_SIDE or v % multiple:
+                raise ConfigError(f"{side} must be a positive multiple of {multiple}, got {v!r} (at most {MAX_SIDE})")
         tf = self.vae_temporal_factor
-        if not isinstance(self.frames, int) or self.frames < 1 or (self.frames - 1) % tf:
-            raise ConfigError(f"frames must be {tf} k + 1 (1, {tf + 1}, {2 * tf + 1}, ...), got {self.frames!r}")
+        if (not isinstance(self.frames, int) or isinstance(self.frames, bool) or not 1 <= self.frames <= MAX_FRAMES
+                or (self.frames - 1) % tf):
+            raise ConfigError(f"frames must be {tf} k + 1 (1, {tf + 1}, {2 * tf + 1}, ...), got {self.frames!r} "
+                              f"(at most {MAX_FRAMES})")
         if self.latent_frames % self.patch_size_t:
             raise ConfigError(
                 f"latent frames must be a multiple of patch_size_t {self.patch_size_t}, got {self.latent_frames}"

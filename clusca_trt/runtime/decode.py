@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import logging
+from pathlib import Path
 
 import numpy as np
 
@@ -28,9 +29,27 @@ def _vae(path: str):
     from diffusers import AutoencoderKL
 
     try:
-        return AutoencoderKL.from_pretrained(path, low_cpu_mem_usage=False).eval()  # small; no accelerate notice
+        # small: no accelerate notice; a local folder only, never the network
+        return AutoencoderKL.from_pretrained(path, low_cpu_mem_usage=False, local_files_only=True).eval()
     except Exception as e:
         raise CheckpointError(f"cannot load the VAE at {path}: {type(e).__name__}: {e}".splitlines()[0]) from e
+
+
+def prepare(decoder: dict | None) -> None:
+    """Check and load the decoder before sampling (a missing or broken VAE fails in seconds, not
+    after the run). Its folder must be a local folder with ``config.json``: a path that is not one
+    never reaches diffusers, which would take it for a Hub repository and go to the network."""
+    if not decoder or decoder.get("kind") == "pixels":
+        return
+    kind, path = decoder.get("kind"), decoder.get("path")
+    if kind not in ("vae", "video-vae"):
+        raise ConfigError(f"decoder kind must be 'pixels', 'vae' or 'video-vae', got {kind!r}")
+    if not isinstance(path, str) or not Path(path).is_absolute() or not (Path(path) / "config.json").is_file():
+        raise CheckpointError(
+            f"expected the {kind} folder (config.json) the engines were built with at {path}, got none; "
+            f"restore it or rebuild the engines"
+        )
+    (_vae if kind == "vae" else _video_vae)(path)
 
 
 def decode(decoder: dict | None, latents: np.ndarray) -> np.ndarray | None:
@@ -64,6 +83,6 @@ def _video_vae(path: str):
     from diffusers import AutoencoderKLHunyuanVideo
 
     try:
-        return AutoencoderKLHunyuanVideo.from_pretrained(path).eval()
+        return AutoencoderKLHunyuanVideo.from_pretrained(path, local_files_only=True).eval()
     except Exception as e:
         raise CheckpointError(f"cannot load the video VAE at {path}: {type(e).__name__}: {e}".splitlines()[0]) from e

@@ -110,7 +110,8 @@ def _text_pipeline(module: str, cls: str, root: str, label: str):
     """diffusers' pipeline ``module.cls`` with the text encoders and tokenizers only (no transformer, no VAE)."""
     try:
         with quiet_loading():
-            pipe = getattr(importlib.import_module(module), cls).from_pretrained(root, transformer=None, vae=None)
+            pipe = getattr(importlib.import_module(module), cls).from_pretrained(  # local only: never the network
+                root, transformer=None, vae=None, local_files_only=True)
     except Exception as e:  # diffusers/transformers raise many types for a bad folder
         message = f"cannot load the {label} text encoders from {root}: {type(e).__name__}: {e}"
         raise CheckpointError(message.splitlines()[0]) from e

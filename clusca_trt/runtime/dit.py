@@ -16,6 +16,7 @@ import numpy as np
 from ..errors import InputError
 from . import device_loop
 from .driver import PAD_KEY, SAMPLER, SampleKey, initial_noise, sample_keys, stream
+from .inputs import check_labels  # strict: a list of ints, no str / float / bool
 from .samplers import GaussianDiffusion
 
 log = logging.getLogger(__name__)
@@ -23,14 +24,6 @@ log = logging.getLogger(__name__)
 Denoise = Callable[[int, dict], np.ndarray]
 
 
-def check_labels(labels, num_classes: int) -> list[int]:
-    labels = [int(v) for v in labels]
-    if not labels:
-        raise InputError("expected at least one class label, got none")
-    bad = [v for v in labels if not 0 <= v < num_classes]
-    if bad:
-        raise InputError(f"class labels must be in 0..{num_classes - 1}, got {bad[0]}")
-    return labels
 
 
 def apply_cfg(out: np.ndarray, batch: int, channels: int, scale: float) -> np.ndarray:

@@ -1,5 +1,6 @@
 """Writing generation results: ``.npz`` (latents, labels, images), a ``.png`` grid (videos: one row of
-frames per video) or ``.mp4`` videos."""
+frames per video) or ``.mp4`` videos. Files appear whole (one rename) with the user's umask;
+``check_output`` vets the location before sampling, so a read-only folder fails in seconds."""
 
 from __future__ import annotations
 
@@ -10,18 +11,38 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import InputError
+from ..files import write_atomic
+
+SUFFIXES = (".npz", ".png", ".mp4")
 
 
 def _atomic(path: Path, write) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=path.suffix, dir=path.parent)
-    os.close(fd)
+    write_atomic(Path(path), write)
+
+
+def _needs_images(suffix: str) -> InputError:
+    return InputError(
+        f"expected a model with a decoder (VAE or pixel space) for {suffix} output, got latents only; use .npz"
+    )
+
+
+def check_output(path: Path, has_decoder: bool) -> None:
+    """Before any sampling: ``path`` ends in .npz/.png/.mp4, image output has a decoder, and its folder
+    exists (or can be made) and takes a new file."""
+    path = Path(path)
+    if path.suffix not in SUFFIXES:
+        raise InputError(f"expected an output file ending in .npz, .png or .mp4, got {path.name}")
+    if path.suffix != ".npz" and not has_decoder:
+        raise _needs_images(path.suffix)
+    if path.is_dir():
+        raise InputError(f"expected an output file at {path}, got a folder")
     try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".probe", dir=path.parent)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise InputError(f"expected a writable location for {path}, got {type(e).__name__}: {e.strerror or e}") from None
 
 
 def image_grid(images: np.ndarray, columns: int | None = None) -> np.ndarray:
@@ -60,10 +81,7 @@ def write_result(result, path: Path) -> None:
         _atomic(path, save)
     elif path.suffix in (".png", ".mp4"):
         if result.images is None:
-            raise InputError(
-                f"expected a model with a decoder (VAE or pixel space) for {path.suffix} output, got latents only; "
-                "use .npz"
-            )
+            raise _needs_images(path.suffix)
         if path.suffix == ".mp4":
             write_mp4(result.images, path)
         elif result.images.ndim == 5:  # videos: one row of frames per video

@@ -7,12 +7,17 @@
 The ClusCa settings (method, interval, propagation, order, warm-up, fresh policy) are the
 same for every model family; the family's runtime module (``runtime/<family>.py``) takes
 the rest (class labels or prompts, sampler, guidance) and drives the denoiser.
+
+A ``Pipeline`` may be shared by threads: it serialises its calls with a lock around the engine
+(whose state, the module caches, is one per engine), so every call gets the result it gets
+alone. For throughput, use one ``Pipeline`` per thread (or the engine batch).
 """
 
 from __future__ import annotations
 
 import importlib
 import logging
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,12 +25,13 @@ import numpy as np
 
 from ..config import ClusCaConfig, Method
 from ..engines.base import StepEngine
-from ..engines.manifest import Manifest, find_build
+from ..engines.manifest import Manifest, read_build
 from ..engines.open import open_engine
 from ..errors import ConfigError, EngineMismatchError
 from ..schedule import PlannedStep, count_kinds, plan
 from ..spec import ExportSpec
 from .driver import SampleKey, ScheduledDenoiser
+from .inputs import FiniteOutputs, check_finite_output, check_generate_inputs
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +75,7 @@ class Pipeline:
         self.defaults = defaults
         self.manifest = manifest
         self.decoder = decoder
+        self._lock = threading.RLock()  # one run at a time on the engine's state (see the module docstring)
         family = model["family"]
         if family not in FAMILY_RUNTIMES:
             raise ConfigError(f"model family must be one of {', '.join(FAMILY_RUNTIMES)}, got {family!r}")
@@ -87,15 +94,21 @@ class Pipeline:
         device: str | None = None,
         precision: str | None = None,
     ) -> "Pipeline":
-        """Open an engine directory. ``verify`` checks every file's size and sha256 first.
+        """Open an engine directory. ``verify`` checks every file's sha256 first; sizes, and each graph
+        file's inputs and outputs against the manifest's spec, are always checked. Every file comes
+        from the one build the manifest names (never a mix of two, even during a rebuild).
 
         A directory with several builds (FLUX: one per resolution) opens the one whose build
         options match ``select``, e.g. ``{"height": 768, "width": 1360}``. ``device`` (cpu, cuda,
         cuda:N) and ``precision`` (fp32, bf16, fp16) choose where and how the torch backend runs
         (TensorRT: the device; see ``engines.open``)."""
-        manifest = Manifest.read(find_build(Path(directory), select))
-        manifest.verify(hashes=verify)
-        engine = open_engine(manifest, backend, provider=provider, threads=threads, device=device, precision=precision)
+
+        def open_checked(manifest: Manifest):
+            manifest.check(hashes=verify)
+            return manifest, open_engine(manifest, backend, provider=provider, threads=threads, device=device,
+                                         precision=precision)
+
+        manifest, engine = read_build(Path(directory), open_checked, select)
         log.info("engines from %s run on %s/%s", directory, engine.backend, engine.provider)
         return cls(engine, manifest.model, _defaults(manifest.defaults), manifest, manifest.data.get("decoder"))
 
@@ -153,9 +166,19 @@ class Pipeline:
         **kwargs,
     ) -> GenerateResult:
         """Sample. ClusCa settings here; the family's inputs (DiT: ``class_labels``, ``seed``,
-        ``steps``, ``sampler``, ``cfg_scale``) in ``args``/``kwargs``."""
+        ``steps``, ``sampler``, ``cfg_scale``) in ``args``/``kwargs``. Every input is checked and the
+        decoder loaded before sampling starts; calls from several threads run one at a time."""
+        check_generate_inputs(self.model["family"], args, kwargs)
         config = self.resolve_config(method, interval, propagation, order, warmup, fresh, clusters)
-        return self.family.generate(self, config, *args, **kwargs)
+        self.prepare_decoder()
+        with self._lock:
+            return self.family.generate(self, config, *args, **kwargs)
+
+    def prepare_decoder(self) -> None:
+        """Load the decoder (VAE) now, so that a missing or broken one fails before sampling."""
+        from .decode import prepare
+
+        prepare(self.decoder)
 
     def plan(self, steps: int, config: ClusCaConfig) -> list[PlannedStep]:
         return plan(steps, config, self.spec.options.order)
@@ -170,6 +193,7 @@ class Pipeline:
         """Package a run: decode images where a decoder exists, sum the engine timings, log."""
         from .decode import decode
 
+        check_finite_output("the sampled latents", latents)
         counts = {k.value: v for k, v in count_kinds(factory.planned).items()}
         config = factory.config
         log.info(
@@ -181,6 +205,8 @@ class Pipeline:
             self.engine.provider,
             seconds,
         )
+        images = decode(self.decoder, latents)
+        check_finite_output("the decoded images", images)
         return GenerateResult(
             latents=latents,
             labels=None if labels is None else np.asarray(labels, dtype=np.int64),
@@ -188,14 +214,15 @@ class Pipeline:
             provider=self.engine.provider,
             backend=self.engine.backend,
             seconds=seconds,
-            images=decode(self.decoder, latents),
+            images=images,
             timings=factory.timings(),
             step_counts=counts,
             extra=extra,
         )
 
     def close(self) -> None:
-        self.engine.close()
+        with self._lock:
+            self.engine.close()
 
     def __enter__(self):
         return self
@@ -218,11 +245,11 @@ class DenoiserFactory:
         self.propagation = propagation
         self.made: list[ScheduledDenoiser] = []
 
-    def __call__(self, keys: list[SampleKey]) -> ScheduledDenoiser:
+    def __call__(self, keys: list[SampleKey]) -> FiniteOutputs:
         d = ScheduledDenoiser(self.engine, self.planned, self.config, keys, self.propagation)
         d.reset()
         self.made.append(d)
-        return d
+        return FiniteOutputs(d)  # a NaN/inf model output stops the run at its step
 
     def timings(self) -> dict[str, list[float]]:
         out: dict[str, list[float]] = {}

@@ -12,6 +12,7 @@
 
 import contextlib
 import json
+import shutil
 import subprocess
 import sys
 import weakref
@@ -210,9 +211,7 @@ def test_default_timing_cache_is_per_tensorrt_version_and_gpu(tmp_path):
 
 def test_manifest_verify_covers_the_plans(engines_k4, tmp_path):
     d = tmp_path / "eng"
-    d.mkdir()
-    for p in engines_k4.directory.iterdir():
-        (d / p.name).write_bytes(p.read_bytes())
+    shutil.copytree(engines_k4.directory, d)
     plan = d / "full.0123456789ab.plan"
     plan.write_bytes(b"serialized plan bytes")
     data = json.loads((d / "manifest.json").read_text())
@@ -237,7 +236,9 @@ def test_onnx_runtime_tensorrt_provider_caches_its_engines_in_the_engine_dir(eng
 
     monkeypatch.setattr(ort_mod.OrtEngine, "_session", session)
     monkeypatch.setattr(ort_mod.OrtEngine, "_alloc", lambda self, shape, dtype: None)  # no CUDA memory here
-    ort_mod.OrtEngine(engines_k4.spec, engines_k4.graph_paths(), provider="tensorrt")
+    from clusca_trt.engines.open import open_engine
+
+    open_engine(engines_k4, "onnxruntime", provider="tensorrt")
     cache = engines_k4.directory / ort_mod.TRT_CACHE_DIR
     name, options = seen[0][0]
     assert name == "TensorrtExecutionProvider" and cache.is_dir()
@@ -710,14 +711,12 @@ def fake_trt(monkeypatch, engines_k4, tmp_path):
     monkeypatch.setattr(trt_mod, "engine_io", lambda engine: builder.engine_io(engine))
     monkeypatch.setattr(trt_mod, "on_device", builder.on_device)
     d = tmp_path / "eng"
-    d.mkdir()
-    for p in engines_k4.directory.iterdir():
-        (d / p.name).write_bytes(p.read_bytes())
+    shutil.copytree(engines_k4.directory, d)
     return builder, Manifest.read(d)
 
 
 def _dir_state(d):
-    return {p.name: p.read_bytes() for p in sorted(d.iterdir())}
+    return {str(p.relative_to(d)): p.read_bytes() for p in sorted(d.rglob("*")) if p.is_file()}
 
 
 def test_build_plans_builds_every_graph_in_its_precision_and_records_them(fake_trt, tmp_path):

@@ -174,7 +174,7 @@ def test_prompts_end_to_end(pipes, theirs, flux_folder):
          "pooled_prompt_embeds: expected 2 rows like prompt_embeds, got 1"),
         ({"prompt": "a cat", "text_propagation": 1.5}, ConfigError,
          "propagation (gamma) of txt tokens must be in [0, 1], got 1.5"),
-        ({"prompt": "a cat", "steps": 0}, ConfigError, "steps must be >= 1, got 0"),
+        ({"prompt": "a cat", "steps": 0}, ConfigError, "steps must be an integer in 1..10000, got 0"),
     ],
 )
 def test_bad_run_inputs(pipes, kwargs, error, message):

@@ -154,7 +154,7 @@ def test_a_sample_depends_on_its_own_key_alone(pipes):
         ({"interval": 0}, ConfigError, "interval must be an integer >= 1, got 0"),
         ({"class_labels": [10]}, InputError, "class labels must be in 0..9, got 10"),
         ({"class_labels": []}, InputError, "expected at least one class label"),
-        ({"steps": 0}, ConfigError, "steps must be >= 1, got 0"),
+        ({"steps": 0}, ConfigError, "steps must be an integer in 1..10000, got 0"),
         ({"sampler": "euler"}, ConfigError, "sampler must be one of ddim, ddpm"),
     ],
 )

@@ -1,0 +1,76 @@
+"""Fixtures of the robustness tests: a micro DiT (64 tokens, 2 blocks of width 32) built once for
+K=2 and K=3, copies of those engine directories to damage, and an ``export_all`` that copies the
+prebuilt graph files (so a test can rebuild a directory in milliseconds; the build around the
+export is the real one)."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+from clusca_trt.models import LoadedModel
+from clusca_trt.models.dit import DiT, DiTAdapter, DiTConfig, init_random
+from clusca_trt.spec import BuildOptions
+
+MICRO = DiTConfig(input_size=8, patch_size=2, in_channels=4, hidden_size=32, depth=2, num_heads=4, num_classes=10)
+OPTIONS = {k: BuildOptions(batch=1, clusters=k, order=1, kmeans_iterations=2) for k in (2, 3)}
+
+
+def micro_model(seed: int = 0) -> LoadedModel:
+    """The micro DiT with random weights (seed), as ``load_model`` would return it."""
+    return LoadedModel("dit-tiny", "dit", DiTAdapter(init_random(DiT(MICRO), seed)), MICRO.to_dict(),
+                       {"kind": "random-init", "seed": seed})
+
+
+@pytest.fixture(scope="session")
+def micro(tmp_path_factory):
+    """{K: Manifest} of the micro DiT's engines for K=2 and K=3."""
+    from clusca_trt.exporters.build import build_engines
+
+    root = tmp_path_factory.mktemp("micro")
+    model = micro_model()
+    return {k: build_engines(model, o, root / f"k{k}").manifest for k, o in OPTIONS.items()}
+
+
+def copy_engine(manifest, dst: Path) -> Path:
+    shutil.copytree(manifest.directory, dst)
+    return dst
+
+
+def copy_graphs(source, out_dir: Path) -> dict[str, Path]:
+    """The graph files of the engines ``source`` (a Manifest) copied into ``out_dir``."""
+    paths = {}
+    for name, path in source.graph_paths().items():
+        for f in source.data["graphs"][name]["files"]:
+            shutil.copyfile(path.parent / f["file"], Path(out_dir) / f["file"])
+        paths[name] = Path(out_dir) / path.name
+    return paths
+
+
+@pytest.fixture
+def fake_export(micro, monkeypatch):
+    """``export_all`` replaced by a copy of the prebuilt graph files of the same K."""
+
+    def export(adapter, spec, out_dir):
+        return copy_graphs(micro[spec.options.clusters], out_dir)
+
+    monkeypatch.setattr("clusca_trt.exporters.build.export_all", export)
+    return export
+
+
+def one_line(e) -> str:
+    text = str(e.value if hasattr(e, "value") else e)
+    assert "\n" not in text and text, text
+    return text
+
+
+def cli_error(result) -> str:
+    """The one ``Error:`` line of a failed CLI run (and no traceback)."""
+    assert result.exit_code == 1, (result.exit_code, result.output, result.exception)
+    assert isinstance(result.exception, SystemExit), repr(result.exception)  # not an escaped exception
+    assert "Traceback" not in result.output
+    errors = [ln for ln in result.output.splitlines() if ln.startswith("Error:")]
+    assert len(errors) == 1, result.output
+    return errors[0]
