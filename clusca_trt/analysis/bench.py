@@ -143,6 +143,50 @@ def device_name(provider: str) -> str:
     return f"{model} ({cores} CPUs)"
 
 
+def memory_bandwidth(threads: int | None = None, mib: int = 256, calls: int = 5) -> float:
+    """Bytes per second ONNX Runtime reads on this machine: a ReduceSum over a ``mib`` MiB float32
+    tensor (too large for any cache), with the engine's intra-op threads; the median of ``calls``."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    n = mib * 2**20 // 4
+    graph = helper.make_graph(
+        [helper.make_node("ReduceSum", ["x"], ["y"], keepdims=0)], "bandwidth",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [64, n // 64])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [])],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    model.ir_version = 9
+    so = ort.SessionOptions()
+    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    if threads:
+        so.intra_op_num_threads = threads
+    session = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    x = np.ones((64, n // 64), np.float32)
+    session.run(None, {"x": x})
+    times = []
+    for _ in range(calls):
+        t0 = time.perf_counter()
+        session.run(None, {"x": x})
+        times.append(time.perf_counter() - t0)
+    return x.nbytes / statistics.median(times)
+
+
+def graph_traffic(spec, graph: str, weight_bytes: int) -> dict[str, int]:
+    """Bytes one call of ``graph`` must read at least: its weights and its inputs (of a conditioning
+    table only the ``graph batch`` rows it gathers), and the bytes of its outputs."""
+    from ..spec import TABLE_SUFFIX
+
+    size = {"float32": 4, "int64": 8}
+    g = spec.graphs[graph]
+    inputs = 0
+    for t in g.inputs:
+        rows = spec.graph_batch if t.name.endswith(TABLE_SUFFIX) and graph != "cond" else t.shape[0] if t.shape else 1
+        inputs += size[t.dtype] * rows * int(np.prod(t.shape[1:]))
+    written = sum(size[t.dtype] * int(np.prod(t.shape)) for t in g.outputs)
+    return {"read": weight_bytes + inputs, "weights": weight_bytes, "inputs": inputs, "written": written}
+
+
 def peak_rss_mib() -> float:
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak / 2**20 if platform.system() == "Darwin" else peak / 2**10
@@ -279,10 +323,12 @@ def run_bench(pipe, settings: BenchSettings = BenchSettings(), inputs: tuple[tup
     for m in methods:
         result["methods"][m] = _method_result(pipe, m, configs[m], runs[m], full_runs, per_graph_flops, profile)
     pooled: dict[str, list[float]] = defaultdict(list)
+    by_graph: dict[str, list[float]] = defaultdict(list)
     for m in methods:
         for res in runs[m]:
             for graph, times in res.timings.items():
                 pooled[graph_kind(graph)].extend(times)
+                by_graph[graph].extend(times)
     result["latency_ms"] = {k: _ms(_median(pooled[k])) for k in KINDS if pooled.get(k)}
     result["run_ms"] = {m: result["methods"][m]["run_ms"] for m in methods}
     head = result["methods"].get(Method.CLUSCA.value) or result["methods"][methods[-1]]
@@ -291,6 +337,7 @@ def run_bench(pipe, settings: BenchSettings = BenchSettings(), inputs: tuple[tup
     result["headline_method"] = head["method"]
     result["partial_profile_ms"] = {k: _ms(v) for k, v in profile.items()}
     result["flops"] = flops_detail
+    result["traffic"] = _traffic(pipe, flops_detail, by_graph, threads)
     state_bytes = sum(int(np.prod(t.shape)) * (8 if t.dtype == "int64" else 4) for t in pipe.spec.state_tensors().values())
     if hasattr(pipe.engine, "state_bytes"):  # the engine's own buffers (half-precision caches, ping-pong spares)
         state_bytes = pipe.engine.state_bytes()
@@ -298,6 +345,27 @@ def run_bench(pipe, settings: BenchSettings = BenchSettings(), inputs: tuple[tup
     if hasattr(pipe.engine, "device_memory"):  # torch: weights, state, the CUDA allocator's peak
         result["memory"]["device_mib"] = {k: round(v / 2**20, 1) for k, v in pipe.engine.device_memory().items()}
     return result
+
+
+def _traffic(pipe, flops_detail: dict, by_graph: dict, threads: int | None) -> dict:
+    """Per graph: the bytes a call must read, its median time, the effective GB/s, and the floor
+    (bytes / this machine's measured bandwidth); only on the CPU (the bandwidth is ONNX Runtime's)."""
+    if not flops_detail or pipe.engine.provider not in ("cpu", "torch-cpu"):
+        return {}
+    bandwidth = memory_bandwidth(threads)
+    per_graph = {}
+    for graph, detail in flops_detail.items():
+        times = by_graph.get(graph)
+        t = graph_traffic(pipe.spec, graph, detail.get("weight_bytes", 0))
+        entry = {"read_mb": round(t["read"] / 1e6, 2), "weights_mb": round(t["weights"] / 1e6, 2),
+                 "inputs_mb": round(t["inputs"] / 1e6, 2), "written_mb": round(t["written"] / 1e6, 2),
+                 "floor_ms": _ms(t["read"] / bandwidth)}
+        if times:
+            median = _median(times)
+            entry.update(ms=_ms(median), gb_s=round(t["read"] / median / 1e9, 2),
+                         of_floor=round(t["read"] / bandwidth / median, 3))
+        per_graph[graph] = entry
+    return {"bandwidth_gb_s": round(bandwidth / 1e9, 2), "threads": threads, "graphs": per_graph}
 
 
 def _ms(seconds: float | None) -> float | None:
@@ -408,6 +476,14 @@ def format_table(result: dict) -> str:
         total = sum(prof.values())
         top = ", ".join(f"{k} {100 * v / total:.0f}%" for k, v in list(prof.items())[:8])
         lines.append(f"partial graph by component (ONNX Runtime profile, {_f(total, 1)} ms of node time): {top}")
+    traffic = result.get("traffic") or {}
+    if traffic:
+        lines.append(f"memory   this machine reads {traffic['bandwidth_gb_s']} GB/s (ONNX Runtime ReduceSum over 256 MiB); "
+                     "per call, bytes read (weights + inputs) and time vs that floor:")
+        for g, t in traffic["graphs"].items():
+            if "ms" in t:
+                lines.append(f"  {g:<12}{t['read_mb']:>10.1f} MB (weights {t['weights_mb']:.1f}) {t['ms']:>9.2f} ms "
+                             f"{t['gb_s']:>6.2f} GB/s  floor {t['floor_ms']:.2f} ms ({100 * t['of_floor']:.0f}% of it)")
     mem = result["memory"]
     lines.append(f"memory   peak RSS {mem['peak_rss_mib']} MiB (process), engine state {mem['state_mib']} MiB")
     return "\n".join(lines)

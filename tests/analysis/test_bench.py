@@ -2,6 +2,7 @@
 baseline measured otherwise. No test here depends on how fast anything ran."""
 
 import copy
+import math
 import json
 
 import pytest
@@ -15,6 +16,7 @@ from clusca_trt.analysis.bench import (
     LatencyRegressionError,
     check_regression,
     compare,
+    format_table,
     parse_tolerance,
     run_bench,
 )
@@ -161,3 +163,28 @@ def test_cli_bench_json_baseline_and_refusal(engines_k4, tmp_path):
     (tmp_path / "junk.json").write_text("{}")
     r = runner.invoke(main, [*args, "--baseline", str(tmp_path / "junk.json")])
     assert r.exit_code == 1 and "expected a benchmark JSON" in r.output
+
+
+def test_traffic_counts_what_a_partial_call_must_read(engines_k4):
+    """Weights + inputs, with only the gathered rows of the conditioning tables (not the tables)."""
+    from clusca_trt.analysis.bench import graph_traffic
+
+    spec = engines_k4.spec
+    B = spec.graph_batch
+    caches = sum(4 * math.prod(t.shape) for t in spec.cache_tensors())
+    rows = sum(4 * B * math.prod(t.shape[1:]) for t in spec.cond_tensors)
+    small = sum((8 if t.dtype == "int64" else 4) * math.prod(t.shape) for t in spec.graphs["partial"].inputs
+                if t.name not in {c.name for c in spec.cache_tensors()} and not t.name.endswith("_table"))
+    t = graph_traffic(spec, "partial", weight_bytes=1000)
+    assert t == {"read": 1000 + caches + rows + small, "weights": 1000, "inputs": caches + rows + small,
+                 "written": 4 * math.prod(spec.graphs["partial"].outputs[0].shape) + 4 * math.prod(
+                     spec.graphs["partial"].outputs[1].shape)}
+
+
+def test_result_reports_bytes_and_bandwidth(result):
+    traffic = result["traffic"]
+    assert traffic["bandwidth_gb_s"] > 0.1
+    partial = traffic["graphs"]["partial"]
+    assert partial["read_mb"] == pytest.approx(partial["weights_mb"] + partial["inputs_mb"], abs=0.02)
+    assert partial["gb_s"] == pytest.approx(partial["read_mb"] / partial["ms"], rel=0.02)
+    assert "GB/s" in format_table(result)
