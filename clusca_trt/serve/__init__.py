@@ -3,9 +3,10 @@
     protocol.py   a POST /generate body -> a validated ``GenerateRequest`` (and its batching key);
                   one-line JSON errors. No Ray.
     worker.py     one replica's work: a ``Pipeline`` run by one thread; a batch of compatible
-                  requests -> one engine run -> one reply per request. No Ray.
+                  requests -> one engine run -> one reply per request; the batcher that forms
+                  batches when the engine is free. No Ray.
     app.py        the Ray Serve application: an ``Api`` ingress (validation, admission, errors) in
-                  front of ``Engine`` replicas (``@serve.batch`` per settings key).
+                  front of ``Engine`` replicas (Serve's deployments, routing, health checks).
     server.py     start Ray (local, or join a cluster), deploy, run until Ctrl-C, shut down.
 
 Ray is an optional dependency (``pip install 'clusca-trt[serve]'``): this package imports it only in

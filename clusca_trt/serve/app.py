@@ -1,8 +1,8 @@
 """The Ray Serve application of ``clusca-trt serve``: an ``Api`` ingress in front of ``Engine`` replicas.
 
     HTTP -> Serve's proxy -> Api (one replica, no CPU reserved)  -- DeploymentHandle -->  Engine (R replicas)
-              GET /health, GET /info, POST /generate                 one @serve.batch queue per settings key,
-              validate (400), admit (503), map errors (500)           one engine run per batch
+              GET /health, GET /info, POST /generate                 a queue per settings key, one engine
+              validate (400), admit (503), map errors (500)           run per batch (worker.Batcher)
 
 Why two deployments: errors the proxy makes itself (its own backpressure, a replica that died) are
 plain text; the ``Api`` catches them on its handle call and answers ``{"error": "<one line>"}``, and
@@ -32,13 +32,12 @@ from ..engines.inspect import describe
 from ..engines.manifest import Manifest, find_build
 from ..errors import ConfigError, InputError
 from .protocol import GenerateRequest, ModelInfo, error_body, one_line, parse_request
-from .worker import EngineWorker, Reply
+from .worker import Batcher, EngineWorker, Reply
 
 log = logging.getLogger(__name__)
 
 APP_NAME = "clusca-trt"
 API, ENGINE = "Api", "Engine"
-MAX_BATCH_KEYS = 16  # batch queues per replica; requests with further settings run unbatched
 RETRY_DELAYS_S = (0.25, 0.5, 1.0, 2.0)
 
 
@@ -64,46 +63,22 @@ class ApiSettings:
     summary: dict  # the serving options, for GET /info
 
 
-def _samples(requests: list) -> int:
-    return sum(r.samples for r in requests)
-
-
 @serve.deployment(name=ENGINE, health_check_period_s=2.0, health_check_timeout_s=30.0,
                   graceful_shutdown_timeout_s=5.0, graceful_shutdown_wait_loop_s=0.5)
 class Engine:
-    """One replica: the engines loaded from the path (sessions cannot be pickled), batch queues per key."""
+    """One replica: the engines loaded from the path (sessions cannot be pickled) and their batcher."""
 
     def __init__(self, settings: EngineSettings):
-        self.settings = settings
         self.worker = EngineWorker.load(settings.engine_dir, settings.provider, settings.backend, settings.threads,
                                         settings.fault_seed)
+        self.batcher = Batcher(self.worker.run_async, self.worker.batch, settings.batch_wait_s)
         self.replica = serve.get_replica_context().replica_id.unique_id
-        self._batchers: dict[tuple, object] = {}
         log.info("replica %s: engines of %s on %s/%s", self.replica, settings.engine_dir,
                  self.worker.pipe.engine.backend, self.worker.pipe.engine.provider)
 
     async def generate(self, request: GenerateRequest) -> Reply:
-        batcher = self._batcher(request)
-        if batcher is None:
-            reply = (await self.worker.run_async([request]))[0]
-        else:
-            reply = await batcher(request)
+        reply = await self.batcher.submit(request)
         return dataclasses.replace(reply, meta=dict(reply.meta, replica=self.replica))
-
-    def _batcher(self, request: GenerateRequest):
-        """The batch queue of ``request``'s settings; None where it fills a run alone or too many
-        settings are queued already."""
-        if request.samples >= self.worker.batch:
-            return None
-        batcher = self._batchers.get(request.key)
-        if batcher is None and len(self._batchers) < MAX_BATCH_KEYS:
-            async def run(requests: list) -> list:
-                return await self.worker.run_async(requests)
-
-            batcher = serve.batch(max_batch_size=self.worker.batch, batch_wait_timeout_s=self.settings.batch_wait_s,
-                                  batch_size_fn=_samples)(run)
-            self._batchers[request.key] = batcher
-        return batcher
 
 
 api = FastAPI(title="clusca-trt", docs_url=None, redoc_url=None, openapi_url=None)

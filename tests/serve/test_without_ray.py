@@ -1,6 +1,7 @@
 """The server's request checks, batching arguments and replica work, without Ray: a batch of requests
 run by ``EngineWorker`` equals each request's ``Pipeline.generate`` alone (DiT and FLUX)."""
 
+import asyncio
 import io
 import json
 
@@ -165,3 +166,39 @@ def test_png_bytes_are_the_written_png(tmp_path):
     assert result_bytes(result, "png") == (tmp_path / "a.png").read_bytes()
     write_result(result, tmp_path / "a.npz")
     assert sorted(np.load(tmp_path / "a.npz")) == ["images", "labels", "latents"]
+
+
+def test_batches_form_when_the_engine_is_free(dit_info):
+    """An idle engine waits one window for company; requests that arrive during a run are taken
+    together by the next run, up to the batch; settings never mix; the oldest waiting goes first."""
+    from clusca_trt.serve.worker import Batcher, Reply
+
+    runs = []
+
+    async def run(batch):
+        runs.append([(r.steps, r.seed) for r in batch])
+        await asyncio.sleep(0.2)
+        return [Reply(200) for _ in batch]
+
+    def request(seed, steps=10, samples=1):
+        return parse({"class_labels": [1] * samples, "seed": seed, "steps": steps}, dit_info)
+
+    async def scenario():
+        batcher = Batcher(run, max_samples=4, window_s=0.05)
+        first = [asyncio.create_task(batcher.submit(request(s))) for s in (0, 1)]  # idle: one window, together
+        await asyncio.sleep(0.1)  # the first run is in progress: these queue
+        later = [asyncio.create_task(batcher.submit(request(s))) for s in range(2, 8)]
+        await asyncio.sleep(0.01)
+        other = asyncio.create_task(batcher.submit(request(9, steps=20)))
+        big = asyncio.create_task(batcher.submit(request(10, samples=6)))
+        await asyncio.sleep(0.01)
+        cancelled = asyncio.create_task(batcher.submit(request(11)))
+        await asyncio.sleep(0.01)
+        cancelled.cancel()
+        replies = await asyncio.gather(*first, *later, other, big)
+        assert all(r.status == 200 for r in replies)
+
+    asyncio.run(scenario())
+    # 6 and 7 waited longer than 9 (other settings), 9 longer than the big one (which fits no batch of 6 and 7)
+    assert runs == [[(10, 0), (10, 1)], [(10, 2), (10, 3), (10, 4), (10, 5)], [(10, 6), (10, 7)], [(20, 9)],
+                    [(10, 10)]]
