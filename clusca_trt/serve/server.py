@@ -175,9 +175,9 @@ class Server:
         options = {"num_cpus": threads or 1}
         if gpus:
             options["num_gpus"] = gpus
+        logging.getLogger("ray.serve").setLevel(logging.WARNING)  # set to INFO by importing ray.serve
         serve.start(http_options={"host": o.host, "port": self.port}, logging_config=SERVE_LOGGING)
         self._serve = True
-        logging.getLogger("ray.serve").setLevel(logging.WARNING)  # its driver-side INFO lines
         log.info("deploying %d replica(s) of %s (%s, batch %d, %s threads, %g GPUs each)", o.replicas,
                  manifest.directory, manifest.model.get("name"), model.batch, threads or "default", gpus)
         t0 = time.perf_counter()
