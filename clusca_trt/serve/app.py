@@ -39,6 +39,7 @@ log = logging.getLogger(__name__)
 APP_NAME = "clusca-trt"
 API, ENGINE = "Api", "Engine"
 RETRY_DELAYS_S = (0.25, 0.5, 1.0, 2.0)
+LARGE_BODY = 2**16  # bytes
 
 
 @dataclass(frozen=True)
@@ -155,7 +156,10 @@ class Api:
             self.stats["bad_request"] += 1
             return _error(413, f"body: expected at most {self.settings.max_body_bytes} bytes, got {e.args[0]}")
         try:
-            parsed = parse_request(raw, self.model, self.settings.max_request_samples)
+            if len(raw) > LARGE_BODY:  # FLUX embeddings: parse off the event loop that answers everyone
+                parsed = await asyncio.to_thread(parse_request, raw, self.model, self.settings.max_request_samples)
+            else:
+                parsed = parse_request(raw, self.model, self.settings.max_request_samples)
         except (InputError, ConfigError) as e:
             self.stats["bad_request"] += 1
             return _error(400, e)
