@@ -112,8 +112,9 @@ def test_compatible_requests_share_a_run(server, pipe):
     ({"class_labels": [1], "method": "taylorseer", "order": 0}, 400, "taylorseer needs order >= 1"),
     ({"class_labels": [1], "format": "png"}, 400, "format png needs a model with a decoder"),
     ({"class_labels": [1] * 65}, 400, "expected at most 64 samples per request, got 65"),
+    ({"class_labels": [1] * 30000}, 400, "expected at most 64 samples per request, got 30000"),  # parsed off-loop
     (b'{"class_labels": [' + b"1, " * 2**19 + b"1]}", 413, "body: expected at most 1048576 bytes"),
-], ids=["json", "array", "unknown", "bool", "steps", "label", "config", "png", "samples", "size"])
+], ids=["json", "array", "unknown", "bool", "steps", "label", "config", "png", "samples", "large", "size"])
 def test_bad_requests_get_one_line_json(server, body, status, message):
     assert message in assert_one_line_error(post(server, body), status)
 
