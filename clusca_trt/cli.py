@@ -448,5 +448,42 @@ def flops(engine_dir, model_name, clusters, order, batch, interval, warmup, step
                    f"{s['total'] / 1e9:10.2f} GFLOPs per {steps}-step run ({calls}), speed-up {r['speedup']:.2f}x")
 
 
+
+@main.command()
+@click.argument("engine_dir", type=click.Path(path_type=Path))
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address the HTTP proxy listens on.")
+@click.option("--port", default=8000, show_default=True, type=click.IntRange(0, 65535), help="HTTP port (0: a free one).")
+@click.option("--replicas", "-R", default=1, show_default=True, type=click.IntRange(min=1),
+              help="Engine replicas (each loads the engines; on GPUs: one per GPU).")
+@click.option("--max-batch-wait-ms", default=10.0, show_default=True, type=click.FloatRange(min=0),
+              help="How long a replica waits for compatible requests to fill a batch.")
+@click.option("--max-queue", default=64, show_default=True, type=click.IntRange(min=0),
+              help="Requests admitted beyond those the replicas hold; more get 503.")
+@click.option("--address", default=None, help="Join this Ray cluster (HOST:PORT or auto) instead of a local Ray.")
+@click.option("--threads", type=click.IntRange(min=1), default=None,
+              help="ONNX Runtime threads per replica [default: local: the cores shared out; cluster: ONNX Runtime's].")
+@click.option("--provider", type=click.Choice(["auto", "cpu", "cuda", "tensorrt"]), default="auto", show_default=True)
+@click.option("--backend", type=click.Choice(["onnxruntime", "tensorrt"]), default="onnxruntime", show_default=True)
+@click.option("--gpus-per-replica", type=click.FloatRange(min=0), default=None,
+              help="GPUs each replica reserves [default: 1 for a GPU provider or backend, else 0].")
+@click.option("--max-body-mb", type=click.FloatRange(min=0, min_open=True), default=64.0, show_default=True,
+              help="Largest request body (FLUX prompt embeddings are large); more gets 413.")
+@_errors
+def serve(engine_dir, host, port, replicas, max_batch_wait_ms, max_queue, address, threads, provider, backend,
+          gpus_per_replica, max_body_mb):
+    """Serve ENGINE_DIR over HTTP on Ray Serve until Ctrl-C: GET /health, GET /info, POST /generate.
+
+    Concurrent requests with the same settings run as one engine batch (up to the build's --batch);
+    each result equals Pipeline.generate alone with the same arguments. Needs the serve extra."""
+    from .serve import require_ray
+
+    require_ray()
+    from .serve.server import ServeOptions, serve_forever
+
+    options = ServeOptions(engine_dir, host=host, port=port, replicas=replicas, max_batch_wait_ms=max_batch_wait_ms,
+                           max_queue=max_queue, address=address, threads=threads, provider=provider, backend=backend,
+                           gpus_per_replica=gpus_per_replica, max_body_mb=max_body_mb)
+    serve_forever(options, ready=lambda url: click.echo(f"serving on {url}"))
+
 if __name__ == "__main__":  # pragma: no cover
     main()

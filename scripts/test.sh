@@ -4,5 +4,5 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 python -m pip install -q --upgrade pip
 python -m pip install -q torch==2.13.0          # the CPU build; an unpinned torch pulls a multi-GB CUDA build
-python -m pip install -q -e ".[test,bench]"
+python -m pip install -q -e ".[test,bench,serve]"
 python -m pytest -q "$@"

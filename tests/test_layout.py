@@ -1,7 +1,7 @@
 """The package's layers import one way (docs/algorithm.md, "Where it lives"):
 
     cli -> analysis -> runtime -> engines -> the algorithm (config, schedule, ops, context, steps, spec)
-    cli -> exporters -> models -> the algorithm;  digits -> models, runtime
+    cli -> exporters -> models -> the algorithm;  digits -> models, runtime;  cli -> serve -> runtime, engines
 
 Read from the source with ``ast`` (every import, function-level ones included), so an import that
 breaks a rule fails here whether or not a test runs that code path."""
@@ -17,13 +17,14 @@ PACKAGE = Path(__file__).resolve().parent.parent / "clusca_trt"
 ALGORITHM = {"config", "schedule", "ops", "context", "steps", "spec", "errors", "hashing", "files", "_version"}
 # layer -> the layers it must not import
 FORBIDDEN = {
-    "algorithm": {"models", "exporters", "engines", "runtime", "analysis", "digits", "cli"},
-    "models": {"exporters", "engines", "runtime", "analysis", "digits", "cli"},
-    "exporters": {"runtime", "analysis", "digits", "cli"},
-    "engines": {"models", "exporters", "runtime", "analysis", "digits", "cli"},
-    "runtime": {"models", "exporters", "analysis", "digits", "cli"},
-    "analysis": {"digits", "cli"},
-    "digits": {"exporters", "engines", "analysis", "cli"},
+    "algorithm": {"models", "exporters", "engines", "runtime", "analysis", "digits", "serve", "cli"},
+    "models": {"exporters", "engines", "runtime", "analysis", "digits", "serve", "cli"},
+    "exporters": {"runtime", "analysis", "digits", "serve", "cli"},
+    "engines": {"models", "exporters", "runtime", "analysis", "digits", "serve", "cli"},
+    "runtime": {"models", "exporters", "analysis", "digits", "serve", "cli"},
+    "analysis": {"digits", "serve", "cli"},
+    "digits": {"exporters", "engines", "analysis", "serve", "cli"},
+    "serve": {"models", "exporters", "digits", "analysis", "cli"},
 }
 
 
@@ -97,6 +98,9 @@ def test_imports_point_one_way(path):
     ("from . import ops\n", "context", False),
     ("from .engines.open import open_engine\n", "steps", True),
     ("import clusca_trt.models\n", "runtime.bad", True),
+    ("from ..runtime.pipeline import Pipeline\n", "serve.bad", False),
+    ("from ..exporters.build import build_engines\n", "serve.bad", True),
+    ("from ..serve.server import Server\n", "runtime.bad", True),
 ])
 def test_the_checker_finds_what_it_should(source, module, bad):
     assert bool(violations(source, module)) is bad

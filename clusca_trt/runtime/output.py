@@ -1,9 +1,11 @@
 """Writing generation results: ``.npz`` (latents, labels, images), a ``.png`` grid (videos: one row of
 frames per video) or ``.mp4`` videos. Files appear whole (one rename) with the user's umask;
-``check_output`` vets the location before sampling, so a read-only folder fails in seconds."""
+``check_output`` vets the location before sampling, so a read-only folder fails in seconds;
+``result_bytes`` gives the same ``.npz``/``.png`` bytes in memory (what ``clusca-trt serve`` answers)."""
 
 from __future__ import annotations
 
+import io
 import os
 import tempfile
 from pathlib import Path
@@ -57,40 +59,61 @@ def image_grid(images: np.ndarray, columns: int | None = None) -> np.ndarray:
     return (np.clip(grid, 0, 1) * 255).round().astype(np.uint8)
 
 
-def write_png(images: np.ndarray, path: Path, columns: int | None = None) -> None:
+def png_bytes(images: np.ndarray, columns: int | None = None) -> bytes:
+    """[n, H, W, C] in [0, 1] -> the PNG of their grid (grey for one channel)."""
     from PIL import Image
 
     grid = image_grid(images, columns)
-    mode = "L" if grid.shape[-1] == 1 else "RGB"
-    _atomic(Path(path), lambda tmp: Image.fromarray(grid[..., 0] if mode == "L" else grid, mode).save(tmp, format="PNG"))
+    buf = io.BytesIO()
+    Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid, "L" if grid.shape[-1] == 1 else "RGB").save(
+        buf, format="PNG")
+    return buf.getvalue()
+
+
+def write_png(images: np.ndarray, path: Path, columns: int | None = None) -> None:
+    data = png_bytes(images, columns)
+    _atomic(Path(path), lambda tmp: Path(tmp).write_bytes(data))
+
+
+def result_arrays(result) -> dict[str, np.ndarray]:
+    """The arrays of a ``.npz`` result: ``latents``, ``labels`` (class-conditional models; text-to-image
+    has prompts instead) and ``images`` where decoded."""
+    arrays = {"latents": result.latents}
+    if result.labels is not None:
+        arrays["labels"] = result.labels
+    if result.images is not None:
+        arrays["images"] = result.images
+    return arrays
+
+
+def result_bytes(result, fmt: str) -> bytes:
+    """The bytes of ``result`` as a ``.npz`` (``fmt="npz"``) or ``.png`` grid (videos: a row of frames each)."""
+    if fmt == "npz":
+        buf = io.BytesIO()
+        np.savez(buf, **result_arrays(result))
+        return buf.getvalue()
+    if fmt != "png":
+        raise InputError(f"expected an output format npz or png, got {fmt!r}")
+    if result.images is None:
+        raise _needs_images(".png")
+    images = result.images
+    if images.ndim == 5:  # videos: one row of frames per video
+        n, f = images.shape[:2]
+        return png_bytes(images.reshape(n * f, *images.shape[2:]), columns=f)
+    return png_bytes(images)
 
 
 def write_result(result, path: Path) -> None:
     path = Path(path)
-    if path.suffix == ".npz":
-        arrays = {"latents": result.latents}
-        if result.labels is not None:  # class-conditional models; text-to-image has prompts instead
-            arrays["labels"] = result.labels
-        if result.images is not None:
-            arrays["images"] = result.images
-
-        def save(tmp):
-            with open(tmp, "wb") as f:
-                np.savez(f, **arrays)
-
-        _atomic(path, save)
-    elif path.suffix in (".png", ".mp4"):
-        if result.images is None:
-            raise _needs_images(path.suffix)
-        if path.suffix == ".mp4":
-            write_mp4(result.images, path)
-        elif result.images.ndim == 5:  # videos: one row of frames per video
-            n, f = result.images.shape[:2]
-            write_png(result.images.reshape(n * f, *result.images.shape[2:]), path, columns=f)
-        else:
-            write_png(result.images, path)
-    else:
+    if path.suffix not in SUFFIXES:
         raise InputError(f"expected an output file ending in .npz, .png or .mp4, got {path.name}")
+    if path.suffix != ".npz" and result.images is None:
+        raise _needs_images(path.suffix)
+    if path.suffix == ".mp4":
+        write_mp4(result.images, path)
+        return
+    data = result_bytes(result, path.suffix[1:])
+    _atomic(path, lambda tmp: Path(tmp).write_bytes(data))
 
 
 def video_paths(path: Path, count: int) -> list[Path]:
