@@ -1,4 +1,4 @@
-"""Step contexts: how one adapter forward becomes a full, partial or forecast step.
+"""Step contexts: how one adapter forward becomes a plain, full, partial or forecast step.
 
 A model adapter writes its forward once, calling
 
@@ -14,7 +14,8 @@ A model adapter writes its forward once, calling
 
 ``PlainContext`` computes every branch and keeps nothing (the model alone); ``FullContext``
 computes every branch and refreshes the Taylor factors; ``PartialContext`` forecasts, runs fresh
-rows and propagates; with no clusters it is the pure forecast step.
+rows and propagates; with no clusters it is the pure forecast step. Every block's cache factors
+are their own state tensors (``spec.cache_name``): a step reads and writes each in place.
 """
 
 from __future__ import annotations
@@ -22,18 +23,19 @@ from __future__ import annotations
 import torch
 
 from . import ops
-from .spec import STATE_SUFFIX, CacheSlot
+from .spec import STATE_SUFFIX, CacheSlot, cache_name
 
 
 class StepContext:
-    # the ClusCa operations (taylor_refresh_layers, taylor_forecast_layers, forecast_add, gather_rows,
-    # propagate): the ``ops`` functions, or ``steps.ClusCaOps`` whose named submodules label every
-    # exported node with the operation it belongs to
-    fns = ops
+    # the ClusCa operations (taylor_refresh, taylor_forecast, forecast_add, fresh_rows, gather_rows,
+    # fresh_weights, spread, propagate): the ``ops`` functions, or ``steps.ClusCaOps`` whose named
+    # submodules label every exported node with the operation it belongs to
+    fns = ops.NAMED
 
-    def __init__(self, slots: tuple[CacheSlot, ...]):
+    def __init__(self, slots: tuple[CacheSlot, ...], caches: dict[str, torch.Tensor] | None = None):
         self.slots = {s.name: s for s in slots}
-        self._new: dict[str, list[torch.Tensor | None]] = {}
+        self.caches = caches or {}
+        self._new: dict[str, torch.Tensor] = {}
         self.hidden_states: dict[str, torch.Tensor] = {}
 
     def branch(self, slot: str, layer: int, fn) -> torch.Tensor:
@@ -59,27 +61,21 @@ class StepContext:
     def hidden(self, group: str, h: torch.Tensor) -> None:
         """Hidden states of a token group to cluster (recorded by the full step only)."""
 
-    def _record(self, key: str, layer: int, value: torch.Tensor) -> None:
-        layers = self.slots[key.rsplit("_", 1)[0]].layers
-        buf = self._new.setdefault(key, [None] * layers)
-        buf[layer] = value
+    def cache(self, slot: str, factor: str, layer: int) -> torch.Tensor | None:
+        return self.caches.get(cache_name(slot, factor, layer))
 
-    def _stacked(self) -> dict[str, torch.Tensor]:
-        out = {}
-        for key, per_layer in self._new.items():
-            missing = [i for i, v in enumerate(per_layer) if v is None]
-            if missing:
-                raise RuntimeError(f"cache {key} was not written for layers {missing}")
-            out[key] = torch.stack(per_layer, dim=0)
-        return out
+    def write(self, slot: str, factor: str, layer: int, value: torch.Tensor) -> None:
+        self._new[cache_name(slot, factor, layer) + STATE_SUFFIX] = value
 
     def new_state(self) -> dict[str, torch.Tensor]:
-        """The cache tensors this step wrote, stacked over layers, by output name."""
-        return {key + STATE_SUFFIX: value for key, value in self._stacked().items()}
+        """The cache tensors this step wrote, by output name."""
+        for name in self._expected():
+            if name not in self._new:
+                raise RuntimeError(f"cache {name} was not written")
+        return dict(self._new)
 
-
-def _layer(t: torch.Tensor | None, layer: int) -> torch.Tensor | None:
-    return None if t is None else t[layer]
+    def _expected(self) -> list[str]:
+        return []
 
 
 class PlainContext(StepContext):
@@ -93,33 +89,20 @@ class PlainContext(StepContext):
 
 
 class FullContext(StepContext):
-    """All tokens; ``F_0 <- y``, ``F_{i+1} <- (F_i(new) - F_i(old)) * taylor_coef[i]``.
-
-    The branch outputs are collected per layer and the factors refreshed once for all layers of
-    a cache (``ops.taylor_refresh_layers``) when the step's state is taken.
-    """
+    """All tokens; per block ``F_0 <- y``, ``F_{i+1} <- (F_i(new) - F_i(old)) * taylor_coef[i]``."""
 
     def __init__(self, slots, caches: dict[str, torch.Tensor], taylor_coef: torch.Tensor | None):
-        super().__init__(slots)
-        self.caches = caches
+        super().__init__(slots, caches)
         self.taylor_coef = taylor_coef
 
     def branch(self, slot, layer, fn):
         y = fn()
-        self._record(f"{slot}_f0", layer, y)
+        f0, fhi = self.fns.taylor_refresh(y, self.cache(slot, "f0", layer), self.cache(slot, "fhi", layer),
+                                          self.taylor_coef)
+        self.write(slot, "f0", layer, f0)
+        if fhi is not None:
+            self.write(slot, "fhi", layer, fhi)
         return y
-
-    def new_state(self):
-        out = {}
-        for key, y in self._stacked().items():
-            slot = key[: -len("_f0")]
-            f0, fhi = self.fns.taylor_refresh_layers(
-                y, self.caches.get(f"{slot}_f0"), self.caches.get(f"{slot}_fhi"), self.taylor_coef
-            )
-            out[f"{slot}_f0{STATE_SUFFIX}"] = f0
-            if fhi is not None:
-                out[f"{slot}_fhi{STATE_SUFFIX}"] = fhi
-        return out
 
     def fresh_branch(self, slot, layer, h, row_fn):
         return self.branch(slot, layer, lambda: row_fn(h))
@@ -127,14 +110,17 @@ class FullContext(StepContext):
     def hidden(self, group, h):
         self.hidden_states[group] = h
 
+    def _expected(self):
+        return [cache_name(s.name, "f0", i) + STATE_SUFFIX for s in self.slots.values() for i in range(s.layers)]
+
 
 class PartialContext(StepContext):
     """No attention: forecast ``sum_i F_i d^i / i!``; fresh rows refresh F_0 with propagation.
 
     With ``fresh`` empty (K = 0) this is the TaylorSeer / FORA forecast step. ``gamma`` is one
-    ratio [1] for every token group, or a ratio per group (``{"img": [1], "txt": [1]}``).
-    A forecast-only cache is forecast for all its layers at once, and a fresh cache's higher
-    orders likewise (``ops.taylor_forecast_layers``), the first time a layer asks.
+    ratio [1] for every token group, or a ratio per group (``{"img": [1], "txt": [1]}``). What every
+    block of a token group shares (the flat indices of the cluster members, the per-token weights
+    of every block) is computed once, at the group's first block.
     """
 
     def __init__(
@@ -146,32 +132,38 @@ class PartialContext(StepContext):
         assign: dict[str, torch.Tensor] | None = None,
         fresh: dict[str, torch.Tensor] | None = None,
     ):
-        super().__init__(slots)
-        self.caches = caches
+        super().__init__(slots, caches)
         self.coef = forecast_coef
         self.gamma = gamma
         self.assign = assign or {}
         self.fresh = fresh or {}
-        self._forecasts: dict[tuple[str, bool], torch.Tensor | None] = {}
-
-    def _forecast(self, slot: str, with_f0: bool) -> torch.Tensor | None:
-        """sum_i F_i c_i over every layer of ``slot`` (from order 1 on without ``with_f0``)."""
-        key = (slot, with_f0)
-        if key not in self._forecasts:
-            f0 = self.caches[f"{slot}_f0"] if with_f0 else None
-            self._forecasts[key] = self.fns.taylor_forecast_layers(f0, self.caches.get(f"{slot}_fhi"), self.coef)
-        return self._forecasts[key]
+        self._shared: dict[str, tuple[torch.Tensor, ...]] = {}
 
     def branch(self, slot, layer, fn):
-        return self._forecast(slot, with_f0=True)[layer]
+        return self.fns.taylor_forecast(self.cache(slot, "f0", layer), self.cache(slot, "fhi", layer), self.coef)
+
+    def _group(self, group: str, tokens: int) -> tuple[torch.Tensor, ...]:
+        """(flat indices of every block's fresh rows [L, B * K], of every token's cluster [B * T],
+        the fresh / old weights of every block [L, B, T, 1])."""
+        if group not in self._shared:
+            fresh, assign = self.fresh[group], self.assign[group]
+            gamma = self.gamma[group] if isinstance(self.gamma, dict) else self.gamma
+            w_fresh, w_old = self.fns.fresh_weights(fresh, assign, gamma)
+            self._shared[group] = (self.fns.fresh_rows(fresh, tokens), self.fns.spread_index(assign, fresh.shape[-1]),
+                                   w_fresh, w_old)
+        return self._shared[group]
 
     def fresh_branch(self, slot, layer, h, row_fn):
         group = self.slots[slot].fresh_group
         if group not in self.fresh:
             return self.branch(slot, layer, None)
-        index = self.fresh[group][layer]  # [B, K]
-        values = row_fn(self.fns.gather_rows(h, index))  # the MLP on exactly K rows per batch element
-        gamma = self.gamma[group] if isinstance(self.gamma, dict) else self.gamma
-        f0 = self.fns.propagate(self.caches[f"{slot}_f0"][layer], values, index, self.assign[group], gamma)
-        self._record(f"{slot}_f0", layer, f0)
-        return self.fns.forecast_add(f0, _layer(self._forecast(slot, with_f0=False), layer))
+        rows, members, w_fresh, w_old = self._group(group, h.shape[1])
+        values = row_fn(self.fns.gather_rows(h, rows[layer]))  # the MLP on exactly K rows per batch element
+        per_token = self.fns.spread(values, members)  # each token's cluster's fresh value
+        f0 = self.fns.propagate(self.cache(slot, "f0", layer), per_token, w_fresh[layer], w_old[layer])
+        self.write(slot, "f0", layer, f0)
+        return self.fns.forecast_add(f0, self.fns.taylor_forecast(None, self.cache(slot, "fhi", layer), self.coef))
+
+    def _expected(self):
+        return [cache_name(s.name, "f0", i) + STATE_SUFFIX for s in self.slots.values()
+                if s.fresh_group in self.fresh for i in range(s.layers)]

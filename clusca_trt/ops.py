@@ -4,11 +4,11 @@ Pure torch functions over static shapes; each traces into a small, static ONNX s
 
 * ``taylor_refresh``:  F_0 <- y; F_{i+1} <- (F_i(new) - F_i(old)) * coef_i        (full step)
 * ``taylor_forecast``: sum_i F_i * c_i, with c_i = d^i / i!                         (partial step)
-* ``taylor_refresh_layers`` / ``taylor_forecast_layers``: the same over every layer of a cache at
-  once ([L, ...] and [L, O, ...]): a few whole-tensor passes instead of per-layer slices of the
-  caches (on ONNX Runtime each op is a pass over memory; per-layer slicing copies the caches)
+  (both per block: each block's factors are their own state tensors, read and written in place)
 * ``propagate``:       F_0[n] <- f_c(n) if n is its cluster's fresh token,
                        else gamma * f_c(n) + (1 - gamma) * F_0[n]                   (partial step)
+  (``fresh_weights``, ``flat_rows``, ``take_rows``, ``propagate_rows``: its parts, so that a step
+  computes what every block shares once)
 * ``kmeans``:          warm-started Lloyd iterations, fixed count, one-hot centroid updates
 * ``select_fresh``:    one token per cluster: the member with the smallest key
 """
@@ -18,12 +18,16 @@ from __future__ import annotations
 import torch
 
 _BIG = 3.0e38  # larger than any key or distance; stands for "not a member"
+# the L1 distances are one broadcast [B, T, K, D] difference up to this size, else one centroid at a
+# time (measured with ONNX Runtime on 2 cores: broadcast 1.5x faster at B/T/K/D 2/256/16/64 = 2 MB,
+# the per-centroid loop 1.9x faster at 2/256/16/768 = 25 MB)
+L1_BROADCAST_BYTES = 4 << 20
 
 
 def taylor_refresh(
     y: torch.Tensor, f0_old: torch.Tensor, fhi_old: torch.Tensor | None, coef: torch.Tensor | None
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """New Taylor factors of one module cache after a full step.
+    """New Taylor factors of one block's module cache after a full step.
 
     y: [B, T, D] the branch output; f0_old: [B, T, D]; fhi_old: [O, B, T, D] (F_1..F_O) or None;
     coef: [O], ``coef[i] = 1/dt`` when order i+1 has enough history, else 0.
@@ -39,53 +43,61 @@ def taylor_refresh(
     return y, torch.stack(new[1:], dim=0)
 
 
-def taylor_forecast(f0: torch.Tensor, fhi: torch.Tensor | None, coef: torch.Tensor) -> torch.Tensor:
-    """``sum_i F_i * coef[i]``; coef [O+1] holds d^i / i! (coef[0] = 1)."""
-    out = f0 * coef[0]
-    if fhi is not None:
-        for i in range(fhi.shape[0]):
-            out = out + fhi[i] * coef[i + 1]
-    return out
-
-
-def taylor_refresh_layers(
-    y: torch.Tensor, f0_old: torch.Tensor | None, fhi_old: torch.Tensor | None, coef: torch.Tensor | None
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """``taylor_refresh`` for every layer at once: y, f0_old [L, B, T, D]; fhi_old [L, O, B, T, D].
-    Returns (F_0 [L, ...], F_1..F_O as [L, O, ...] or None); the same values, op for op, per element."""
-    if fhi_old is None:
-        return y, None
-    new = [y]
-    for i in range(fhi_old.shape[1]):
-        old_i = f0_old if i == 0 else fhi_old[:, i - 1]
-        new.append((new[i] - old_i) * coef[i])
-    return y, torch.stack(new[1:], dim=1)
-
-
-def taylor_forecast_layers(f0: torch.Tensor | None, fhi: torch.Tensor | None, coef: torch.Tensor) -> torch.Tensor | None:
-    """``sum_i F_i * coef[i]`` for every layer: f0 [L, ...] (None: the sum from order 1 on),
-    fhi [L, O, ...] or None (order 0: F_0 itself). ``coef[0] = d^0 / 0! = 1`` is not multiplied.
-    The orders are summed by one MatMul ([1, O] x [O, elements] per layer): one pass over F_1..F_O."""
+def taylor_forecast(f0: torch.Tensor | None, fhi: torch.Tensor | None, coef: torch.Tensor) -> torch.Tensor | None:
+    """``sum_i F_i * coef[i]`` for one block: f0 [B, T, D] (None: the sum from order 1 on), fhi
+    [O, B, T, D] or None (order 0: F_0 itself); ``coef[0] = d^0 / 0! = 1`` is not multiplied. The
+    orders are summed by one MatMul ([1, O] x [O, elements]): one pass over F_1..F_O."""
     if fhi is None:
         return f0
-    layers, order = fhi.shape[0], fhi.shape[1]
-    hi = torch.matmul(coef[1 : order + 1].reshape(1, 1, order), fhi.reshape(layers, order, -1))
-    hi = hi.reshape((layers,) + tuple(fhi.shape[2:]))
+    order = fhi.shape[0]
+    hi = torch.matmul(coef[1 : order + 1].reshape(1, order), fhi.reshape(order, -1)).reshape(fhi.shape[1:])
     return hi if f0 is None else f0 + hi
 
 
 def forecast_add(f0: torch.Tensor, hi: torch.Tensor | None) -> torch.Tensor:
-    """F_0 plus the forecast's higher orders (summed ahead by ``taylor_forecast_layers``)."""
+    """F_0 plus the forecast's higher orders (``taylor_forecast(None, ...)``)."""
     return f0 if hi is None else f0 + hi
 
 
-def gather_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """x [B, T, D], index [B, R] -> [B, R, D]: ``x[b, index[b, r]]``, as one row gather over the
-    flattened [B * T, D] (no index expanded to [B, R, D])."""
+def flat_rows(index: torch.Tensor, rows: int) -> torch.Tensor:
+    """index [..., B, R] of rows of ``B`` blocks of ``rows`` rows -> [..., B * R] indices into the
+    flattened [B * rows] (what ``take_rows`` reads). Layer-independent parts of a step compute it once."""
+    b = index.shape[-2]
+    offset = torch.arange(b, device=index.device, dtype=index.dtype).unsqueeze(1) * rows
+    return (index + offset).reshape(*index.shape[:-2], -1)
+
+
+def take_rows(x: torch.Tensor, flat: torch.Tensor) -> torch.Tensor:
+    """x [B, T, D], flat [B * R] (``flat_rows``) -> [B, R, D]: one row gather over the flattened
+    [B * T, D] (no index expanded to [B, R, D])."""
     b, t, d = x.shape
-    offset = torch.arange(b, device=index.device, dtype=index.dtype).unsqueeze(1) * t
-    rows = x.reshape(b * t, d).index_select(0, (index + offset).reshape(-1))
-    return rows.reshape(b, index.shape[1], d)
+    return x.reshape(b * t, d).index_select(0, flat).reshape(b, -1, d)
+
+
+def gather_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """x [B, T, D], index [B, R] -> [B, R, D]: ``x[b, index[b, r]]``."""
+    return take_rows(x, flat_rows(index, x.shape[1]))
+
+
+def fresh_weights(fresh_index: torch.Tensor, assign: torch.Tensor, gamma: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per token, the weights of the cluster's fresh value and of the old F_0 in ``propagate``:
+    (1, 0) for a fresh token, (gamma, 1 - gamma) for the others. fresh_index [..., B, K] (any
+    leading dims: every block of a step at once), assign [B, T] -> two [..., B, T, 1].
+    A token is fresh when it is the chosen token of its own cluster, so an empty cluster (whose
+    row is computed but belongs to no token) never writes anywhere."""
+    lead = fresh_index.shape[:-2]
+    chosen = torch.gather(fresh_index, -1, assign.expand(*lead, *assign.shape))  # the fresh token of the token's cluster
+    positions = torch.arange(assign.shape[1], device=assign.device, dtype=assign.dtype)
+    is_fresh = (chosen == positions).unsqueeze(-1)
+    w_fresh = torch.where(is_fresh, torch.ones_like(gamma), gamma)
+    w_old = torch.where(is_fresh, torch.zeros_like(gamma), 1.0 - gamma)
+    return w_fresh, w_old
+
+
+def propagate_rows(f0: torch.Tensor, per_token: torch.Tensor, w_fresh: torch.Tensor, w_old: torch.Tensor) -> torch.Tensor:
+    """``f * w_f + F_0 * w_0`` (``fresh_weights``): the same values as a select between ``f`` and
+    the blend (``f * 1 + F_0 * 0`` is ``f`` exactly), one pass over [B, T, D] fewer."""
+    return per_token * w_fresh + f0 * w_old
 
 
 def propagate(
@@ -95,32 +107,29 @@ def propagate(
     assign: torch.Tensor,
     gamma: torch.Tensor,
 ) -> torch.Tensor:
-    """Scatter the fresh rows into F_0 and propagate them within their clusters.
+    """Scatter one block's fresh rows into F_0 and propagate them within their clusters:
+    F_0[n] <- f_c(n) if n is its cluster's fresh token, else gamma * f_c(n) + (1 - gamma) * F_0[n].
 
     f0 [B, T, D]; fresh_values [B, K, D] (row c computed at token fresh_index[:, c]);
-    fresh_index [B, K]; assign [B, T] cluster of every token; gamma [1].
-    A token is fresh when it is the chosen token of its own cluster, so an empty cluster
-    (whose row is computed but belongs to no token) never writes anywhere.
-
-    Written as ``f * w_f + F_0 * w_0`` with per-token weights (1, 0) for a fresh token and
-    (gamma, 1 - gamma) for the others: the same values as a select between ``f`` and the blend
-    (``f * 1 + F_0 * 0`` is ``f`` exactly), one pass over [B, T, D] fewer.
+    fresh_index [B, K]; assign [B, T] cluster of every token; gamma [1]. (A step computes the
+    layer-independent parts once: ``fresh_weights`` for all blocks, ``flat_rows(assign, K)``.)
     """
-    per_token = gather_rows(fresh_values, assign)  # f of the token's cluster, [B, T, D]
-    chosen = torch.gather(fresh_index, 1, assign)  # the fresh token of the token's cluster, [B, T]
-    positions = torch.arange(f0.shape[1], device=f0.device, dtype=assign.dtype).unsqueeze(0)
-    is_fresh = (chosen == positions).unsqueeze(-1)  # [B, T, 1]
-    w_fresh = torch.where(is_fresh, torch.ones_like(gamma), gamma)
-    w_old = torch.where(is_fresh, torch.zeros_like(gamma), 1.0 - gamma)
-    return per_token * w_fresh + f0 * w_old
+    w_fresh, w_old = fresh_weights(fresh_index, assign, gamma)
+    return propagate_rows(f0, gather_rows(fresh_values, assign), w_fresh, w_old)
 
 
 def pairwise_distance(x: torch.Tensor, centroids: torch.Tensor, metric: str) -> torch.Tensor:
     """x [B, T, D], centroids [B, K, D] -> [B, T, K]. ``l1`` (the reference) or squared ``l2``."""
     if metric == "l1":
-        # one centroid at a time: [B, T, D] intermediates instead of one [B, T, K, D] (on ONNX Runtime
-        # every op is a pass over memory: K times less traffic per pass), the same sums
-        per_centroid = [(x - centroids[:, k : k + 1]).abs().sum(-1) for k in range(centroids.shape[1])]
+        b, t, d = x.shape
+        k = centroids.shape[1]
+        if b * t * k * d * 4 <= L1_BROADCAST_BYTES:
+            # small: one [B, T, K, D] difference, three ops (on ONNX Runtime every op costs a dispatch;
+            # for a small model the dispatches are most of the time)
+            return (x.unsqueeze(2) - centroids.unsqueeze(1)).abs().sum(-1)
+        # large: one centroid at a time, [B, T, D] intermediates that stay in cache instead of one
+        # [B, T, K, D] (K times less traffic per pass), the same sums
+        per_centroid = [(x - centroids[:, j : j + 1]).abs().sum(-1) for j in range(k)]
         return torch.stack(per_centroid, dim=-1)
     if metric == "l2":
         x2 = (x * x).sum(-1, keepdim=True)
@@ -168,3 +177,28 @@ def select_fresh(assign: torch.Tensor, key: torch.Tensor, clusters: int) -> torc
     member = torch.nn.functional.one_hot(assign, clusters).bool().unsqueeze(0)  # [1, B, T, K]
     masked = torch.where(member, key.unsqueeze(-1), torch.full_like(key.unsqueeze(-1), _BIG))
     return masked.argmin(2)
+
+
+# The operations a step context calls, by the name scope their exported nodes carry
+# (``clusca.<name>``: what profiles and FLOPs counts attribute by). ``fresh_rows`` + ``gather_rows``
+# pick a block's fresh rows; ``fresh_weights``, ``spread_index``, ``spread`` and ``propagate`` are
+# the propagation (``ops.propagate`` in parts, the shared ones computed once per step).
+NAMED_FUNCTIONS = {
+    "taylor_refresh": taylor_refresh,
+    "taylor_forecast": taylor_forecast,
+    "forecast_add": forecast_add,
+    "fresh_rows": flat_rows,
+    "gather_rows": take_rows,
+    "fresh_weights": fresh_weights,
+    "spread_index": flat_rows,
+    "spread": take_rows,
+    "propagate": propagate_rows,
+}
+
+
+class _Named:
+    def __init__(self, functions: dict):
+        self.__dict__.update(functions)
+
+
+NAMED = _Named(NAMED_FUNCTIONS)

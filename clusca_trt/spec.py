@@ -41,6 +41,11 @@ def _is_int(v) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
+def cache_name(slot: str, factor: str, layer: int) -> str:
+    """The state tensor of one module cache's factor (``f0`` or ``fhi``) at one block."""
+    return f"{slot}_{factor}_{layer}"
+
+
 @dataclass(frozen=True)
 class TensorSpec:
     name: str
@@ -183,12 +188,16 @@ class ExportSpec:
         return list(self.model_inputs) + [TensorSpec(COND_ROW, (self.graph_batch,), "int64")] + self.cond_tables()
 
     def cache_tensors(self) -> list[TensorSpec]:
+        """Every module cache, one tensor per block and factor: ``<slot>_f0_<layer>`` [B, T, D] and,
+        with O > 0, ``<slot>_fhi_<layer>`` [O, B, T, D] (F_1 .. F_O). Per block, so a step reads and
+        writes each block's factors in place: no slice or stack of a whole cache."""
         B, O = self.graph_batch, self.options.order
         out = []
         for s in self.slots:
-            out.append(TensorSpec(f"{s.name}_f0", (s.layers, B, s.tokens, s.dim)))
-            if O > 0:
-                out.append(TensorSpec(f"{s.name}_fhi", (s.layers, O, B, s.tokens, s.dim)))
+            for i in range(s.layers):
+                out.append(TensorSpec(cache_name(s.name, "f0", i), (B, s.tokens, s.dim)))
+                if O > 0:
+                    out.append(TensorSpec(cache_name(s.name, "fhi", i), (O, B, s.tokens, s.dim)))
         return out
 
     def _make_graphs(self) -> dict[str, GraphSpec]:
@@ -227,9 +236,10 @@ class ExportSpec:
                 part_in.append(TensorSpec(f"fresh_{g.name}", (self.fresh_layers(g.name), B, g.clusters), "int64"))
             part_in += caches
             part_out = [model_out] + [
-                TensorSpec(f"{s.name}_f0{STATE_SUFFIX}", (s.layers, B, s.tokens, s.dim))
+                TensorSpec(cache_name(s.name, "f0", i) + STATE_SUFFIX, (B, s.tokens, s.dim))
                 for s in self.slots
                 if s.fresh_group is not None and self.group(s.fresh_group).clusters > 0
+                for i in range(s.layers)
             ]
             graphs[GRAPH_PARTIAL] = GraphSpec(GRAPH_PARTIAL, tuple(part_in), tuple(part_out))
 

@@ -61,8 +61,8 @@ class ClusCaOps(nn.Module):
 
     def __init__(self):
         super().__init__()
-        for name in ("taylor_refresh_layers", "taylor_forecast_layers", "forecast_add", "gather_rows", "propagate"):
-            self.add_module(name, _Op(getattr(ops, name)))
+        for name, fn in ops.NAMED_FUNCTIONS.items():
+            self.add_module(name, _Op(fn))
 
 
 class ModelStepGraph(StepGraph):

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from clusca_trt.models import flux
-from tests.step_helpers import step_tables
+from tests.step_helpers import per_block, step_tables
 
 WORDS = "a an the of oil painting couple under umbrella cat dog red blue sky sea on in with".split()
 TINY = flux.NAMED_CONFIGS["flux-tiny"]  # 128 x 128 px: 8 x 8 latent patches = 64 image tokens, 16 text tokens
@@ -116,7 +116,7 @@ class PartialStep:
 
     def feeds(self, inputs: dict, adapter) -> dict:
         gamma = torch.tensor([self.gamma["img"], self.gamma["txt"]])
-        feeds = {**inputs, **step_tables(adapter, self.spec, inputs), **self.caches, "forecast_coef": self.coef,
+        feeds = {**inputs, **step_tables(adapter, self.spec, inputs), **per_block(self.caches), "forecast_coef": self.coef,
                  "gamma": gamma}
         for g in self.tokens:
             feeds[f"assign_{g}"], feeds[f"fresh_{g}"] = self.assign[g], self.fresh[g]

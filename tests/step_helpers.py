@@ -28,3 +28,17 @@ def step_tables(adapter, spec, inputs: dict, step: int = 3) -> dict:
         tables = cond(*[feeds[n] for n in cond.input_names])
     row = torch.arange(B) + step * B
     return {"cond_row": row, **{n[: -len("_out")]: v for n, v in zip(cond.output_names, tables)}}
+
+
+def per_block(caches: dict) -> dict:
+    """Caches stacked over the blocks (``attn_f0`` [L, B, T, D], ``attn_fhi`` [L, O, B, T, D]) as the
+    graphs take them: one tensor per block (``attn_f0_0``, ``attn_fhi_0``, ...)."""
+    return {f"{name}_{i}": value[i] for name, value in caches.items() for i in range(value.shape[0])}
+
+
+def read_cache(engine, name: str):
+    """A cache factor of every block (``mlp_f0`` -> ``mlp_f0_0``, ``mlp_f0_1``, ...) read back and stacked."""
+    import numpy as np
+
+    blocks = sorted((n for n in engine.state_specs if n.rsplit("_", 1)[0] == name), key=lambda n: int(n.rsplit("_", 1)[1]))
+    return np.stack([engine.read_state(n) for n in blocks])

@@ -49,7 +49,7 @@ def test_generate_methods_agree_with_api(built, tmp_path):
 def test_inspect(built):
     r = CliRunner().invoke(main, ["inspect", str(built), "--verify"])
     assert r.exit_code == 0, r.output
-    assert "RANDOM weights" in r.output and "partial" in r.output and "mlp_f0_out[4, 4, 64, 64]" in r.output
+    assert "RANDOM weights" in r.output and "partial" in r.output and "mlp_f0_3_out[4, 64, 64]" in r.output
     j = json.loads(CliRunner().invoke(main, ["inspect", str(built), "--json"]).output)
     assert j["build"]["clusters"] == 4 and j["cache"]["bytes"] == 4 * (2 * 2) * 4 * 4 * 64 * 64
     assert set(j["graphs"]) == {"cond", "plain", "full", "partial", "forecast", "cluster_img", "select_img"}

@@ -113,3 +113,11 @@ def test_kmeans_matches_lloyd(metric):
     assert torch.equal(assign2, assign)
     torch.testing.assert_close(c2, c)
     assert dist.shape == (1, 30) and (dist >= -1e-4).all()
+
+
+@pytest.mark.parametrize("D", [4, 400])  # below and above ops.L1_BROADCAST_BYTES at B, T, K = 2, 64, 32
+def test_l1_distance_forms_are_the_same_sums(D):
+    g = _gen(5)
+    x, c = torch.randn(2, 64, D, generator=g), torch.randn(2, 32, D, generator=g)
+    want = torch.stack([torch.stack([(x[b, n] - c[b, j]).abs().sum() for j in range(32)]) for b in range(2) for n in range(64)])
+    torch.testing.assert_close(ops.pairwise_distance(x, c, "l1").reshape(-1, 32), want, atol=1e-4, rtol=1e-5)

@@ -9,7 +9,7 @@ from clusca_trt.models import dit
 from clusca_trt.spec import BuildOptions
 from clusca_trt.steps import graph_module
 from tests.conftest import TINY
-from tests.step_helpers import step_tables
+from tests.step_helpers import per_block, step_tables
 
 
 def test_partial_step_is_the_spec():
@@ -32,9 +32,10 @@ def test_partial_step_is_the_spec():
         ("attn_f0", (L, B, T, D)), ("attn_fhi", (L, O, B, T, D)), ("mlp_f0", (L, B, T, D)), ("mlp_fhi", (L, O, B, T, D)))}
     g = graph_module(adapter, spec, "partial")
     feeds = {"x": x, "forecast_coef": coef, "gamma": torch.tensor([gamma]), "assign_img": assign,
-             "fresh_img": fresh, **caches, **step_tables(adapter, spec, {"t": t, "y": y})}
+             "fresh_img": fresh, **per_block(caches), **step_tables(adapter, spec, {"t": t, "y": y})}
     with torch.no_grad():
-        out, mlp_f0 = g(*[feeds[n] for n in g.input_names])
+        out, *mlp_f0 = g(*[feeds[n] for n in g.input_names])
+        mlp_f0 = torch.stack(mlp_f0)
 
         # literal reading
         h, c = model.embed(x, t, y)

@@ -48,11 +48,11 @@ FORMAT = 1
 METHODS = tuple(m.value for m in (Method.FULL, Method.CLUSCA, Method.FORA, Method.TAYLORSEER))
 # versions that change timings; a baseline recorded with others is not comparable
 TIMING_VERSIONS = ("clusca-trt", "onnxruntime", "onnxruntime-gpu", "numpy", "python")
-OVERHEAD = {  # where each part of ClusCa's overhead is measured
-    "clustering": ("graph", "cluster"),
-    "selection": ("graph", "select"),
-    "gather": ("partial", "clusca.gather_rows"),
-    "propagation": ("partial", "clusca.propagate"),
+OVERHEAD = {  # where each part of ClusCa's overhead is measured (graph kinds, or name scopes in the partial graph)
+    "clustering": ("graph", ("cluster",)),
+    "selection": ("graph", ("select",)),
+    "gather": ("partial", ("clusca.fresh_rows", "clusca.gather_rows")),
+    "propagation": ("partial", ("clusca.fresh_weights", "clusca.spread_index", "clusca.spread", "clusca.propagate")),
 }
 
 
@@ -422,8 +422,8 @@ def _overhead(per_run_kind: list[dict[str, float]], seconds: list[float], profil
         log.warning("the partial graph has no clusca.* name scopes (exported by an older clusca-trt): propagation "
                     "cannot be told apart; rebuild the engines with clusca-trt build --force")
         node_total = 0.0
-    shares = {part: (profile.get(comp, 0.0) / node_total if node_total else None)
-              for part, (where, comp) in OVERHEAD.items() if where == "partial"}
+    shares = {part: (sum(profile.get(c, 0.0) for c in comps) / node_total if node_total else None)
+              for part, (where, comps) in OVERHEAD.items() if where == "partial"}
     parts: dict[str, list[float]] = defaultdict(list)
     totals = []
     for kinds, s in zip(per_run_kind, seconds):

@@ -318,7 +318,7 @@ def analytic_matmul_flops(cfg: FluxConfig, k_img: int, k_txt: int) -> dict[str, 
 
     Element-wise work (norms, rotary embeddings, gates, the Taylor forecast and propagation) is in the
     counter's totals only. The forecast's sum over the Taylor orders is a MatMul over the orders in
-    the graphs (``ops.taylor_forecast_layers``), so with O >= 1 the counter's matmul category holds
+    the graphs (``ops.taylor_forecast``), so with O >= 1 the counter's matmul category holds
     that too; at O = 0 the two agree exactly (a test checks it).
     """
     ti, tt = cfg.image_tokens, cfg.text_length

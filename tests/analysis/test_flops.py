@@ -117,13 +117,13 @@ def test_extrapolated_count_equals_the_direct_count(probes, engines_k4):
 
 def test_components_name_the_clusca_operations(engines_k4):
     counts = count_engine_dir(engines_k4)
-    assert {"clusca.propagate", "clusca.taylor_forecast_layers", "mlp"} <= set(counts["partial"].by_component)
+    assert {"clusca.propagate", "clusca.taylor_forecast", "mlp"} <= set(counts["partial"].by_component)
     # the modulation is computed in the cond graph only: no step graph reads its weights
     assert "adaLN_modulation" in counts["cond"].by_component
     for name in ("plain", "full", "partial", "forecast"):
         assert not {"adaLN_modulation", "t_embedder", "y_embedder"} & set(counts[name].by_component), name
     assert "attn" not in counts["partial"].by_component
-    assert {"clusca.taylor_refresh_layers", "attn", "mlp"} <= set(counts["full"].by_component)
+    assert {"clusca.taylor_refresh", "attn", "mlp"} <= set(counts["full"].by_component)
     for g in counts.values():
         assert sum(g.by_component.values()) == g.total == sum(g.by_category.values())
         assert not g.uncounted_ops

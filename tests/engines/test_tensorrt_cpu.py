@@ -617,8 +617,8 @@ def test_one_host_synchronisation_per_step(engines_k4):
 
 def test_only_state_a_graph_reads_and_writes_has_a_spare_buffer(engines_k4):
     engine = twin_engine(engines_k4)
-    assert engine.pingpong == pingpong_state(engines_k4.spec) == {
-        "attn_f0", "attn_fhi", "mlp_f0", "mlp_fhi", "centroids_img"}
+    caches = {f"{s}_{f}_{i}" for s in ("attn", "mlp") for f in ("f0", "fhi") for i in range(4)}  # dit-tiny: 4 blocks
+    assert engine.pingpong == pingpong_state(engines_k4.spec) == caches | {"centroids_img"}
     assert set(engine._spare) == engine.pingpong  # hidden, assignments, distances, fresh indices: one buffer
     sizes = {n: int(np.prod(t.shape)) * 4 * (2 if t.dtype == "int64" else 1) for n, t in engine.state_specs.items()}
     assert engine.state_bytes() == sum(sizes.values()) + sum(sizes[n] for n in engine.pingpong)

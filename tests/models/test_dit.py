@@ -57,7 +57,7 @@ def test_adapter_full_step_equals_forward():
         ctx = FullContext(adapter.export_spec(BuildOptions(batch=1, clusters=4, order=0)).slots, {}, None)
         got = adapter.forward_step(ctx, {"x": x, **adapter.conditioning({"t": t, "y": y})})
         torch.testing.assert_close(got, model(x, t, y), atol=0, rtol=0)
-    assert set(ctx.new_state()) == {"attn_f0_out", "mlp_f0_out"}
+    assert set(ctx.new_state()) == {f"{s}_f0_{i}_out" for s in ("attn", "mlp") for i in range(TINY.depth)}
     assert ctx.hidden_states["img"].shape == (3, 16, 32)
 
 

@@ -44,8 +44,9 @@ def test_full_step_equals_diffusers_forward(cfg):
         ctx = FullContext(spec.slots, {}, None)
         got = adapter.forward_step(ctx, conditioned(adapter, inputs))
     torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-6)
-    assert set(ctx.new_state()) == {f"{s}_f0_out" for s in ("attn_img", "attn_txt", "mlp_img", "mlp_txt", "single")}
-    assert ctx.new_state()["single_f0_out"].shape == (2, 2, cfg.text_length + cfg.image_tokens, 32)
+    assert set(ctx.new_state()) == {f"{s}_f0_{i}_out" for s in ("attn_img", "attn_txt", "mlp_img", "mlp_txt", "single")
+                                    for i in range(2)}
+    assert ctx.new_state()["single_f0_1_out"].shape == (2, cfg.text_length + cfg.image_tokens, 32)
     assert {k: tuple(v.shape) for k, v in ctx.hidden_states.items()} == {
         "img": (2, cfg.image_tokens, 32), "txt": (2, cfg.text_length, 32)
     }
@@ -81,7 +82,8 @@ def test_partial_step_is_the_spec():
     feeds = step.feeds(inputs, adapter)
     graph = graph_module(adapter, spec, "partial")
     with torch.no_grad():
-        out, mlp_img_f0, mlp_txt_f0 = graph(*[feeds[n] for n in graph.input_names])
+        out, *fresh = graph(*[feeds[n] for n in graph.input_names])
+        mlp_img_f0, mlp_txt_f0 = torch.stack(fresh[:2]), torch.stack(fresh[2:])
 
         # literal reading
         m = model

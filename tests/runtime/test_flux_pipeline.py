@@ -10,6 +10,7 @@ from clusca_trt.errors import ConfigError, InputError
 from clusca_trt.models import flux
 from clusca_trt.runtime.pipeline import Pipeline
 from tests.flux_helpers import TINY, tiny_transformer
+from tests.step_helpers import read_cache
 
 STEPS = 10
 PROMPTS = ["an oil painting of a couple under an umbrella", "a red cat", "the sea"]  # 3: two chunks at batch 2
@@ -122,7 +123,7 @@ def test_methods_differ_and_text_propagation_only_moves_the_text_cache(pipes, em
     outs, caches = [], []
     for g in (0.0, 0.5):
         outs.append(engine.generate(**embeds, seed=0, steps=STEPS, text_propagation=g).latents)
-        caches.append(engine.engine.read_state("mlp_txt_f0"))
+        caches.append(read_cache(engine.engine, "mlp_txt_f0"))
     np.testing.assert_array_equal(outs[0], outs[1])
     assert np.abs(caches[0] - caches[1]).max() > 1e-4
 

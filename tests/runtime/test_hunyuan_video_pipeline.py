@@ -16,6 +16,7 @@ from clusca_trt.runtime.pipeline import Pipeline
 from clusca_trt.spec import BuildOptions
 from tests.exporters.test_export import _shapes
 from tests.hunyuan_helpers import TINY, make_hunyuan_folder
+from tests.step_helpers import read_cache
 
 STEPS = 8
 OPTIONS = BuildOptions(batch=2, clusters=4, text_clusters=3, order=2)  # K_img 4 of 48 tokens, K_txt 3 of 16
@@ -120,8 +121,8 @@ def test_text_cache_gets_text_outputs(pipes, embeds):
     outs, caches, img = [], [], []
     for g in (0.0, 0.5):
         outs.append(engine.generate(**embeds, seed=0, steps=STEPS, interval=3, text_propagation=g).latents)
-        caches.append(engine.engine.read_state("mlp_txt_f0"))
-        img.append(engine.engine.read_state("mlp_img_f0"))
+        caches.append(read_cache(engine.engine, "mlp_txt_f0"))
+        img.append(read_cache(engine.engine, "mlp_img_f0"))
     np.testing.assert_array_equal(outs[0], outs[1])
     np.testing.assert_array_equal(img[0], img[1])
     assert np.abs(caches[0] - caches[1]).max() > 1e-4
