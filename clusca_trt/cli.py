@@ -75,7 +75,8 @@ def _labels(value: str | None) -> list[int] | None:
 @click.option("--batch", "-B", default=1, show_default=True, help="Samples per engine call (CFG doubles it).")
 @click.option("--kmeans-iterations", default=10, show_default=True, help="Lloyd iterations in the cluster graph.")
 @click.option("--distance", type=click.Choice(["l1", "l2"]), default="l1", show_default=True)
-@click.option("--opset", default=18, show_default=True, type=click.IntRange(18, 20))
+@click.option("--opset", default=20, show_default=True, type=click.IntRange(18, 20),
+              help="ONNX opset; 20 exports tanh-GELU as one Gelu node (TensorRT 10 parses it).")
 @click.option("--height", type=int, default=None, help="FLUX: image height in pixels, multiple of 16 [default: 1024].")
 @click.option("--width", type=int, default=None, help="FLUX: image width in pixels, a multiple of 16 [default: 1024].")
 @click.option("--text-length", type=int, default=None, help="FLUX: T5 tokens per prompt [default: 512; schnell 256].")

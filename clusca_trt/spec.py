@@ -113,7 +113,7 @@ class BuildOptions:
     kmeans_iterations: int = 10
     distance: str = "l1"
     dtype: str = "float32"
-    opset: int = 18
+    opset: int = 20  # 20: GELU is one Gelu node (18: a chain of Mul/Pow/Tanh)
     cond_steps: int = 50
 
     def __post_init__(self) -> None:

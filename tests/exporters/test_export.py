@@ -56,7 +56,7 @@ def test_every_graph_is_static_and_checked(engines_k4):
     for name, path in engines_k4.graph_paths().items():
         model = onnx.load(str(path))
         onnx.checker.check_model(model)
-        assert model.opset_import[0].version == 18
+        assert model.opset_import[0].version == 20
         for v in list(model.graph.input) + list(model.graph.output):
             assert all(d.HasField("dim_value") for d in v.type.tensor_type.shape.dim), (name, v.name)
 
