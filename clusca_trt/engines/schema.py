@@ -164,17 +164,22 @@ def _spec(d) -> ExportSpec:
     return spec
 
 
-def _options(d, where: str) -> None:
-    names = {f.name for f in dataclasses.fields(BuildOptions)}
-    unknown = sorted(set(d) - names)
+def _fields(cls, d, where: str) -> None:
+    """``d`` holds only fields of the frozen config dataclass ``cls``, and makes a valid one."""
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(d) - set(names))
     if unknown:
-        raise _Bad(f"expected {where} keys among {', '.join(sorted(names))}, got {', '.join(unknown)}")
+        raise _Bad(f"expected {where} keys among {', '.join(names)}, got {', '.join(unknown)}")
     try:
-        BuildOptions(**d)
+        cls(**d)
     except ClusCaError as e:
         raise _Bad(f"{where}: {e}") from None
     except (TypeError, ValueError) as e:
         raise _Bad(f"{where}: {type(e).__name__}: {e}") from None
+
+
+def _options(d, where: str) -> None:
+    _fields(BuildOptions, d, where)
 
 
 def _model(m) -> None:
@@ -223,16 +228,7 @@ def _decoder(d) -> None:
 
 
 def _defaults(d) -> None:
-    names = [f.name for f in dataclasses.fields(ClusCaConfig)]
-    unknown = sorted(set(d) - set(names))
-    if unknown:
-        raise _Bad(f"expected defaults keys among {', '.join(names)}, got {', '.join(unknown)}")
-    try:
-        ClusCaConfig(**d)
-    except ClusCaError as e:
-        raise _Bad(f"defaults: {e}") from None
-    except (TypeError, ValueError) as e:
-        raise _Bad(f"defaults: {type(e).__name__}: {e}") from None
+    _fields(ClusCaConfig, d, "defaults")
 
 
 def _tensorrt(t) -> None:
