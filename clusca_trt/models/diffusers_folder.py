@@ -140,6 +140,9 @@ def architecture(folder: Path, defaults, names: tuple[str, ...]) -> tuple[dict, 
     raw = read_config(path, "transformer config")
     arch = {}
     for n in names:
+        if n == "out_channels" and raw.get(n) is None:  # diffusers writes null for "as in_channels" (FLUX.1-dev)
+            arch[n] = None
+            continue
         default = getattr(defaults, n)
         kind = bool if isinstance(default, bool) else int if isinstance(default, int) else \
             float if isinstance(default, float) else "ints" if isinstance(default, tuple) else type(default)

@@ -1,6 +1,8 @@
 """FLUX: the adapter's full step is diffusers' FluxTransformer2DModel forward; its partial step is
 the spec read block by block; folders load, and bad folders and build options are one-line errors."""
 
+import json
+
 import pytest
 import torch
 
@@ -118,6 +120,16 @@ def test_folder_layouts(flux_folder, tmp_path):
     alone = load_model("flux", checkpoint=tmp_path / "only")  # defaults: 1024 x 1024, 512 tokens, dev scheduler
     assert alone.decoder is None and alone.options == {"height": 1024, "width": 1024, "text_length": 512}
     assert alone.adapter.cfg.image_tokens == 4096 and alone.model_config["scheduler"] == flux.SCHEDULER_DEV
+
+
+def test_a_null_out_channels_is_in_channels(tmp_path):
+    """FLUX.1-dev's transformer/config.json says ``"out_channels": null``: the same as in_channels."""
+    make_flux_folder(tmp_path / "only", transformer_only=True)
+    path = tmp_path / "only" / "config.json"
+    raw = json.loads(path.read_text())
+    path.write_text(json.dumps(dict(raw, out_channels=None)))
+    model = load_model("flux", checkpoint=tmp_path / "only", height=128, width=64, text_length=16)
+    assert model.adapter.cfg.out_channels == raw["in_channels"]
 
 
 def test_named_configs():
