@@ -292,18 +292,24 @@ def _low_interface(g, state: set[str], low: int, types: dict[str, int]) -> tuple
     its producer made (renamed ``<name>__fp32``). Returns the Cast nodes to put first and last."""
     from onnx import TensorProto, helper
 
+    # one pass over the nodes: where every name is read and written (not a scan per state tensor)
+    readers: dict[str, list] = {}
+    writers: dict[str, list] = {}
+    for n in g.node:
+        for i, name in enumerate(n.input):
+            readers.setdefault(name, []).append((n.input, i))
+        for j, name in enumerate(n.output):
+            writers.setdefault(name, []).append((n.output, j))
+    outputs = {o.name for o in g.output}
     head, tail = [], []
     touched = set()
     for v in g.input:
         if v.name in state and v.type.tensor_type.elem_type == TensorProto.FLOAT:
             wide = f"{v.name}__fp32"
-            for n in g.node:
-                for i, name in enumerate(n.input):
-                    if name == v.name:
-                        n.input[i] = wide
-            for o in g.output:  # a state tensor passed through unchanged
-                if o.name == v.name:
-                    raise ConfigError(f"graph output {o.name} is also a graph input; cannot give it a low type")
+            for names, i in readers.get(v.name, ()):
+                names[i] = wide
+            if v.name in outputs:  # a state tensor passed through unchanged
+                raise ConfigError(f"graph output {v.name} is also a graph input; cannot give it a low type")
             head.append(helper.make_node("Cast", [v.name], [wide], name=f"{v.name}__to_fp32_in", to=TensorProto.FLOAT))
             v.type.tensor_type.elem_type = low
             types[v.name], types[wide] = low, TensorProto.FLOAT
@@ -311,17 +317,12 @@ def _low_interface(g, state: set[str], low: int, types: dict[str, int]) -> tuple
     for v in g.output:
         if v.name in state and v.type.tensor_type.elem_type == TensorProto.FLOAT:
             wide = f"{v.name}__fp32"
-            producers = [n for n in g.node if v.name in n.output]
-            if not producers:
+            if not writers.get(v.name):
                 raise ConfigError(f"graph output {v.name} has no producing node; cannot give it a low type")
-            for n in producers:
-                for j, name in enumerate(n.output):
-                    if name == v.name:
-                        n.output[j] = wide
-            for n in g.node:  # nodes that also read the output inside the graph read its fp32 value
-                for i, name in enumerate(n.input):
-                    if name == v.name:
-                        n.input[i] = wide
+            for names, j in writers[v.name]:
+                names[j] = wide
+            for names, i in readers.get(v.name, ()):  # nodes that also read the output inside the graph read its fp32 value
+                names[i] = wide
             tail.append(helper.make_node("Cast", [wide], [v.name], name=f"{v.name}__to_low_out", to=low))
             v.type.tensor_type.elem_type = low
             types[v.name], types[wide] = low, TensorProto.FLOAT
