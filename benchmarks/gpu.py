@@ -176,6 +176,16 @@ def summarize(methods: list[Method], pipe, steps: int, per_graph: dict[str, int]
     return rows
 
 
+def finish(pipe, methods: list, steps: int) -> dict:
+    """The result fields every model has (graph FLOPs, device memory, the methods' table), read
+    before the pipeline is closed; closes it."""
+    per_graph = pipe.engine.graph_flops()
+    fields = {"device_memory_mib": {k: round(v / 2**20, 2) for k, v in pipe.engine.device_memory().items()},
+              "flops_per_call": per_graph, "methods": summarize(methods, pipe, steps, per_graph)}
+    pipe.close()
+    return fields
+
+
 def ours(pipe, inputs: dict, settings: dict, samples: int) -> list[Method]:
     out = []
     for key in METHODS:
@@ -265,12 +275,8 @@ def bench_dit(args, device: torch.device, precision: str) -> dict:
                           diffusers_dit(theirs, dtype, device, labels, args.seed, 1.5), len(labels)))
     steps = args.steps
     measure(methods, steps, args.warmup_steps, args.repeats, device)
-    per_graph = pipe.engine.graph_flops()
     result = {"model": name, "precision": precision, "steps": steps, "samples": len(labels), "guidance": 1.5,
-              "config": {"size": size, **DIT_SIZES[size], "K": K, "order": 2},
-              "device_memory_mib": {k: round(v / 2**20, 2) for k, v in pipe.engine.device_memory().items()},
-              "flops_per_call": per_graph, "methods": summarize(methods, pipe, steps, per_graph)}
-    pipe.close()
+              "config": {"size": size, **DIT_SIZES[size], "K": K, "order": 2}, **finish(pipe, methods, steps)}
     del pipe, adapter, theirs, methods
     free(device)
     return result
@@ -281,17 +287,17 @@ def bench_dit(args, device: torch.device, precision: str) -> dict:
 
 
 def make_flux(tiny: bool, device: torch.device, seed: int):
-    """(FluxAdapter over diffusers' FluxTransformer2DModel with random weights in bf16, its config)."""
+    """(diffusers' FluxTransformer2DModel with random weights in bf16, its config)."""
     from diffusers import FluxTransformer2DModel
 
-    from clusca_trt.models.flux import NAMED_CONFIGS, FluxAdapter
+    from clusca_trt.models.flux import NAMED_CONFIGS
 
     cfg = NAMED_CONFIGS["flux-tiny" if tiny else "flux-dev"]
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), torch.device(device):
         torch.manual_seed(seed)
         model = FluxTransformer2DModel(**cfg.transformer_config())
     model = model.to(torch.bfloat16).eval()
-    return model, cfg, FluxAdapter
+    return model, cfg
 
 
 def truncate_flux(model, cfg, fraction: float):
@@ -331,10 +337,11 @@ def diffusers_flux(model, cfg, runtime, sampling, embeds, device, seed: int, gui
 def bench_flux(args, device: torch.device, deadline: float) -> dict:
     from types import SimpleNamespace
 
+    from clusca_trt.models.flux import FluxAdapter
     from clusca_trt.runtime.flux import RUNTIME
 
     log.info("FLUX: making the model")
-    model, cfg, FluxAdapter = make_flux(args.tiny, device, args.seed)
+    model, cfg = make_flux(args.tiny, device, args.seed)
     full_size = (cfg.num_layers, cfg.num_single_layers)
     steps = args.steps
     scaled = None
@@ -374,16 +381,12 @@ def bench_flux(args, device: torch.device, deadline: float) -> dict:
     methods.append(Method("diffusers", "diffusers FluxTransformer2DModel, eager (bf16)",
                           diffusers_flux(model, cfg, RUNTIME, sampling, embeds, device, args.seed, 3.5), 1))
     measure(methods, steps, args.warmup_steps, args.repeats, device)
-    per_graph = pipe.engine.graph_flops()
     result = {"model": f"FLUX.1-dev size{' (tiny)' if args.tiny else ''} bf16", "precision": "bf16", "steps": steps,
               "samples": 1, "guidance": 3.5, "first_full_step_s": round(step_s, 4),
               "config": {"height": cfg.height, "width": cfg.width, "text_length": cfg.text_length,
                          "double_blocks": cfg.num_layers, "single_blocks": cfg.num_single_layers,
                          "hidden": cfg.hidden_size, "K": spec.options.clusters, "order": 1},
-              "scaled": scaled,
-              "device_memory_mib": {k: round(v / 2**20, 2) for k, v in pipe.engine.device_memory().items()},
-              "flops_per_call": per_graph, "methods": summarize(methods, pipe, steps, per_graph)}
-    pipe.close()
+              "scaled": scaled, **finish(pipe, methods, steps)}
     del pipe, adapter, model, methods
     free(device)
     return result
