@@ -14,7 +14,11 @@ from enum import Enum
 from .errors import ConfigError
 
 
-def _is_int(v) -> bool:
+MAX_SEED = 2**63 - 1  # seeds of runs and of random weights
+
+
+def is_int(v) -> bool:
+    """A Python int, not a bool (JSON and option values)."""
     return isinstance(v, int) and not isinstance(v, bool)
 
 
@@ -76,15 +80,15 @@ class ClusCaConfig:
     fresh: FreshPolicy = FreshPolicy.RANDOM
 
     def __post_init__(self) -> None:
-        if not _is_int(self.interval) or self.interval < 1:
+        if not is_int(self.interval) or self.interval < 1:
             raise ConfigError(f"interval must be an integer >= 1, got {self.interval!r}")
-        if not _is_int(self.clusters) or self.clusters < 0:
+        if not is_int(self.clusters) or self.clusters < 0:
             raise ConfigError(f"clusters must be an integer >= 0, got {self.clusters!r}")
         if not _is_real(self.propagation) or not 0.0 <= float(self.propagation) <= 1.0:  # NaN fails too
             raise ConfigError(f"propagation (gamma) must be in [0, 1] (a number), got {self.propagation!r}")
-        if not _is_int(self.order) or self.order < 0:
+        if not is_int(self.order) or self.order < 0:
             raise ConfigError(f"order must be an integer >= 0, got {self.order!r}")
-        if not _is_int(self.warmup) or self.warmup < 1:
+        if not is_int(self.warmup) or self.warmup < 1:
             raise ConfigError(f"warmup must be an integer >= 1, got {self.warmup!r}")
         object.__setattr__(self, "fresh", FreshPolicy.parse(self.fresh))
         object.__setattr__(self, "propagation", float(self.propagation))

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
+from .config import is_int
 from .errors import ConfigError
 
 OUT = "out"  # the model output: the only tensor the runtime brings to the host each step
@@ -35,10 +36,6 @@ TABLE_SUFFIX = "_table"
 DTYPES = ("float32", "int64")
 MAX_BATCH = 1024  # samples per engine call (a memory estimate at build time may lower it)
 MAX_KMEANS_ITERATIONS = 100  # the Lloyd loop is unrolled in the cluster graph
-
-
-def _is_int(v) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
 
 
 def cache_name(slot: str, factor: str, layer: int) -> str:
@@ -117,15 +114,15 @@ class BuildOptions:
     cond_steps: int = 50
 
     def __post_init__(self) -> None:
-        if not _is_int(self.batch) or not 1 <= self.batch <= MAX_BATCH:
+        if not is_int(self.batch) or not 1 <= self.batch <= MAX_BATCH:
             raise ConfigError(f"batch must be an integer in 1..{MAX_BATCH}, got {self.batch!r}")
-        if not _is_int(self.clusters) or self.clusters < 0:
+        if not is_int(self.clusters) or self.clusters < 0:
             raise ConfigError(f"clusters must be an integer >= 0, got {self.clusters!r}")
-        if self.text_clusters is not None and (not _is_int(self.text_clusters) or self.text_clusters < 0):
+        if self.text_clusters is not None and (not is_int(self.text_clusters) or self.text_clusters < 0):
             raise ConfigError(f"text clusters must be an integer >= 0 or None, got {self.text_clusters!r}")
-        if not _is_int(self.order) or not 0 <= self.order <= 8:
+        if not is_int(self.order) or not 0 <= self.order <= 8:
             raise ConfigError(f"order must be an integer in [0, 8], got {self.order!r}")
-        if not _is_int(self.kmeans_iterations) or not 1 <= self.kmeans_iterations <= MAX_KMEANS_ITERATIONS:
+        if not is_int(self.kmeans_iterations) or not 1 <= self.kmeans_iterations <= MAX_KMEANS_ITERATIONS:
             raise ConfigError(
                 f"kmeans iterations must be an integer in 1..{MAX_KMEANS_ITERATIONS}, got {self.kmeans_iterations!r}"
             )
@@ -133,7 +130,7 @@ class BuildOptions:
             raise ConfigError(f"distance must be 'l1' or 'l2', got {self.distance!r}")
         if self.dtype != "float32":
             raise ConfigError(f"dtype must be 'float32' for ONNX export, got {self.dtype!r}")
-        if not _is_int(self.opset) or not 18 <= self.opset <= 20:
+        if not is_int(self.opset) or not 18 <= self.opset <= 20:
             raise ConfigError(f"opset must be in 18..20, got {self.opset}")
         if not isinstance(self.cond_steps, int) or not 1 <= self.cond_steps <= 1000:
             raise ConfigError(f"cond steps must be an integer in 1..1000, got {self.cond_steps!r}")

@@ -12,11 +12,11 @@ import importlib
 import logging
 from dataclasses import dataclass, field
 
+from ..config import MAX_SEED
 from ..errors import ConfigError, EngineMismatchError
 
 log = logging.getLogger(__name__)
 
-MAX_SEED = 2**63 - 1
 DEFAULT_MODEL = "dit-digits"  # the built-in trained model (weights in clusca_trt/data)
 
 # family -> module; each module's model_names() says which --model names it serves

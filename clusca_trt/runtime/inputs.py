@@ -17,9 +17,9 @@ import numbers
 
 import numpy as np
 
+from ..config import MAX_SEED
 from ..errors import ConfigError, InputError, NonFiniteOutputError
 from ..schedule import MAX_STEPS  # DiT's samplers also stop at their 1000 training steps
-MAX_SEED = 2**63 - 1
 EMBEDDINGS = ("prompt_embeds", "pooled_prompt_embeds", "prompt_attention_mask")
 
 

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..config import ClusCaConfig, FreshPolicy, Method
+from ..config import MAX_SEED, ClusCaConfig, FreshPolicy, Method, is_int
 from ..engines.manifest import Manifest
 from ..errors import ConfigError, InputError
 from ..runtime.dit import check_labels
@@ -29,8 +29,7 @@ from ..runtime.samplers import SAMPLERS, GaussianDiffusion
 
 FAMILIES = ("dit", "flux")
 FORMATS = ("npz", "png")
-MAX_STEPS = 1000
-MAX_SEED = 2**63 - 1
+MAX_STEPS = 1000  # steps of one request: a server bound, below the library's schedule.MAX_STEPS
 MEDIA_TYPES = {"npz": "application/x-npz", "png": "image/png"}
 
 COMMON_FIELDS = ("seed", "steps", "method", "interval", "propagation", "order", "warmup", "fresh", "format")
@@ -203,7 +202,7 @@ def _dit_request(get: "_Fields", model: ModelInfo, common: dict) -> GenerateRequ
     labels = get.body.get("class_labels")
     if labels is None:
         raise BadRequest("expected class_labels (a non-empty list of integers) for a dit model, got none")
-    if not isinstance(labels, list) or not all(_is_int(v) for v in labels):
+    if not isinstance(labels, list) or not all(is_int(v) for v in labels):
         raise BadRequest(f"class_labels: expected a list of integers, got {_show(labels)}")
     labels = check_labels(labels, model.sampling["num_classes"])  # the runtime's own check: range, non-empty
     sampler = get.choice("sampler", "ddim", SAMPLERS)
@@ -282,10 +281,6 @@ def _json_object(raw: bytes) -> dict:
     return body
 
 
-def _is_int(v) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
 def _show(v) -> str:
     text = json.dumps(v)
     return text if len(text) <= 60 else text[:57] + "..."
@@ -301,7 +296,7 @@ class _Fields:
         v = self.body.get(name)
         if v is None:
             return default
-        if not _is_int(v):
+        if not is_int(v):
             raise BadRequest(f"{name}: expected an integer, got {_show(v)}")
         if (lo is not None and v < lo) or (hi is not None and v > hi):
             span = f"{lo}..{hi}" if hi is not None else f">= {lo}"
