@@ -192,10 +192,10 @@ def generate(engine_dir, method, interval, propagation, order, clusters, warmup,
              seed, class_labels, provider, backend, device, precision, out_file, prompts, guidance, text_propagation,
              height, width, frames, compare):
     """Sample with the engines in ENGINE_DIR and write latents (.npz), an image grid (.png) or videos (.mp4)."""
-    from .runtime.output import check_output, write_result
+    from .runtime.output import SUFFIXES, check_output, write_result
     from .runtime.pipeline import Pipeline
 
-    if out_file.suffix not in (".npz", ".png", ".mp4"):
+    if out_file.suffix not in SUFFIXES:
         raise click.BadParameter(f"expected a .npz, .png or .mp4 (video) file, got {out_file.name}", param_hint="--out")
     labels = _labels(class_labels)
     select = {"height": height, "width": width, "frames": frames}

@@ -338,9 +338,10 @@ def run_bench(pipe, settings: BenchSettings = BenchSettings(), inputs: tuple[tup
     result["partial_profile_ms"] = {k: _ms(v) for k, v in profile.items()}
     result["flops"] = flops_detail
     result["traffic"] = _traffic(pipe, flops_detail, by_graph, threads)
-    state_bytes = sum(int(np.prod(t.shape)) * (8 if t.dtype == "int64" else 4) for t in pipe.spec.state_tensors().values())
     if hasattr(pipe.engine, "state_bytes"):  # the engine's own buffers (half-precision caches, ping-pong spares)
         state_bytes = pipe.engine.state_bytes()
+    else:
+        state_bytes = sum(int(np.prod(t.shape)) * (8 if t.dtype == "int64" else 4) for t in pipe.spec.state_tensors().values())
     result["memory"] = {"peak_rss_mib": round(peak_mib, 1), "state_mib": round(state_bytes / 2**20, 1)}
     if hasattr(pipe.engine, "device_memory"):  # torch: weights, state, the CUDA allocator's peak
         result["memory"]["device_mib"] = {k: round(v / 2**20, 1) for k, v in pipe.engine.device_memory().items()}

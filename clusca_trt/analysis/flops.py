@@ -44,7 +44,7 @@ from pathlib import Path
 from ..config import ClusCaConfig
 from ..errors import ConfigError
 from ..schedule import PlannedStep, StepKind, plan
-from ..spec import GRAPH_COND, GRAPH_FORECAST, GRAPH_FULL, GRAPH_PARTIAL, GRAPH_PLAIN, ExportSpec
+from ..spec import GRAPH_COND, GRAPH_FORECAST, GRAPH_FULL, GRAPH_PARTIAL, GRAPH_PLAIN, WEIGHTED_GRAPHS, ExportSpec
 
 log = logging.getLogger(__name__)
 
@@ -407,7 +407,7 @@ def dit_flops(model_name: str, options, probe_depths: tuple[int, int] = (1, 2)) 
 # module (the module of the config's class) provides ``probe_adapter(cfg, heads, double, single)``
 # and ``export_spec(cfg, options)``.
 
-MODEL_GRAPHS = (GRAPH_COND, GRAPH_PLAIN, GRAPH_FULL, GRAPH_PARTIAL, GRAPH_FORECAST)  # the graphs with weights
+MODEL_GRAPHS = WEIGHTED_GRAPHS  # the graphs with weights
 HEAD_PROBES = (1, 2, 3)
 DEPTH_PROBES = ((1, 1), (2, 1), (1, 2))
 

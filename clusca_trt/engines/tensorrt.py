@@ -571,7 +571,7 @@ def build_plans(manifest: Manifest, options: TrtBuildOptions, device: int = 0, f
 
 def _plan_files(manifest: Manifest) -> set[Path]:
     plans = manifest.data.get("tensorrt", {}).get("plans", {})
-    return {manifest.directory / f["file"] for e in plans.values() for f in e["files"]}
+    return {manifest.plan_path(f["file"]) for e in plans.values() for f in e["files"]}
 
 
 # -- engine I/O -----------------------------------------------------------------------------
@@ -982,7 +982,7 @@ def load_engine(
     runners = {}
     with on_device(device):
         for name, entry in section["plans"].items():
-            path = manifest.directory / entry["file"]
+            path = manifest.plan_path(entry["file"])
             with _polygraphy_output(f"loading TensorRT plan {path.name}"):
                 engine = EngineFromBytes(path.read_bytes())()
             runners[name] = TrtRunner(name, engine)

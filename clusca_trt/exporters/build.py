@@ -18,6 +18,7 @@ same key reuses what is there (after the full check ``Pipeline.load`` runs); any
 from __future__ import annotations
 
 import logging
+import math
 import os
 import shutil
 import tempfile
@@ -90,7 +91,7 @@ def _user_files(out: Path) -> list[str]:
 def check_memory(spec: ExportSpec, what: str = "this build") -> None:
     """Refuse a build whose engine state (module caches, hidden states; allocated twice while
     exporting) cannot fit in this machine's memory, before anything is allocated."""
-    state = sum(4 * _prod(t.shape) for t in spec.state_tensors().values())
+    state = sum(4 * math.prod(int(d) for d in t.shape) for t in spec.state_tensors().values())
     try:
         total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (ValueError, OSError, AttributeError):
@@ -101,13 +102,6 @@ def check_memory(spec: ExportSpec, what: str = "this build") -> None:
             f"graph batch {spec.graph_batch}), expected at most this machine's {total / 2**30:.1f} GiB; "
             f"lower --batch or --order"
         )
-
-
-def _prod(shape) -> int:
-    n = 1
-    for d in shape:
-        n *= int(d)
-    return n
 
 
 def build_engines(
@@ -189,7 +183,7 @@ def _build_locked(model, options, out, spec, key, versions, force, check) -> Bui
             "defaults": asdict(model.adapter.default_run),
         }
         manifest = Manifest(data, out)
-        manifest.check(hashes=False)  # what a reader checks (the hashes were just taken), before anyone reads it
+        manifest.check(hashes=False)  # the files and every graph against the spec, as a load checks them (the hashes were just taken), before anyone reads it
         replace_manifest(out, data)  # the switch: one atomic rename
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

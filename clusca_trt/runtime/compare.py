@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import ConfigError, InputError
-from .output import _atomic
+from ..files import write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -120,4 +120,4 @@ def write_comparison_png(runs: list[MethodRun], path: Path, scale: int = 2) -> N
     grid = comparison_grid(rows, scale=scale)
     mode = "L" if grid.shape[-1] == 1 else "RGB"
     img = Image.fromarray(grid[..., 0] if mode == "L" else grid, mode)
-    _atomic(Path(path), lambda tmp: img.save(tmp, format="PNG"))
+    write_atomic(Path(path), lambda tmp: img.save(tmp, format="PNG"))

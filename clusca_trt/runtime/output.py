@@ -18,10 +18,6 @@ from ..files import write_atomic
 SUFFIXES = (".npz", ".png", ".mp4")
 
 
-def _atomic(path: Path, write) -> None:
-    write_atomic(Path(path), write)
-
-
 def _needs_images(suffix: str) -> InputError:
     return InputError(
         f"expected a model with a decoder (VAE or pixel space) for {suffix} output, got latents only; use .npz"
@@ -70,11 +66,6 @@ def png_bytes(images: np.ndarray, columns: int | None = None) -> bytes:
     return buf.getvalue()
 
 
-def write_png(images: np.ndarray, path: Path, columns: int | None = None) -> None:
-    data = png_bytes(images, columns)
-    _atomic(Path(path), lambda tmp: Path(tmp).write_bytes(data))
-
-
 def result_arrays(result) -> dict[str, np.ndarray]:
     """The arrays of a ``.npz`` result: ``latents``, ``labels`` (class-conditional models; text-to-image
     has prompts instead) and ``images`` where decoded."""
@@ -113,7 +104,7 @@ def write_result(result, path: Path) -> None:
         write_mp4(result.images, path)
         return
     data = result_bytes(result, path.suffix[1:])
-    _atomic(path, lambda tmp: Path(tmp).write_bytes(data))
+    write_atomic(path, lambda tmp: Path(tmp).write_bytes(data))
 
 
 def video_paths(path: Path, count: int) -> list[Path]:
@@ -144,5 +135,5 @@ def write_mp4(videos: np.ndarray, path: Path, fps: int = 24) -> list[Path]:
                 for frame in video:
                     w.append_data(frame)
 
-        _atomic(p, save)
+        write_atomic(p, save)
     return paths

@@ -170,8 +170,8 @@ class Pipeline:
         decoder loaded before sampling starts; calls from several threads run one at a time."""
         check_generate_inputs(self.model["family"], args, kwargs)
         config = self.resolve_config(method, interval, propagation, order, warmup, fresh, clusters)
-        self.prepare_decoder()
         with self._lock:
+            self.prepare_decoder()  # under the lock: threads' first calls load the decoder once
             return self.family.generate(self, config, *args, **kwargs)
 
     def prepare_decoder(self) -> None:

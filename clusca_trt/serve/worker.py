@@ -63,7 +63,6 @@ class EngineWorker:
         self.pipe = pipe
         self.batch = pipe.spec.options.batch
         self.fault_seed = fault_seed
-        self.runs = 0
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="clusca-engine")
 
     @classmethod
@@ -91,7 +90,6 @@ class EngineWorker:
         return self._split(requests, result)
 
     def _generate(self, requests: list[GenerateRequest]) -> GenerateResult:
-        self.runs += 1
         if self.fault_seed is not None and any(r.seed == self.fault_seed for r in requests):
             raise EngineFailure(f"injected engine failure (a request with seed {self.fault_seed})")
         return self.pipe.generate(**batch_arguments(requests))
