@@ -180,7 +180,7 @@ def finish(pipe, methods: list, steps: int) -> dict:
     """The result fields every model has (graph FLOPs, device memory, the methods' table), read
     before the pipeline is closed; closes it."""
     per_graph = pipe.engine.graph_flops()
-    fields = {"device_memory_mib": {k: round(v / 2**20, 2) for k, v in pipe.engine.device_memory().items()},
+    fields = {"device_memory_mib": {k: round(v / 2**20, 2) for k, v in pipe.engine.memory().items()},
               "flops_per_call": per_graph, "methods": summarize(methods, pipe, steps, per_graph)}
     pipe.close()
     return fields

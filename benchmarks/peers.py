@@ -370,7 +370,7 @@ def summarize(entries: list[Entry], skipped: dict, args) -> dict:
                           "thresholds": args.fbc_thresholds} if FBC_INDICATOR else None,
         "command": " ".join(["python"] + sys.argv),
         "created": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-        "device": device_name("cpu"),
+        "device": device_name(),
         "torch_threads": torch.get_num_threads(),
         "versions": library_versions(),
         "settings": {k: v for k, v in vars(args).items() if k != "out"},

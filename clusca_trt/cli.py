@@ -243,7 +243,7 @@ def generate(engine_dir, method, interval, propagation, order, clusters, warmup,
     write_result(result, out_file)
     c = result.config
     click.echo(f"{out_file}: {len(result.latents)} samples, {c.method.value} (N={c.interval}, K={c.clusters}, "
-               f"O={c.order}, gamma={c.propagation}), {steps} steps on {result.backend}/{result.provider} "
+               f"O={c.order}, gamma={c.propagation}), {steps} steps on {result.engine} "
                f"in {result.seconds:.2f} s")
 
 
@@ -262,7 +262,7 @@ def _compare(pipe, inputs: dict, out_file: Path, seed: int, settings: dict) -> N
     write_comparison_png(runs, out_file)
     first = runs[0].result
     click.echo(f"{out_file}: {len(first.latents)} samples x {len(runs)} methods (rows), seed {seed}, "
-               f"{inputs.get('steps')} steps on {first.backend}/{first.provider}")
+               f"{inputs.get('steps')} steps on {first.engine}")
     for r in runs:
         click.echo(f"  {r.label:<40} {r.result.seconds:8.2f} s  {r.speedup:5.2f}x vs full")
 

@@ -38,6 +38,7 @@ from pathlib import Path
 import numpy as np
 
 from ..config import Method
+from ..engines.base import EngineInfo, cpu_name
 from .flops import KINDS, count_engine_dir, graph_kind, schedule_flops
 from ..engines.manifest import library_versions
 from ..errors import ClusCaError, ConfigError
@@ -120,27 +121,12 @@ def parse_tolerance(value: "str | float") -> float:
 # environment
 
 
-def device_name(provider: str) -> str:
-    """What ran: the CPU model and usable cores, or the GPU."""
-    if provider in ("cuda", "tensorrt") or "cuda" in provider:  # ONNX Runtime's, or torch-cuda:N, cuda:N fp16
-        try:
-            import torch
-
-            if torch.cuda.is_available():
-                return f"{torch.cuda.get_device_name(0)} (CUDA)"
-        except ImportError:
-            pass
-        return "CUDA device"
-    model = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+def device_name(info: EngineInfo | None = None) -> str:
+    """What ran: the CPU model and usable cores, or the engine's GPU (``info``: the engine's)."""
+    if info is not None and info.device != "cpu":
+        return f"{info.hardware or 'CUDA device'} ({info.device})"
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return f"{model} ({cores} CPUs)"
+    return f"{cpu_name()} ({cores} CPUs)"
 
 
 def memory_bandwidth(threads: int | None = None, mib: int = 256, calls: int = 5) -> float:
@@ -310,9 +296,10 @@ def run_bench(pipe, settings: BenchSettings = BenchSettings(), inputs: tuple[tup
         "format": FORMAT,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "engine": _engine_info(pipe),
-        "device": device_name(pipe.engine.provider),
+        "device": device_name(pipe.engine.info),
         "provider": pipe.engine.provider,
         "backend": pipe.engine.backend,
+        "precision": pipe.engine.precision,
         "threads": threads,
         "versions": library_versions(),
         "settings": {**asdict(settings), "methods": methods},
@@ -338,20 +325,16 @@ def run_bench(pipe, settings: BenchSettings = BenchSettings(), inputs: tuple[tup
     result["partial_profile_ms"] = {k: _ms(v) for k, v in profile.items()}
     result["flops"] = flops_detail
     result["traffic"] = _traffic(pipe, flops_detail, by_graph, threads)
-    if hasattr(pipe.engine, "state_bytes"):  # the engine's own buffers (half-precision caches, ping-pong spares)
-        state_bytes = pipe.engine.state_bytes()
-    else:
-        state_bytes = sum(int(np.prod(t.shape)) * (8 if t.dtype == "int64" else 4) for t in pipe.spec.state_tensors().values())
-    result["memory"] = {"peak_rss_mib": round(peak_mib, 1), "state_mib": round(state_bytes / 2**20, 1)}
-    if hasattr(pipe.engine, "device_memory"):  # torch: weights, state, the CUDA allocator's peak
-        result["memory"]["device_mib"] = {k: round(v / 2**20, 1) for k, v in pipe.engine.device_memory().items()}
+    # the engine's own buffers (half-precision caches, ping-pong spares); what else it knows it holds
+    result["memory"] = {"peak_rss_mib": round(peak_mib, 1), "state_mib": round(pipe.engine.state_bytes() / 2**20, 1),
+                        "device_mib": {k: round(v / 2**20, 1) for k, v in pipe.engine.memory().items()}}
     return result
 
 
 def _traffic(pipe, flops_detail: dict, by_graph: dict, threads: int | None) -> dict:
     """Per graph: the bytes a call must read, its median time, the effective GB/s, and the floor
     (bytes / this machine's measured bandwidth); only on the CPU (the bandwidth is ONNX Runtime's)."""
-    if not flops_detail or pipe.engine.provider not in ("cpu", "torch-cpu"):
+    if not flops_detail or pipe.engine.info.device != "cpu":
         return {}
     bandwidth = memory_bandwidth(threads)
     per_graph = {}
@@ -451,7 +434,8 @@ def format_table(result: dict) -> str:
     b = e.get("build") or {}
     lines = [
         f"engines  {e.get('directory')} ({e.get('model')}, K={b.get('clusters')}, O={b.get('order')}, batch {b.get('batch')})",
-        f"device   {result['device']}, {result['backend']}/{result['provider']}"
+        f"device   {result['device']}, {result['backend']}" + (f"/{result['provider']}" if result.get("provider") else "")
+        + f" {result.get('precision', 'fp32')}"
         + (f", {result['threads']} threads" if result.get("threads") else ""),
         f"run      {s['steps']} {s['sampler']} steps, {s['repeats']} interleaved rounds after {s['warmup_runs']} warm-up; medians",
         "",
@@ -524,6 +508,7 @@ def comparable(result: dict, baseline: dict) -> None:
         ("device", baseline.get("device"), result.get("device")),
         ("provider", baseline.get("provider"), result.get("provider")),
         ("backend", baseline.get("backend"), result.get("backend")),
+        ("precision", baseline.get("precision", "fp32"), result.get("precision", "fp32")),
         ("threads", baseline.get("threads"), result.get("threads")),
         ("engines (key)", (baseline.get("engine") or {}).get("key"), (result.get("engine") or {}).get("key")),
     ]

@@ -5,8 +5,9 @@
 missing and then silently falls back to the CPU; ``probe_providers`` creates a tiny session
 per provider and keeps only those that really load. Every engine says which provider ran.
 
-State tensors have two buffers each (ping-pong): a graph that reads ``mlp_f0`` and writes
-``mlp_f0_out`` reads one buffer and writes the other; the two swap after the call.
+State a graph both reads and writes (``pingpong``: a graph that reads ``mlp_f0`` and writes
+``mlp_f0_out``) has two buffers: the graph reads one and writes the other, and the two swap after
+the call; every other state tensor has one buffer, written in place.
 
 ``cuda_graph=True`` (CUDA provider only; opt-in) turns on the provider's CUDA graphs: host feeds
 go through static device buffers updated in place, and each set of bound addresses (ping-pong
@@ -27,7 +28,7 @@ import numpy as np
 
 from ..errors import BackendUnavailableError, EngineError
 from ..spec import OUT, ExportSpec
-from .base import NP_DTYPES, StepEngine
+from .base import NP_DTYPES, EngineInfo, StepEngine, cpu_name
 from .cuda_graph import AnnotationIds, GraphKey
 
 log = logging.getLogger(__name__)
@@ -133,10 +134,11 @@ class OrtEngine(StepEngine):
     ):
         import onnxruntime as ort
 
-        super().__init__(spec)
         self._ort = ort
-        self.provider = choose_provider(provider)
-        self.device = "cpu" if self.provider == "cpu" else "cuda"
+        chosen = choose_provider(provider)
+        self._ort_device = "cpu" if chosen == "cpu" else "cuda"  # where OrtValues live
+        super().__init__(spec, EngineInfo(self.backend, "cpu" if chosen == "cpu" else "cuda:0", "fp32", chosen,
+                                          cpu_name() if chosen == "cpu" else ""))
         providers: list = [PROVIDERS[self.provider]]
         if self.provider == "tensorrt":
             if trt_cache_dir is None:  # beside the graphs: the engine directory
@@ -178,7 +180,8 @@ class OrtEngine(StepEngine):
                     self._out[n] = self._alloc(t.shape, t.dtype)
         for n, t in self.state_specs.items():
             self._state[n] = self._alloc(t.shape, t.dtype)
-            self._spare[n] = self._alloc(t.shape, t.dtype)
+            if n in self.pingpong:
+                self._spare[n] = self._alloc(t.shape, t.dtype)
         self._graph_ids = AnnotationIds()
         self._static_feeds = {
             (n, t.name): self._alloc(t.shape, t.dtype) for n in self._graphed for t in self.host_inputs(n)
@@ -196,7 +199,7 @@ class OrtEngine(StepEngine):
         return self._ort.InferenceSession(str(path), so, providers=providers)
 
     def _alloc(self, shape, dtype):
-        return self._ort.OrtValue.ortvalue_from_numpy(np.zeros(shape, NP_DTYPES[dtype]), self.device, 0)
+        return self._ort.OrtValue.ortvalue_from_numpy(np.zeros(shape, NP_DTYPES[dtype]), self._ort_device, 0)
 
     def reset(self) -> None:
         for n, t in self.state_specs.items():
@@ -215,19 +218,24 @@ class OrtEngine(StepEngine):
                 binding.bind_ortvalue_input(t.name, self._static_feeds[graph, t.name])
             else:
                 binding.bind_ortvalue_input(
-                    t.name, self._ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(feeds[t.name]), self.device, 0)
+                    t.name, self._ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(feeds[t.name]), self._ort_device, 0)
                 )
         written = []
         for t in g.outputs:
             if t.name == OUT:
                 binding.bind_ortvalue_output(OUT, self._out[graph])
-            else:
+            elif t.state_name in self._spare:  # read and written by this graph: write the other buffer
                 binding.bind_ortvalue_output(t.name, self._spare[t.state_name])
                 written.append(t.state_name)
+            else:  # no input of this graph is this buffer: in place
+                binding.bind_ortvalue_output(t.name, self._state[t.state_name])
         session.run_with_iobinding(binding, self._run_options(graph, g))
         for n in written:
             self._state[n], self._spare[n] = self._spare[n], self._state[n]
-        return self._out[graph].numpy().copy() if graph in self._out else None
+        if graph not in self._out:
+            return None
+        self.host_syncs += 1
+        return self._out[graph].numpy().copy()
 
     def _run_options(self, graph, g):
         """None, or the provider's graph id for this graph's exact set of bound buffers."""
@@ -235,7 +243,9 @@ class OrtEngine(StepEngine):
             return None
         addresses = [self._state[t.name].data_ptr() if t.name in self._state else self._static_feeds[graph, t.name].data_ptr()
                      for t in g.inputs]
-        addresses += [self._out[graph].data_ptr() if t.name == OUT else self._spare[t.state_name].data_ptr() for t in g.outputs]
+        addresses += [self._out[graph].data_ptr() if t.name == OUT else
+                      (self._spare if t.state_name in self._spare else self._state)[t.state_name].data_ptr()
+                      for t in g.outputs]
         key = GraphKey((graph,), tuple(t.shape for t in g.inputs + g.outputs), tuple(addresses))
         options = self._ort.RunOptions()
         options.add_run_config_entry("gpu_graph_id", str(self._graph_ids.id_for(key)))

@@ -61,7 +61,7 @@ import numpy as np
 from ..errors import BackendUnavailableError, ConfigError, EngineError, EngineMismatchError
 from ..hashing import value_sha256
 from ..spec import OUT, STATE_SUFFIX, WEIGHTED_GRAPHS, ExportSpec
-from .base import StepEngine, returns_out
+from .base import EngineInfo, StepEngine, returns_out
 from .cuda_graph import Action, CaptureConfig, GraphCache, GraphKey
 from .manifest import Manifest, describe_files, now
 
@@ -786,12 +786,11 @@ class TensorRTEngine(StepEngine):
         runners: dict[str, Runner],
         device: Device,
         cuda_graphs: CaptureConfig | bool = True,
-        provider: str = "cuda",
+        info: EngineInfo | None = None,
     ):
-        super().__init__(spec)
+        super().__init__(spec, info or EngineInfo(self.backend, "cuda:0", "fp32"))
         self.runners = runners
         self.device = device
-        self.provider = provider
         if isinstance(cuda_graphs, bool):
             cuda_graphs = CaptureConfig(enabled=cuda_graphs)
         self.graphs = GraphCache(cuda_graphs)
@@ -803,7 +802,7 @@ class TensorRTEngine(StepEngine):
         self._dtypes = self._buffer_dtypes()
         self._queue: list[tuple[str, dict[str, int]]] = []
         self._alloc_all()
-        log.info("TensorRT engine on %s (CUDA graphs %s, state %.1f MiB)", provider,
+        log.info("TensorRT engine on %s (CUDA graphs %s, state %.1f MiB)", self.info,
                  "on" if cuda_graphs.enabled else "off", self.state_bytes() / 2**20)
 
     def _buffer_dtypes(self) -> dict[str, str]:
@@ -987,5 +986,6 @@ def load_engine(
                 engine = EngineFromBytes(path.read_bytes())()
             runners[name] = TrtRunner(name, engine)
     precision = section["options"]["precision"]
-    return TensorRTEngine(manifest.spec, runners, TorchCudaDevice(device), cuda_graphs,
-                          provider=f"cuda:{device} {precision}")
+    cuda = TorchCudaDevice(device)
+    info = EngineInfo("tensorrt", f"cuda:{device}", precision, None, cuda.torch.cuda.get_device_name(device))
+    return TensorRTEngine(manifest.spec, runners, cuda, cuda_graphs, info=info)

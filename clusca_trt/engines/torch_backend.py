@@ -44,7 +44,7 @@ import torch
 from ..errors import BackendUnavailableError, ConfigError, InputError
 from ..spec import OUT, WEIGHTED_GRAPHS, ExportSpec
 from ..steps import graph_module
-from .base import NP_DTYPES, StepEngine
+from .base import NP_DTYPES, EngineInfo, StepEngine, cpu_name
 from .cuda_graph import Action, CaptureConfig, GraphCache, GraphKey
 
 log = logging.getLogger(__name__)
@@ -99,18 +99,16 @@ class TorchEngine(StepEngine):
         precision: str = "fp32",
         cuda_graphs: CaptureConfig | bool = True,
     ):
-        super().__init__(spec)
         self.device = parse_device(device)
-        self.precision = precision
         self.dtype = check_precision(precision)
         on_cuda = self.device.type == "cuda"
-        self.provider = f"torch-{self.device}" + ("" if precision == "fp32" else f" {precision}")
+        hardware = torch.cuda.get_device_name(self.device) if on_cuda else cpu_name()
+        super().__init__(spec, EngineInfo(self.backend, str(self.device), precision, None, hardware))
         if isinstance(cuda_graphs, bool):
             cuda_graphs = CaptureConfig(enabled=cuda_graphs)
         # every graph is captured (a key per graph; warm-up 1: the first call runs eagerly)
         self.graphs = GraphCache(CaptureConfig(enabled=cuda_graphs.enabled and on_cuda, warmup=max(cuda_graphs.warmup, 1),
                                                capture=frozenset(spec.graphs), max_graphs=max(len(spec.graphs), 1)))
-        self.host_syncs = 0
         self.device_loop = True  # the runtime may run a whole chunk's loop here (``run_loop``); False: step by step
         self.stream = torch.cuda.Stream(self.device) if on_cuda else None
         with self._on_device():
@@ -173,7 +171,7 @@ class TorchEngine(StepEngine):
     def weight_bytes(self) -> int:
         return sum(p.numel() * p.element_size() for p in self.adapter.parameters())
 
-    def device_memory(self) -> dict:
+    def memory(self) -> dict:
         """Bytes on the device: weights, state, and on CUDA the allocator's peak since the last reset."""
         out = {"weights": self.weight_bytes(), "state": self.state_bytes()}
         if self.device.type == "cuda":
@@ -302,7 +300,7 @@ class TorchEngine(StepEngine):
         latents-dependent model inputs (DiT: ``x`` twice for guidance), ``update(s, x, out)`` the next
         latents from the graph output (guidance and the sampler, in torch on the device)."""
         with self._on_device(), torch.inference_mode():
-            x = self._to_device(np.ascontiguousarray(x0, dtype=np.float32))
+            x = self.to_device(np.ascontiguousarray(x0, dtype=np.float32))
             names = set(dynamic(x))
             constant, stacked = self._stage(steps, names)
             for key, value in constant.items():
@@ -351,12 +349,12 @@ class TorchEngine(StepEngine):
             same = all(a is first for a in values) or (
                 first.nbytes <= 1 << 20 and all(np.array_equal(a, first) for a in values))
             if same:
-                constant[key] = self._to_device(np.ascontiguousarray(first))
+                constant[key] = self.to_device(np.ascontiguousarray(first))
             else:
-                stacked[key] = self._to_device(np.stack(values))
+                stacked[key] = self.to_device(np.stack(values))
         return constant, stacked
 
-    def _to_device(self, array: np.ndarray) -> torch.Tensor:
+    def to_device(self, array: np.ndarray) -> torch.Tensor:
         """A host array on the device, without a host synchronisation (pinned memory, asynchronous copy)."""
         if self.device.type != "cuda":
             return torch.from_numpy(array.copy())

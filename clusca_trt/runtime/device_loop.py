@@ -3,8 +3,8 @@
 The host loop (``runtime/dit.py``'s ``sample_chunk``, ``diffusers_common.denoise_steps``) brings
 ``out`` to the host every step, applies guidance and the sampler there, and sends the latents
 back: one host synchronisation per step. Where the engine can run a loop itself
-(``engine.device_loop``: the torch engine, on the CPU and on CUDA) the family runtime hands it the
-whole chunk instead:
+(``Denoiser.loop_engine``: an engine whose ``device_loop`` is on, the torch engine on the CPU and on
+CUDA) the family runtime hands it the whole chunk instead:
 
 * every step's graphs and host feeds come from the same ``ScheduledDenoiser.calls`` (the run's
   pre-drawn k-means starts and fresh-token keys, the conditioning graph's call) and DDPM's noise
@@ -29,13 +29,6 @@ import torch
 
 from .driver import SAMPLER, stream
 from .samplers import GaussianDiffusion
-
-
-def engine_of(denoise):
-    """The engine behind a denoiser when it can run a whole loop, else None (plain model calls, ONNX
-    Runtime, TensorRT, or a torch engine with ``device_loop`` off)."""
-    engine = getattr(denoise, "engine", None)
-    return engine if getattr(engine, "device_loop", False) and hasattr(denoise, "calls") else None
 
 
 # --------------------------------------------------------------------------------------------
@@ -78,7 +71,7 @@ class GaussianUpdate:
 def dit_chunk(denoise, diffusion: GaussianDiffusion, x: np.ndarray, labels: list[int], num_classes: int,
               cfg_scale: float, keys: list, progress: Callable[[int], None] | None = None) -> np.ndarray:
     """``runtime.dit.sample_chunk`` with the loop on the engine's device (same arguments, same result)."""
-    engine = engine_of(denoise)
+    engine = denoise.loop_engine
     B, C = x.shape[0], x.shape[1]
     y = np.array(list(labels) + [num_classes] * B, dtype=np.int64)
     ts = [np.full((2 * B,), diffusion.model_timestep(diffusion.steps - 1 - s), dtype=np.float32)
@@ -90,7 +83,7 @@ def dit_chunk(denoise, diffusion: GaussianDiffusion, x: np.ndarray, labels: list
         steps.append(denoise.calls(s, {"t": ts[s], "y": y}))
         if streams:  # each sample's DDPM noise from its own stream, in step order: the host loop's draws
             noise.append(np.stack([g.standard_normal(x.shape[1:], dtype=np.float32) for g in streams]))
-    noise_t = engine._to_device(np.stack(noise)) if noise else None  # uploaded once, like every other feed
+    noise_t = engine.to_device(np.stack(noise)) if noise else None  # uploaded once, like every other feed
     update = GaussianUpdate(diffusion, B, C, cfg_scale, noise_t)
     return engine.run_loop(x, steps, lambda xt: {"x": torch.cat([xt, xt], dim=0)}, update, progress)
 
@@ -103,7 +96,7 @@ def flow_chunk(denoise, scheduler, latents: np.ndarray, feeds: Callable[[torch.T
                progress: Callable[[int], None] | None = None) -> np.ndarray | None:
     """``diffusers_common.denoise_steps`` with the loop on the engine's device; None where it cannot
     be (a stochastic scheduler, or latents that are not a model input as they are): run the host loop."""
-    engine = engine_of(denoise)
+    engine = denoise.loop_engine
     if getattr(scheduler.config, "stochastic_sampling", False):
         return None
     timesteps = list(scheduler.timesteps)

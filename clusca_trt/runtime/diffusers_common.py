@@ -26,11 +26,11 @@ import torch
 from ..config import ClusCaConfig
 from ..errors import CheckpointError, InputError
 from . import device_loop
-from .driver import PAD_KEY, SampleKey, sample_keys
+from .driver import PAD_KEY, Denoiser, SampleKey, as_denoiser, sample_keys
 
 log = logging.getLogger(__name__)
 
-Denoise = Callable[[int, dict], np.ndarray]
+Denoise = Callable[[int, dict], np.ndarray]  # a Denoiser, or a plain model call (the test oracle)
 
 
 @contextlib.contextmanager
@@ -227,16 +227,15 @@ class FlowMatchingRuntime:
         check_rows(arrays[0], **dict(zip(self.embeds[1:], arrays[1:])))
         return None, arrays
 
-    def sample_chunk(self, denoise: Denoise, cfg, steps: int, latents: np.ndarray, embeds: list[np.ndarray],
+    def sample_chunk(self, denoise: Denoiser, cfg, steps: int, latents: np.ndarray, embeds: list[np.ndarray],
                      guidance: float, progress: Callable[[int], None] | None = None) -> np.ndarray:
         """Denoise one chunk of ``latents`` (B = the engine batch) through all steps (on the engine's
         device where it can run the whole loop: ``runtime.device_loop``)."""
         scheduler = self.make_scheduler(cfg, steps)
         feeds = lambda x, t: self.feeds(cfg, x, t, embeds, guidance)  # noqa: E731
-        if hasattr(denoise, "condition"):  # the engines take every step's conditioning ahead
-            x0 = torch.from_numpy(latents)
-            denoise.condition([feeds(x0, t) for t in scheduler.timesteps])
-        if device_loop.engine_of(denoise) is not None:
+        x0 = torch.from_numpy(latents)
+        denoise.condition([feeds(x0, t) for t in scheduler.timesteps])  # the engines take it ahead
+        if denoise.loop_engine is not None:
             out = device_loop.flow_chunk(denoise, scheduler, latents, feeds, progress)
             if out is not None:
                 return out
@@ -252,7 +251,7 @@ class FlowMatchingRuntime:
         for j, real, (x, *chunk) in padded_chunks(batch, x_all, *embeds):
             self.pad_chunk(chunk, real)
             chunk_keys = keys[j * batch : j * batch + real] + [PAD_KEY] * (batch - real)
-            out.append(self.sample_chunk(make_denoiser(chunk_keys), cfg, steps, x, chunk, guidance, progress)[:real])
+            out.append(self.sample_chunk(as_denoiser(make_denoiser(chunk_keys)), cfg, steps, x, chunk, guidance, progress)[:real])
         return np.concatenate(out, axis=0)
 
     def generate(self, pipe, config: ClusCaConfig, prompt: str | list[str] | None = None, *, seed: int = 0,

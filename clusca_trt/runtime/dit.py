@@ -15,13 +15,13 @@ import numpy as np
 
 from ..errors import InputError
 from . import device_loop
-from .driver import PAD_KEY, SAMPLER, SampleKey, initial_noise, sample_keys, stream
+from .driver import PAD_KEY, SAMPLER, Denoiser, SampleKey, as_denoiser, initial_noise, sample_keys, stream
 from .inputs import check_labels  # strict: a list of ints, no str / float / bool
 from .samplers import GaussianDiffusion
 
 log = logging.getLogger(__name__)
 
-Denoise = Callable[[int, dict], np.ndarray]
+Denoise = Callable[[int, dict], np.ndarray]  # a Denoiser, or a plain model call (the test oracle)
 
 
 
@@ -33,7 +33,7 @@ def apply_cfg(out: np.ndarray, batch: int, channels: int, scale: float) -> np.nd
 
 
 def sample_chunk(
-    denoise: Denoise,
+    denoise: Denoiser,
     diffusion: GaussianDiffusion,
     x: np.ndarray,
     labels: list[int],
@@ -48,8 +48,7 @@ def sample_chunk(
     y = np.array(list(labels) + [num_classes] * B, dtype=np.int64)
     ts = [np.full((2 * B,), diffusion.model_timestep(diffusion.steps - 1 - s), dtype=np.float32)
           for s in range(diffusion.steps)]
-    if hasattr(denoise, "condition"):  # the engines take every step's conditioning ahead
-        denoise.condition([{"t": t, "y": y} for t in ts])
+    denoise.condition([{"t": t, "y": y} for t in ts])  # the engines take every step's conditioning ahead
     noise = [stream(k, SAMPLER) for k in keys] if diffusion.sampler == "ddpm" else None
     for s in range(diffusion.steps):
         i = diffusion.steps - 1 - s
@@ -92,8 +91,8 @@ def sample(
         x = x_all[start : start + batch]
         if pad:
             x = np.concatenate([x, np.zeros((pad, *latent_shape), np.float32)])
-        denoise = make_denoiser(chunk_keys)
-        run = device_loop.dit_chunk if device_loop.engine_of(denoise) is not None else sample_chunk
+        denoise = as_denoiser(make_denoiser(chunk_keys))
+        run = device_loop.dit_chunk if denoise.loop_engine is not None else sample_chunk
         result = run(denoise, diffusion, x, chunk + [0] * pad, num_classes, cfg_scale, chunk_keys, progress)
         out.append(result[: len(chunk)])
     return np.concatenate(out, axis=0)

@@ -24,7 +24,7 @@ import numpy as np
 
 from ..config import ClusCaConfig, FreshPolicy
 from ..engines.base import StepEngine
-from ..errors import ConfigError
+from ..errors import ConfigError, NonFiniteOutputError
 from ..schedule import PlannedStep, StepKind
 from ..spec import COND_ROW, GRAPH_COND, GRAPH_FORECAST, GRAPH_FULL, GRAPH_PARTIAL, GRAPH_PLAIN, ExportSpec
 
@@ -104,8 +104,42 @@ class RandomPlan:
         return cls(dict(init), dict(fresh_keys))
 
 
-class ScheduledDenoiser:
-    """Callable ``(step, feeds) -> out`` that runs the planned step kind on the engine.
+class Denoiser:
+    """One sampling run's model: ``(step, feeds) -> out``, the model output of the graph batch.
+
+    The family runtimes sample over a ``Denoiser``: the engines' ``ScheduledDenoiser``, or a plain
+    model call (``ModelCall``, the test oracle). ``condition`` takes every step's conditioning
+    inputs before the first step (engines with a ``cond`` graph compute them ahead; a model call
+    needs nothing); ``loop_engine`` is the engine that can run a whole chunk's loop on its device,
+    or None (step by step)."""
+
+    loop_engine: StepEngine | None = None
+
+    def __call__(self, step: int, feeds: dict[str, np.ndarray]) -> np.ndarray:
+        raise NotImplementedError
+
+    def condition(self, step_feeds: list[dict[str, np.ndarray]]) -> None:
+        """Every step's conditioning inputs, ahead (default: not needed)."""
+
+
+class ModelCall(Denoiser):
+    """A plain function ``(step, feeds) -> out`` as a ``Denoiser``."""
+
+    def __init__(self, fn):
+        self.fn = fn
+
+    def __call__(self, step, feeds):
+        return self.fn(step, feeds)
+
+
+def as_denoiser(denoise) -> Denoiser:
+    """``denoise`` itself if it is a ``Denoiser``, else the plain function wrapped as one."""
+    return denoise if isinstance(denoise, Denoiser) else ModelCall(denoise)
+
+
+class ScheduledDenoiser(Denoiser):
+    """``(step, feeds) -> out``: runs the planned step kind on the engine; a non-finite ``out`` stops
+    the run at its step (``NonFiniteOutputError``: one ``np.isfinite`` over the small model output).
 
     ``keys``: one per sample of the engine batch (``PAD_KEY`` for padding); they fix every draw of
     the run. ``propagation`` overrides gamma for some token groups (FLUX text: 0, scatter only, as
@@ -187,11 +221,20 @@ class ScheduledDenoiser:
         self.timings[graph].append(time.perf_counter() - t0)
         return out
 
+    @property
+    def loop_engine(self) -> StepEngine | None:
+        return self.engine if self.engine.device_loop else None
+
     def __call__(self, step: int, model_feeds: dict[str, np.ndarray]) -> np.ndarray:
         out = None
         for graph, feeds in self.calls(step, model_feeds):
             result = self._run(graph, feeds)
             out = result if result is not None else out
+        if not np.isfinite(out).all():
+            raise NonFiniteOutputError(
+                f"the model output at step {step} is not finite: expected finite values, got NaN/inf; "
+                f"stopped before writing anything (check the weights, inputs and guidance scale)"
+            )
         return out
 
     def calls(self, step: int, model_feeds: dict[str, np.ndarray]) -> list[tuple[str, dict]]:

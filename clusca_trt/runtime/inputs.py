@@ -1,10 +1,9 @@
 """Run-time input checks, done before any sampling work: every number in range and finite, every
-label an integer, every embedding finite; and the check of what comes out (a non-finite model
-output stops the run with an error, so no NaN image is ever written).
+label an integer, every embedding finite; and the check of what comes out (the final latents and images; a non-finite
+model output already stops the run at its step: ``driver.ScheduledDenoiser``).
 
     check_generate_inputs(family, args, kwargs)   the family's keywords of ``Pipeline.generate``
     check_labels(labels, num_classes)            a list of class labels, strictly
-    FiniteOutputs(denoise)                       a denoiser that refuses a non-finite ``out``
     check_finite_output(name, array)             the final latents / images
 
 Every message is one line: "expected X, got Y".
@@ -138,23 +137,3 @@ def check_finite_output(name: str, a: np.ndarray | None) -> None:
             f"{name}: expected finite values, got {bad} NaN/inf of {a.size}; nothing was written "
             f"(a NaN/inf weight, input or a too large guidance scale)"
         )
-
-
-class FiniteOutputs:
-    """Wraps a denoiser ``(step, feeds) -> out``: a non-finite ``out`` stops the run at that step
-    (one ``np.isfinite`` over the small model output; ~1% of a step on the tiny test models)."""
-
-    def __init__(self, denoise):
-        self.denoise = denoise
-
-    def __call__(self, step: int, feeds: dict) -> np.ndarray:
-        out = self.denoise(step, feeds)
-        if not np.isfinite(out).all():
-            raise NonFiniteOutputError(
-                f"the model output at step {step} is not finite: expected finite values, got NaN/inf; "
-                f"stopped before writing anything (check the weights, inputs and guidance scale)"
-            )
-        return out
-
-    def __getattr__(self, name):
-        return getattr(self.denoise, name)

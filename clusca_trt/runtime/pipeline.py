@@ -24,14 +24,14 @@ from pathlib import Path
 import numpy as np
 
 from ..config import ClusCaConfig, Method
-from ..engines.base import StepEngine
+from ..engines.base import EngineInfo, StepEngine
 from ..engines.manifest import Manifest, read_build
 from ..engines.open import open_engine
 from ..errors import ConfigError, EngineMismatchError
 from ..schedule import PlannedStep, count_kinds, plan
 from ..spec import ExportSpec
 from .driver import SampleKey, ScheduledDenoiser
-from .inputs import FiniteOutputs, check_finite_output, check_generate_inputs
+from .inputs import check_finite_output, check_generate_inputs
 
 log = logging.getLogger(__name__)
 
@@ -42,12 +42,28 @@ FAMILY_RUNTIMES = {"dit": "clusca_trt.runtime.dit", "flux": "clusca_trt.runtime.
 
 @dataclass
 class GenerateResult:
+    """One ``generate`` call's result.
+
+    latents:  the sampled latents [n, ...] (float32), in the sampler's layout (DiT [n, C, H, W]).
+    labels:   DiT's class labels [n] (int64); None for prompt families.
+    config:   the ClusCa settings that ran (defaults resolved).
+    provider: ONNX Runtime's execution provider; None on the other backends (``engine`` says all).
+    backend:  the backend that ran (``engine.backend``).
+    seconds:  wall time of the sampling (not of loading or decoding).
+    engine:   which backend, provider, device, precision and hardware ran (``EngineInfo``).
+    images:   decoded images [n, H, W, C] (videos [n, F, H, W, C]) float32 in [0, 1], where a decoder exists.
+    timings:  seconds per graph call, by graph name (host wall time; empty on the device-loop path).
+    step_counts: steps of each kind (full, partial, forecast).
+    extra:    what the family adds (FLUX: the prompts, the step count).
+    """
+
     latents: np.ndarray
     labels: np.ndarray | None
     config: ClusCaConfig
-    provider: str
+    provider: str | None
     backend: str
     seconds: float
+    engine: EngineInfo | None = None
     images: np.ndarray | None = None  # [n, H, W, C] float32 in [0, 1], where a decoder exists
     timings: dict[str, list[float]] = field(default_factory=dict)
     step_counts: dict[str, int] = field(default_factory=dict)
@@ -109,7 +125,7 @@ class Pipeline:
                                          precision=precision)
 
         manifest, engine = read_build(Path(directory), open_checked, select)
-        log.info("engines from %s run on %s/%s", directory, engine.backend, engine.provider)
+        log.info("engines from %s run on %s", directory, engine.info)
         return cls(engine, manifest.model, _defaults(manifest.defaults), manifest, manifest.data.get("decoder"))
 
     @classmethod
@@ -197,12 +213,11 @@ class Pipeline:
         counts = {k.value: v for k, v in count_kinds(factory.planned).items()}
         config = factory.config
         log.info(
-            "%s: %d steps (%s) on %s/%s in %.3f s",
+            "%s: %d steps (%s) on %s in %.3f s",
             config.method.value,
             len(factory.planned),
             ", ".join(f"{v} {k}" for k, v in counts.items() if v),
-            self.engine.backend,
-            self.engine.provider,
+            self.engine.info,
             seconds,
         )
         images = decode(self.decoder, latents)
@@ -214,6 +229,7 @@ class Pipeline:
             provider=self.engine.provider,
             backend=self.engine.backend,
             seconds=seconds,
+            engine=self.engine.info,
             images=images,
             timings=factory.timings(),
             step_counts=counts,
@@ -245,11 +261,11 @@ class DenoiserFactory:
         self.propagation = propagation
         self.made: list[ScheduledDenoiser] = []
 
-    def __call__(self, keys: list[SampleKey]) -> FiniteOutputs:
+    def __call__(self, keys: list[SampleKey]) -> ScheduledDenoiser:
         d = ScheduledDenoiser(self.engine, self.planned, self.config, keys, self.propagation)
         d.reset()
         self.made.append(d)
-        return FiniteOutputs(d)  # a NaN/inf model output stops the run at its step
+        return d
 
     def timings(self) -> dict[str, list[float]]:
         out: dict[str, list[float]] = {}

@@ -74,8 +74,7 @@ class Engine:
                                         settings.fault_seed)
         self.batcher = Batcher(self.worker.run_async, self.worker.batch, settings.batch_wait_s)
         self.replica = serve.get_replica_context().replica_id.unique_id
-        log.info("replica %s: engines of %s on %s/%s", self.replica, settings.engine_dir,
-                 self.worker.pipe.engine.backend, self.worker.pipe.engine.provider)
+        log.info("replica %s: engines of %s on %s", self.replica, settings.engine_dir, self.worker.pipe.engine.info)
 
     async def generate(self, request: GenerateRequest) -> Reply:
         reply = await self.batcher.submit(request)

@@ -26,7 +26,7 @@ from click.testing import CliRunner
 
 from clusca_trt.cli import main
 from clusca_trt.config import ClusCaConfig
-from clusca_trt.engines.base import pingpong_state
+from clusca_trt.engines.base import EngineInfo, pingpong_state
 from clusca_trt.engines.cuda_graph import Action, CaptureConfig
 from clusca_trt.engines.manifest import Manifest, describe_files
 from clusca_trt.engines.tensorrt import (
@@ -513,7 +513,8 @@ def twin_engine(manifest, cuda_graphs=True, paths=None):
     device = NumpyDevice()
     spec = manifest.spec
     plans = {n: OrtPlan(n, p, spec, device) for n, p in (paths or manifest.graph_paths()).items()}
-    return TensorRTEngine(spec, plans, device, cuda_graphs=cuda_graphs, provider="numpy-twin")
+    return TensorRTEngine(spec, plans, device, cuda_graphs=cuda_graphs,
+                          info=EngineInfo("tensorrt", "cuda:0", "fp32", None, "numpy twin"))
 
 
 def _pipeline(engine, manifest):

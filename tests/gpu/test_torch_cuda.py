@@ -89,7 +89,7 @@ def test_the_device_index_is_honoured(engines_k4):
     with Pipeline.load(engines_k4.directory, backend="torch", device=f"cuda:{index}") as pipe:
         assert {b.device for b in pipe.engine._state.values()} == {torch.device("cuda", index)}
         assert {p.device for p in pipe.engine.adapter.parameters()} == {torch.device("cuda", index)}
-        assert pipe.engine.provider == f"torch-cuda:{index}"
+        assert pipe.engine.info.device == f"cuda:{index}" and pipe.engine.provider is None
         assert np.isfinite(pipe.generate([1, 7], seed=0, steps=4).latents).all()
 
 
