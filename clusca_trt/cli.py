@@ -157,6 +157,45 @@ def _progress(total: int, label: str):
     return click.progressbar(length=total, label=label, file=io.StringIO() if quiet else sys.stderr)
 
 
+def _family_options(fn):
+    """The inputs of the families' sampling that are CLI options (``clusca_trt.families``: one schema
+    for ``Pipeline.generate``, these options and the server's fields); each defaults to None here, so
+    that an option given for a family that does not take it is refused, and the family's default
+    fills the others."""
+    from .families import cli_fields
+    from .fields import COMMON
+
+    for f in reversed([*(c for c in COMMON if c.cli), *cli_fields().values()]):
+        default = "" if f.default is None else f" [default: {f.default}]"
+        kind = {"prompts": dict(multiple=True), "labels": {}, "choice": dict(type=click.Choice(f.choices)),
+                "int": dict(type=int), "number": dict(type=float)}[f.kind]
+        fn = click.option(*f.cli, f.name, default=None, help=f.help + (default if f.kind != "prompts" else ""),
+                          **kind)(fn)
+    return fn
+
+
+def _family_inputs(pipe, values: dict) -> dict:
+    """The family inputs of ``generate`` / ``bench`` from their CLI options: options of other families
+    refused, DiT's class labels 0..batch-1 by default, the rest left to the family's defaults."""
+    from .families import cli_fields
+
+    fam = pipe.family
+    own = {f.name for f in fam.fields}
+    given = {k: v for k, v in values.items() if v is not None and v != ()}
+    for name in given:
+        if name not in own:
+            flag = cli_fields()[name].cli[0]
+            raise InputError(f"expected {fam.primary.cli[0]} for a {fam.name} model, got {flag}")
+    primary = fam.primary
+    if primary.kind == "labels":
+        given[primary.name] = _labels(given.get(primary.name)) or list(range(pipe.spec.options.batch))
+    elif primary.name not in given:
+        raise InputError(f"expected {primary.cli[0]} for a {fam.name} model, got none")
+    else:
+        given[primary.name] = list(given[primary.name])
+    return given
+
+
 @main.command()
 @click.argument("engine_dir", type=click.Path(path_type=Path))
 @click.option("--method", type=click.Choice(METHODS), default="clusca", show_default=True)
@@ -166,15 +205,7 @@ def _progress(total: int, label: str):
 @click.option("--clusters", "-K", type=int, default=None, help="Must equal the built K (checked).")
 @click.option("--warmup", "-W", type=int, default=None, help="Leading full steps.")
 @click.option("--fresh", type=click.Choice(["random", "nearest"]), default=None, help="Fresh-token policy.")
-@click.option("--steps", "-S", type=int, default=None, help="Sampling steps [default: 50; FLUX-schnell 4].")
-@click.option("--sampler", type=click.Choice(["ddim", "ddpm"]), default="ddim", show_default=True)
-@click.option("--cfg-scale", default=1.5, show_default=True)
-@click.option("--seed", default=0, show_default=True)
-@click.option("--class-labels", default=None, help="Comma-separated class labels (default: 0..batch-1).")
-@click.option("--prompt", "-p", "prompts", multiple=True, help="FLUX: a prompt (repeat for several images).")
-@click.option("--guidance", type=float, default=None, help="FLUX-dev: distilled guidance scale [default: 3.5].")
-@click.option("--text-propagation", type=float, default=0.0, show_default=True,
-              help="FLUX: gamma of the text tokens (0: scatter only, as the reference).")
+@_family_options
 @click.option("--height", type=int, default=None, help="FLUX: choose the build of this height (several in ENGINE_DIR).")
 @click.option("--width", type=int, default=None, help="FLUX: choose the build of this width.")
 @click.option("--frames", type=int, default=None, help="HunyuanVideo: choose the build of this frame count.")
@@ -188,52 +219,27 @@ def _progress(total: int, label: str):
               help="Run full, clusca, fora and taylorseer on the same inputs and seed; write a .png grid with one "
                    "row per method and print each one's measured speed-up vs full.")
 @_errors
-def generate(engine_dir, method, interval, propagation, order, clusters, warmup, fresh, steps, sampler, cfg_scale,
-             seed, class_labels, provider, backend, device, precision, out_file, prompts, guidance, text_propagation,
-             height, width, frames, compare):
+def generate(engine_dir, method, interval, propagation, order, clusters, warmup, fresh, provider, backend, device,
+             precision, out_file, height, width, frames, compare, **family_values):
     """Sample with the engines in ENGINE_DIR and write latents (.npz), an image grid (.png) or videos (.mp4)."""
     from .runtime.output import SUFFIXES, check_output, write_result
     from .runtime.pipeline import Pipeline
 
     if out_file.suffix not in SUFFIXES:
         raise click.BadParameter(f"expected a .npz, .png or .mp4 (video) file, got {out_file.name}", param_hint="--out")
-    labels = _labels(class_labels)
+    _labels(family_values.get("class_labels"))  # its syntax, before anything is loaded
     select = {"height": height, "width": width, "frames": frames}
     with Pipeline.load(engine_dir, provider=provider, backend=backend, select=select, device=device,
                        precision=precision) as pipe:
         check_output(out_file, has_decoder=pipe.decoder is not None)  # before sampling, not after
-        family = pipe.model["family"]
-        if family == "hunyuan-video":
-            from .runtime.hunyuan_video import DEFAULT_GUIDANCE as HV_GUIDANCE, DEFAULT_STEPS as HV_STEPS
-
-            if class_labels is not None or not prompts:
-                got = "--class-labels" if class_labels else "none"
-                raise InputError(f"expected --prompt for a {family} model, got {got}")
-            steps = HV_STEPS if steps is None else steps
-            inputs = dict(prompt=list(prompts), steps=steps, text_propagation=text_propagation,
-                          guidance_scale=HV_GUIDANCE if guidance is None else guidance)
-            count = len(prompts)
-        elif family == "flux":
-            from .runtime.flux import DEFAULT_GUIDANCE, default_steps
-
-            if class_labels is not None or not prompts:
-                got = "--class-labels" if class_labels else "none"
-                raise InputError(f"expected --prompt for a flux model, got {got}")
-            steps = default_steps(pipe.model) if steps is None else steps
-            inputs = dict(prompt=list(prompts), steps=steps, text_propagation=text_propagation,
-                          guidance_scale=DEFAULT_GUIDANCE if guidance is None else guidance)
-            count = len(prompts)
-        else:
-            if prompts:
-                raise InputError(f"expected --class-labels for a {family} model, got --prompt")
-            labels = list(range(pipe.spec.options.batch)) if labels is None else labels
-            steps = 50 if steps is None else steps
-            inputs = dict(class_labels=labels, steps=steps, sampler=sampler, cfg_scale=cfg_scale)
-            count = len(labels)
+        inputs = _family_inputs(pipe, family_values)
+        steps = inputs.setdefault("steps", pipe.family.steps(pipe.model["sampling"]))
+        seed = inputs.pop("seed", 0)
         if compare:
             _compare(pipe, inputs, out_file, seed, dict(interval=interval, propagation=propagation, order=order,
                                                         warmup=warmup, fresh=fresh, clusters=clusters))
             return
+        count = len(inputs[pipe.family.primary.name])
         chunks = -(-count // pipe.spec.options.batch)
         with _progress(steps * chunks, "sampling") as bar:
             result = pipe.generate(

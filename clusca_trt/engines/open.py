@@ -3,17 +3,15 @@
     onnxruntime   the graph files through ONNX Runtime (the best provider that really loads)
     tensorrt      the plans built with ``clusca-trt build --backend tensorrt``, on ``device`` cuda:N
     torch         the model the engines were built from, run by PyTorch on ``device`` (cpu, cuda,
-                  cuda:N) in ``precision`` (fp32, bf16, fp16; CUDA graphs on a GPU); its weights
-                  are loaded by the entry point the build recorded in the manifest (``model.loader``,
-                  ``module:function``), so this package imports no model code
+                  cuda:N) in ``precision`` (fp32, bf16, fp16; CUDA graphs on a GPU): the caller
+                  passes its ``adapter`` (``Pipeline.load`` loads it by the build's family, from the
+                  family registry; nothing in a manifest names code), so ``engines`` import no model code
 
 ``device`` and ``precision`` are None where the backend's default is meant: ONNX Runtime picks its
 device by ``provider`` and runs the float32 graphs; TensorRT runs cuda:0 in the plans' precision.
 """
 
 from __future__ import annotations
-
-import importlib
 
 from ..errors import ConfigError, EngineError, EngineMismatchError
 from .base import StepEngine
@@ -29,8 +27,14 @@ def open_engine(
     threads: int | None = None,
     device: str | None = None,
     precision: str | None = None,
+    load_adapter=None,
 ) -> StepEngine:
-    """The engine of one build. The caller has verified the manifest's files (``Manifest.verify``)."""
+    """The engine of one build. The caller has verified the manifest's files (``Manifest.verify``).
+
+    ``provider``: ONNX Runtime's (auto: the best one that really loads); ``threads``: intra-op threads
+    (CPU backends); ``device`` / ``precision``: the torch backend's (TensorRT: the GPU; its plans'
+    precision is checked); ``load_adapter``: a function that loads the model the build was made from
+    (the torch backend only; called after the device and precision are checked)."""
     if backend == "onnxruntime":
         from .ort import TRT_CACHE_DIR, OrtEngine
 
@@ -45,7 +49,10 @@ def open_engine(
 
         device, precision = parse_device(device or "cpu"), precision or "fp32"
         check_precision(precision)  # both before the model is loaded
-        return TorchEngine(load_adapter(manifest), manifest.spec, device=device, precision=precision)
+        if load_adapter is None:
+            raise EngineError("the torch backend runs the model the engines were built from: expected its loader, "
+                              "got none (Pipeline.load loads it by the build's family)")
+        return TorchEngine(load_adapter(), manifest.spec, device=device, precision=precision)
     if backend == "tensorrt":
         from .tensorrt import load_engine
 
@@ -65,19 +72,3 @@ def cuda_index(device: str | None) -> int:
     if head != "cuda" or not index.isdigit():
         raise ConfigError(f"device must be cuda or cuda:N for TensorRT, got {device!r}")
     return int(index)
-
-
-def load_adapter(manifest: Manifest):
-    """The model adapter the engines of ``manifest`` were built from, by the recorded loader."""
-    loader = manifest.model.get("loader")
-    module, _, function = (loader or "").partition(":")
-    if not module or not function:
-        raise EngineError(
-            f"expected a model loader (module:function) in {manifest.directory}'s manifest, got {loader!r}; "
-            f"rebuild with clusca-trt build"
-        )
-    try:
-        load = getattr(importlib.import_module(module), function)
-    except (ImportError, AttributeError) as e:
-        raise EngineError(f"model loader {loader} of {manifest.directory} cannot be imported: {e}") from e
-    return load(manifest.model).adapter

@@ -19,10 +19,11 @@ from pathlib import PurePosixPath
 
 from ..config import ClusCaConfig
 from ..errors import ClusCaError, EngineError
+from ..families import FAMILIES
 from ..spec import BuildOptions, ExportSpec
 
 BUILDS = ".builds"  # the folder of immutable build folders inside an engine directory
-FAMILIES = ("dit", "flux", "hunyuan-video")
+_JSON_TYPES = {"int": int, "bool": bool, "list": list, "object": dict, "str": str}
 DECODERS = ("pixels", "vae", "video-vae")
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 
@@ -191,7 +192,6 @@ def _model(m) -> None:
         raise _Bad(f"expected model.family to be one of {', '.join(FAMILIES)}, got {family!r}")
     _get(m, "config", dict, "model")
     _get(m, "options", dict, "model", required=False)
-    _get(m, "loader", str, "model", required=False)
     src = _get(m, "source", dict, "model")
     kind = _get(src, "kind", str, "model.source")
     if kind == "random-init":
@@ -201,16 +201,14 @@ def _model(m) -> None:
         _get(src, "sha256", str, "model.source")
     _get(src, "pipeline", str, "model.source", required=False)
     info = _get(m, "sampling", dict, "model")
-    if family == "dit":
-        if _get(info, "num_classes", int, "model.sampling") < 1:
-            raise _Bad(f"expected model.sampling.num_classes >= 1, got {info['num_classes']}")
-        shape = _ints(_get(info, "latent_shape", list, "model.sampling"), "model.sampling.latent_shape")
-        if len(shape) != 3:
+    for key, kind in FAMILIES[family].sampling_facts:  # what the family's runtime reads
+        _get(info, key, _JSON_TYPES[kind], "model.sampling")
+    if "num_classes" in info and info["num_classes"] < 1:
+        raise _Bad(f"expected model.sampling.num_classes >= 1, got {info['num_classes']}")
+    if "latent_shape" in info:
+        shape = _ints(info["latent_shape"], "model.sampling.latent_shape")
+        if family == "dit" and len(shape) != 3:
             raise _Bad(f"expected model.sampling.latent_shape [C, H, W], got {shape}")
-    else:
-        for key, kind in (("text_length", int), ("text_dim", int), ("pooled_dim", int), ("guidance_embeds", bool),
-                          ("scheduler", dict)):
-            _get(info, key, kind, "model.sampling")
 
 
 def _decoder(d) -> None:

@@ -30,7 +30,7 @@ from ..errors import ConfigError, EngineError
 from .onnx_export import export_all
 from ..files import user_mode
 from ..hashing import value_sha256
-from ..models import LOADER, LoadedModel
+from ..models import LoadedModel
 from ..spec import BuildOptions, ExportSpec
 from ..engines.manifest import (FORMAT, LOCK, MANIFEST, Manifest, build_lock, describe_files, library_versions, now,
                                 read_manifest_json, replace_manifest)
@@ -172,7 +172,6 @@ def _build_locked(model, options, out, spec, key, versions, force, check) -> Bui
                 "config": model.model_config,
                 "options": model.options,
                 "source": model.source,
-                "loader": LOADER,
                 "sampling": model.adapter.sampling_info(),
             },
             "decoder": model.decoder,

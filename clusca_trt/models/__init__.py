@@ -1,30 +1,23 @@
-"""Model families and their named configs: ``load_model`` turns a name plus a checkpoint
-(or ``random_init``) into an adapter the exporter and the torch backend use.
+"""Model loading by name: ``load_model`` turns a name plus a checkpoint (or ``random_init``) into
+an adapter the exporter and the torch backend use.
 
-A family is a module with ``FAMILY``, ``model_names()`` and
-``load(name, checkpoint, random_init, seed, **options) -> LoadedModel``; it is registered in
-``_FAMILIES`` by import path and imported only when one of its names is used.
+The families are ``clusca_trt.families.FAMILIES``; each family's model module here has
+``model_names()`` (the ``--model`` names it serves) and ``load(name, checkpoint, random_init, seed,
+**options) -> LoadedModel``, and is imported only when one of its names is used.
 """
 
 from __future__ import annotations
 
-import importlib
 import logging
 from dataclasses import dataclass, field
 
 from ..config import MAX_SEED
 from ..errors import ConfigError, EngineMismatchError
+from ..families import FAMILIES, family
 
 log = logging.getLogger(__name__)
 
 DEFAULT_MODEL = "dit-digits"  # the built-in trained model (weights in clusca_trt/data)
-
-# family -> module; each module's model_names() says which --model names it serves
-_FAMILIES: dict[str, str] = {
-    "dit": "clusca_trt.models.dit",
-    "flux": "clusca_trt.models.flux",
-    "hunyuan-video": "clusca_trt.models.hunyuan_video",
-}
 
 
 @dataclass(frozen=True)
@@ -50,17 +43,16 @@ class LoadedModel:
     build_name: str | None = None
 
 
-def family_module(family: str):
-    if family not in _FAMILIES:
-        raise ConfigError(f"model family must be one of {', '.join(_FAMILIES)}, got {family!r}")
-    return importlib.import_module(_FAMILIES[family])
+def family_module(name: str):
+    """The model module of family ``name``."""
+    return family(name).model()
 
 
 def _name_index() -> dict[str, str]:
     index = {}
-    for family in _FAMILIES:
-        for name in family_module(family).model_names():
-            index[name] = family
+    for fam in FAMILIES.values():
+        for name in fam.model().model_names():
+            index[name] = fam.name
     return index
 
 
@@ -99,12 +91,12 @@ def load_model(
     return loaded
 
 
-# the entry point an engine directory's manifest names for loading its model again (the torch backend)
-LOADER = "clusca_trt.models:load_from_manifest"
-
-
 def load_from_manifest(model: dict) -> LoadedModel:
-    """The model a manifest's ``model`` entry was built from, checked against the recorded sha256."""
+    """The model a manifest's ``model`` entry was built from, by its name's family loader (the
+    manifest names no code), checked against the recorded sha256 (the torch backend's model)."""
+    if family_of(model["name"]) != model["family"]:
+        raise EngineMismatchError(f"expected model {model['name']!r} to be of family {model['family']!r}, "
+                                  f"got family {family_of(model['name'])!r}; rebuild")
     src = model["source"]
     options = model.get("options", {})
     if src["kind"] == "random-init":

@@ -16,7 +16,7 @@ import numpy as np
 from ..errors import InputError
 from . import device_loop
 from .driver import PAD_KEY, SAMPLER, Denoiser, SampleKey, as_denoiser, initial_noise, sample_keys, stream
-from .inputs import check_labels  # strict: a list of ints, no str / float / bool
+from ..fields import check_labels  # strict: a list of ints, no str / float / bool
 from .samplers import GaussianDiffusion
 
 log = logging.getLogger(__name__)

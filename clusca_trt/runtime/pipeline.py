@@ -1,12 +1,13 @@
 """The embedded runtime: ``Pipeline.load(DIR)`` and ``.generate(...)``.
 
-    pipe = Pipeline.load("engines/dit")               # best ONNX Runtime provider that really loads
-    out = pipe.generate(class_labels=[207, 360], seed=0)
-    out.latents, out.images, out.provider, out.timings
+    pipe = Pipeline.load("engines/dit")               # ONNX Runtime, the best provider that really loads
+    out = pipe.generate([207, 360], seed=0)           # DiT: class labels; FLUX: a prompt
+    out.latents, out.images, out.engine, out.timings
 
-The ClusCa settings (method, interval, propagation, order, warm-up, fresh policy) are the
-same for every model family; the family's runtime module (``runtime/<family>.py``) takes
-the rest (class labels or prompts, sampler, guidance) and drives the denoiser.
+The ClusCa settings (method, interval, propagation, order, warm-up, fresh policy) are the same for
+every model family; the family's inputs (``clusca_trt.families``: DiT's class labels, sampler and
+guidance; FLUX's prompts or embeddings and guidance, ...) are checked against its schema and its
+runtime module (``runtime/<family>.py``) samples.
 
 A ``Pipeline`` may be shared by threads: it serialises its calls with a lock around the engine
 (whose state, the module caches, is one per engine), so every call gets the result it gets
@@ -15,7 +16,6 @@ alone. For throughput, use one ``Pipeline`` per thread (or the engine batch).
 
 from __future__ import annotations
 
-import importlib
 import logging
 import threading
 from dataclasses import dataclass, field
@@ -27,17 +27,14 @@ from ..config import ClusCaConfig, Method
 from ..engines.base import EngineInfo, StepEngine
 from ..engines.manifest import Manifest, read_build
 from ..engines.open import open_engine
-from ..errors import ConfigError, EngineMismatchError
+from ..errors import EngineError, EngineMismatchError
+from ..families import Family, family
 from ..schedule import PlannedStep, count_kinds, plan
 from ..spec import ExportSpec
 from .driver import SampleKey, ScheduledDenoiser
-from .inputs import check_finite_output, check_generate_inputs
+from .inputs import check_finite_output
 
 log = logging.getLogger(__name__)
-
-# family -> module with ``generate(pipe, config, *args, **kwargs) -> GenerateResult``
-FAMILY_RUNTIMES = {"dit": "clusca_trt.runtime.dit", "flux": "clusca_trt.runtime.flux",
-                   "hunyuan-video": "clusca_trt.runtime.hunyuan_video"}
 
 
 @dataclass
@@ -75,7 +72,11 @@ class GenerateResult:
 
 
 class Pipeline:
-    """ClusCa sampling over a set of step engines (ONNX Runtime, torch; TensorRT later)."""
+    """ClusCa sampling over the step engines of one build (ONNX Runtime, torch, TensorRT, OpenVINO).
+
+    Make one with ``Pipeline.load(directory)`` (a build) or ``Pipeline.from_adapter(adapter, spec)``
+    (the PyTorch step modules, no export); sample with ``generate``; ``close()`` (or ``with``) frees
+    the engine, after which ``generate`` refuses to run."""
 
     def __init__(
         self,
@@ -91,11 +92,9 @@ class Pipeline:
         self.defaults = defaults
         self.manifest = manifest
         self.decoder = decoder
+        self.family: Family = family(model["family"])
         self._lock = threading.RLock()  # one run at a time on the engine's state (see the module docstring)
-        family = model["family"]
-        if family not in FAMILY_RUNTIMES:
-            raise ConfigError(f"model family must be one of {', '.join(FAMILY_RUNTIMES)}, got {family!r}")
-        self.family = importlib.import_module(FAMILY_RUNTIMES[family])
+        self._closed = False
 
     # -- construction ---------------------------------------------------------------------
     @classmethod
@@ -110,19 +109,32 @@ class Pipeline:
         device: str | None = None,
         precision: str | None = None,
     ) -> "Pipeline":
-        """Open an engine directory. ``verify`` checks every file's sha256 first; sizes, and each graph
-        file's inputs and outputs against the manifest's spec, are always checked. Every file comes
-        from the one build the manifest names (never a mix of two, even during a rebuild).
+        """Open the engine directory ``directory`` (what ``clusca-trt build`` wrote).
 
-        A directory with several builds (FLUX: one per resolution) opens the one whose build
-        options match ``select``, e.g. ``{"height": 768, "width": 1360}``. ``device`` (cpu, cuda,
-        cuda:N) and ``precision`` (fp32, bf16, fp16) choose where and how the torch backend runs
-        (TensorRT: the device; see ``engines.open``)."""
+        backend:   ``onnxruntime`` (default), ``torch`` (the PyTorch step modules of the model the
+                   build was made from, loaded by the build's family), ``tensorrt`` (the plans of
+                   ``build --backend tensorrt``); see ``engines.open``.
+        provider:  ONNX Runtime's execution provider: ``auto`` (the best one that really loads), ``cpu``,
+                   ``cuda``, ``tensorrt``.
+        verify:    check every file's sha256 first (sizes, and each graph's inputs and outputs against
+                   the manifest's spec, are always checked).
+        threads:   intra-op threads of a CPU backend (None: the backend's default).
+        select:    the build to open where the directory holds several (FLUX: one per resolution),
+                   e.g. ``{"height": 768, "width": 1360}``.
+        device:    ``cpu``, ``cuda`` or ``cuda:N`` (torch backend; TensorRT: its GPU).
+        precision: ``fp32``, ``bf16`` or ``fp16`` of the torch backend (TensorRT: checked against its plans).
+
+        Returns a ``Pipeline``; raises ``EngineError`` (a missing, corrupt or mismatched build),
+        ``ConfigError`` (an option out of range), ``BackendUnavailableError`` (a backend or device this
+        machine cannot run). Every file comes from the one build the manifest names (never a mix of
+        two, even during a rebuild)."""
 
         def open_checked(manifest: Manifest):
             manifest.check(hashes=verify)
-            return manifest, open_engine(manifest, backend, provider=provider, threads=threads, device=device,
-                                         precision=precision)
+            fam = family(manifest.model["family"])
+            engine = open_engine(manifest, backend, provider=provider, threads=threads, device=device,
+                                 precision=precision, load_adapter=lambda: fam.load_model(manifest.model).adapter)
+            return manifest, engine
 
         manifest, engine = read_build(Path(directory), open_checked, select)
         log.info("engines from %s run on %s", directory, engine.info)
@@ -179,16 +191,37 @@ class Pipeline:
         warmup: int | None = None,
         fresh: str | None = None,
         clusters: int | None = None,
-        **kwargs,
+        **inputs,
     ) -> GenerateResult:
-        """Sample. ClusCa settings here; the family's inputs (DiT: ``class_labels``, ``seed``,
-        ``steps``, ``sampler``, ``cfg_scale``) in ``args``/``kwargs``. Every input is checked and the
-        decoder loaded before sampling starts; calls from several threads run one at a time."""
-        check_generate_inputs(self.model["family"], args, kwargs)
+        """Sample with the engines, and decode where the build has a decoder.
+
+        ClusCa settings (None: the build's defaults, ``inspect`` shows them): ``method`` (clusca,
+        taylorseer, fora, full), ``interval`` N, ``propagation`` gamma, ``order`` O (<= built),
+        ``warmup`` W, ``fresh`` (random, nearest), ``clusters`` (must equal the built K).
+
+        The family's inputs, by keyword (the first may also be given positionally), as
+        ``clusca_trt.families`` declares them:
+
+        * every family: ``seed`` (0), ``steps`` (the family's: 50; FLUX-schnell 4), ``keys`` (one
+          ``(seed, index)`` per sample instead of ``(seed, 0), (seed, 1), ...``), ``progress``
+          (called with each finished step's index);
+        * DiT: ``class_labels`` (required: a list of ints), ``sampler`` (ddim, ddpm), ``cfg_scale`` (1.5);
+        * FLUX: ``prompt`` (a string or a list) or ``prompt_embeds`` [n, text_length, T5 dim] with
+          ``pooled_prompt_embeds`` [n, CLIP dim], ``guidance_scale`` (3.5), ``text_propagation`` (0.0),
+          ``encoders`` (the folder of the text encoders);
+        * HunyuanVideo: as FLUX, plus ``prompt_attention_mask`` [n, text_length] with the embeddings;
+          ``guidance_scale`` 6.0.
+
+        Every input is checked and the decoder loaded before sampling starts (a bad one raises a
+        one-line ``InputError`` / ``ConfigError``); calls from several threads run one at a time.
+        Returns a ``GenerateResult``."""
+        family_inputs = self.family.resolve(args, inputs, self.model.get("sampling") or {})
         config = self.resolve_config(method, interval, propagation, order, warmup, fresh, clusters)
         with self._lock:
+            if self._closed:
+                raise EngineError("this Pipeline is closed: expected an open one, got a closed one; load it again")
             self.prepare_decoder()  # under the lock: threads' first calls load the decoder once
-            return self.family.generate(self, config, *args, **kwargs)
+            return self.family.generate(self, config, family_inputs)
 
     def prepare_decoder(self) -> None:
         """Load the decoder (VAE) now, so that a missing or broken one fails before sampling."""
@@ -237,8 +270,11 @@ class Pipeline:
         )
 
     def close(self) -> None:
+        """Free the engine; ``generate`` refuses to run afterwards. Closing twice is harmless."""
         with self._lock:
-            self.engine.close()
+            if not self._closed:
+                self._closed = True
+                self.engine.close()
 
     def __enter__(self):
         return self

@@ -23,7 +23,7 @@ import numpy as np
 from ..config import MAX_SEED, ClusCaConfig, FreshPolicy, Method, is_int
 from ..engines.manifest import Manifest
 from ..errors import ConfigError, InputError
-from ..runtime.dit import check_labels
+from ..fields import check_labels
 from ..runtime.driver import SampleKey, sample_keys
 from ..runtime.samplers import SAMPLERS, GaussianDiffusion
 

@@ -174,7 +174,7 @@ def test_prompts_end_to_end(pipes, theirs, flux_folder):
         ({"prompt_embeds": np.zeros((2, 16, 32)), "pooled_prompt_embeds": np.zeros((1, 16))}, InputError,
          "pooled_prompt_embeds: expected 2 rows like prompt_embeds, got 1"),
         ({"prompt": "a cat", "text_propagation": 1.5}, ConfigError,
-         "propagation (gamma) of txt tokens must be in [0, 1], got 1.5"),
+         "text_propagation must be a finite number in [0.0, 1.0], got 1.5"),
         ({"prompt": "a cat", "steps": 0}, ConfigError, "steps must be an integer in 1..10000, got 0"),
     ],
 )
