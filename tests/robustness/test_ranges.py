@@ -123,7 +123,7 @@ def test_model_names_and_shapes_are_checked_before_any_export(tmp_path, monkeypa
         ("12", "expected class labels as a list of integers, got str '12'"),
         (b"12", "expected class labels as a list of integers"),
         (7, "expected class labels as a list of integers, got int 7"),
-        (None, "expected class_labels (a list of integers), got none"),
+        (None, "expected class_labels for a dit model, got none"),
         ([1.7, 2.2], "expected integer class labels, got 1.7 (float)"),
         ([1, 2.0], "expected integer class labels, got 2.0 (float)"),
         ([True, False], "expected integer class labels, got True (bool)"),
