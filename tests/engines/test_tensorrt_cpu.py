@@ -612,6 +612,7 @@ def test_one_host_synchronisation_per_step(engines_k4):
     pipe.generate([1, 7], method="clusca", **RUN)
     assert engine.graphs.stats[Action.CAPTURE] == captured
     assert engine.device.host_syncs - before == RUN["steps"]  # the download of ``out``, nothing else
+    assert engine.host_syncs == engine.device.host_syncs  # what the engine reports is the device's count
 
 
 def test_only_state_a_graph_reads_and_writes_has_a_spare_buffer(engines_k4):
