@@ -103,7 +103,7 @@ def build(model_name, checkpoint, random_init, seed, clusters, order, batch, kme
 
     trt_options = None
     if backend == "tensorrt":
-        from .engines.tensorrt import TrtBuildOptions, require_tensorrt
+        from .exporters.trt_build import TrtBuildOptions, require_tensorrt
 
         require_tensorrt()  # before any export work: a one-line error saying how to install it
         trt_options = TrtBuildOptions(precision=precision or "fp16", optimization_level=opt_level,
@@ -136,7 +136,7 @@ def build(model_name, checkpoint, random_init, seed, clusters, order, batch, kme
     click.echo(f"{result.manifest.directory}: {state} ({loaded.name}, K={clusters}, O={order}, batch={batch}, graphs: "
                f"{', '.join(result.manifest.data['graphs'])})")
     if trt_options is not None:
-        from .engines.tensorrt import build_plans
+        from .exporters.trt_build import build_plans
 
         plans = build_plans(result.manifest, trt_options, device=device, force=force)
         click.echo(f"{plans.directory}: TensorRT {plans.data['tensorrt']['platform']['tensorrt']} plans "

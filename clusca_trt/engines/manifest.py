@@ -6,7 +6,7 @@
                                ``build_dir``: the build folder below
     DIR/.builds/<id>/          one build's graph files (<graph>.onnx, <graph>.onnx.data); written
                                once, never changed (immutable), removed two builds later
-    DIR/<graph>.<key>.plan     TensorRT plans, where built (``engines.tensorrt``), named in the manifest
+    DIR/<graph>.<key>.plan     TensorRT plans, where built (``exporters.trt_build``), named in the manifest
     DIR/.lock                  the build lock (``build_lock``)
 
 A build writes a new build folder, then replaces ``manifest.json`` by one atomic rename: that

@@ -1,4 +1,5 @@
-"""The torch backend: the step graphs run by PyTorch, the same modules the exporter traces.
+"""engines/torch_backend.py: a model adapter + its ExportSpec -> a StepEngine that runs the step
+graphs as PyTorch modules (the same modules the exporter traces).
 
     TorchEngine(adapter, spec, device="cpu" | "cuda" | "cuda:N", precision="fp32" | "bf16" | "fp16")
 
@@ -16,7 +17,9 @@ engines) and a GPU backend:
   the Taylor coefficients and the forecast sums are computed in fp32 from the stored factors;
 * one static device buffer per host input of every graph: a feed is copied into it (on CUDA from
   a pinned host buffer, asynchronously on the engine's stream), and ``out`` comes back through a
-  pinned buffer: that download is a step's one host synchronisation (``host_syncs`` counts them);
+  pinned buffer: that download is a step's one host synchronisation (``host_syncs`` counts them).
+  Stream, staging, downloads and graph capture are ``cuda.TorchDevice``'s, shared with the
+  TensorRT engine;
 * on CUDA every graph is captured once as a CUDA graph (``torch.cuda.CUDAGraph``): its first call
   runs eagerly on the engine's stream (warm-up: cuBLAS handles and workspaces, autotuning), the
   second is captured on that stream and replayed from then on, reading and writing only the static
@@ -41,36 +44,17 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-from ..errors import BackendUnavailableError, ConfigError, InputError
+from ..errors import ConfigError, InputError
 from ..spec import OUT, WEIGHTED_GRAPHS, ExportSpec
 from ..steps import graph_module
-from .base import NP_DTYPES, EngineInfo, StepEngine, cpu_name
+from .base import NP_DTYPES, EngineInfo, StepEngine
+from .cuda import DTYPES, TorchDevice, parse_device
 from .cuda_graph import Action, CaptureConfig, GraphCache, GraphKey
 
 log = logging.getLogger(__name__)
 
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 MODEL_GRAPHS = WEIGHTED_GRAPHS  # run in the precision; the others in fp32
-_SPEC_DTYPES = {"float32": torch.float32, "int64": torch.int64}
-
-
-def parse_device(device: str | torch.device) -> torch.device:
-    """``cpu``, ``cuda`` or ``cuda:N`` -> a torch device that exists here (``cuda`` is ``cuda:0``)."""
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError) as e:
-        raise ConfigError(f"device must be cpu, cuda or cuda:N, got {device!r}") from e
-    if dev.type == "cpu":
-        return torch.device("cpu")
-    if dev.type != "cuda":
-        raise ConfigError(f"device must be cpu, cuda or cuda:N, got {device!r}")
-    if not torch.cuda.is_available():
-        build = "a CPU-only build of torch" if torch.version.cuda is None else "no visible CUDA device"
-        raise BackendUnavailableError(f"device {device} needs a CUDA GPU, got {build} (torch {torch.__version__})")
-    index = 0 if dev.index is None else dev.index
-    if index >= torch.cuda.device_count():
-        raise BackendUnavailableError(f"expected a CUDA device index below {torch.cuda.device_count()}, got {index}")
-    return torch.device("cuda", index)
 
 
 def check_precision(precision: str) -> torch.dtype:
@@ -99,27 +83,35 @@ class TorchEngine(StepEngine):
         precision: str = "fp32",
         cuda_graphs: CaptureConfig | bool = True,
     ):
-        self.device = parse_device(device)
+        self.device = TorchDevice(parse_device(device))  # first: ``host_syncs`` is the device's count
         self.dtype = check_precision(precision)
-        on_cuda = self.device.type == "cuda"
-        hardware = torch.cuda.get_device_name(self.device) if on_cuda else cpu_name()
-        super().__init__(spec, EngineInfo(self.backend, str(self.device), precision, None, hardware))
+        on_cuda = self.device.on_cuda
+        where = self.device.torch_device
+        super().__init__(spec, EngineInfo(self.backend, str(where), precision, None, self.device.hardware()))
         if isinstance(cuda_graphs, bool):
             cuda_graphs = CaptureConfig(enabled=cuda_graphs)
         # every graph is captured (a key per graph; warm-up 1: the first call runs eagerly)
         self.graphs = GraphCache(CaptureConfig(enabled=cuda_graphs.enabled and on_cuda, warmup=max(cuda_graphs.warmup, 1),
                                                capture=frozenset(spec.graphs), max_graphs=max(len(spec.graphs), 1)))
         self.device_loop = True  # the runtime may run a whole chunk's loop here (``run_loop``); False: step by step
-        self.stream = torch.cuda.Stream(self.device) if on_cuda else None
-        with self._on_device():
-            adapter = adapter.to(self.device)
+        with self.device.activate():
+            adapter = adapter.to(where)
             if self.dtype != torch.float32:
                 cast_parameters(adapter, self.dtype)
             self.adapter = adapter
             self.modules = {n: graph_module(adapter, spec, n) for n in spec.graphs}
             self._alloc()
-        log.info("torch engine on %s (%s, CUDA graphs %s, state %.1f MiB)", self.device, precision,
+        log.info("torch engine on %s (%s, CUDA graphs %s, state %.1f MiB)", where, precision,
                  "on" if self.graphs.config.enabled else "off", self.state_bytes() / 2**20)
+
+    @property
+    def host_syncs(self) -> int:
+        """The host's waits for the device: the device counts them (downloads, captures)."""
+        return self.device.host_syncs
+
+    @host_syncs.setter
+    def host_syncs(self, value: int) -> None:
+        self.device.host_syncs = value
 
     # -- buffers ------------------------------------------------------------------------------
     def state_dtype(self, name: str) -> torch.dtype:
@@ -127,31 +119,20 @@ class TorchEngine(StepEngine):
         t = self.state_specs[name]
         if t.dtype == "float32" and name in self._caches:
             return self.dtype
-        return _SPEC_DTYPES[t.dtype]
+        return DTYPES[t.dtype]
 
     def _alloc(self) -> None:
-        """Every static buffer, once: state, host inputs (with pinned twins on CUDA), ``out``."""
+        """Every static buffer, once: state, host inputs (staged: with pinned twins on CUDA), ``out``."""
         self._caches = {t.name for t in self.spec.cache_tensors()}
         dev = self.device
-        pinned = dev.type == "cuda"
         with torch.inference_mode():
-            self._state = {n: torch.zeros(t.shape, dtype=self.state_dtype(n), device=dev)
-                           for n, t in self.state_specs.items()}
-            self._inputs: dict[tuple[str, str], torch.Tensor] = {}
-            self._host: dict[tuple[str, str], torch.Tensor] = {}
-            self._copied: dict[tuple[str, str], torch.cuda.Event] = {}
-            self._out: dict[str, torch.Tensor] = {}
-            self._out_host: dict[str, torch.Tensor] = {}
-            for name, g in self.spec.graphs.items():
-                for t in self.host_inputs(name):
-                    self._inputs[name, t.name] = torch.zeros(t.shape, dtype=_SPEC_DTYPES[t.dtype], device=dev)
-                    if pinned:
-                        self._host[name, t.name] = torch.zeros(t.shape, dtype=_SPEC_DTYPES[t.dtype], pin_memory=True)
-                for t in g.outputs:
-                    if t.name == OUT:
-                        self._out[name] = torch.zeros(t.shape, dtype=torch.float32, device=dev)
-                        if pinned:
-                            self._out_host[name] = torch.zeros(t.shape, dtype=torch.float32, pin_memory=True)
+            self._state = {n: dev.alloc(t.shape, self.state_dtype(n)) for n, t in self.state_specs.items()}
+            self._staged = {(name, t.name): dev.alloc(t.shape, t.dtype, staged=True)
+                            for name in self.spec.graphs for t in self.host_inputs(name)}
+            self._inputs: dict[tuple[str, str], torch.Tensor] = {k: b.device for k, b in self._staged.items()}
+            self._out: dict[str, torch.Tensor] = {name: dev.alloc(t.shape, torch.float32)
+                                                  for name, g in self.spec.graphs.items()
+                                                  for t in g.outputs if t.name == OUT}
         self._keys = {name: self._key(name) for name in self.spec.graphs}
         self.graphs.invalidate()
 
@@ -174,9 +155,9 @@ class TorchEngine(StepEngine):
     def memory(self) -> dict:
         """Bytes on the device: weights, state, and on CUDA the allocator's peak since the last reset."""
         out = {"weights": self.weight_bytes(), "state": self.state_bytes()}
-        if self.device.type == "cuda":
-            out["peak_allocated"] = int(torch.cuda.max_memory_allocated(self.device))
-            out["reserved"] = int(torch.cuda.memory_reserved(self.device))
+        if self.device.on_cuda:
+            out["peak_allocated"] = int(torch.cuda.max_memory_allocated(self.device.torch_device))
+            out["reserved"] = int(torch.cuda.memory_reserved(self.device.torch_device))
         return out
 
     def graph_flops(self) -> dict[str, int]:
@@ -186,81 +167,45 @@ class TorchEngine(StepEngine):
         from torch.utils.flop_counter import FlopCounterMode
 
         out = {}
-        with self._on_device(), torch.inference_mode():
+        with self.device.activate(), torch.inference_mode():
             for name, module in self.modules.items():
                 low = name in MODEL_GRAPHS and self.dtype != torch.float32
                 with FlopCounterMode(display=False) as counter, torch.autocast(
-                        self.device.type, dtype=self.dtype, enabled=low, cache_enabled=False):
+                        self.device.torch_device.type, dtype=self.dtype, enabled=low, cache_enabled=False):
                     module(*self._bound(name))
                 out[name] = int(counter.get_total_flops())
         return out
 
     # -- running ------------------------------------------------------------------------------
-    def _on_device(self):
-        if self.device.type != "cuda":
-            return contextlib.nullcontext()
-        stack = contextlib.ExitStack()
-        stack.enter_context(torch.cuda.device(self.device))
-        stack.enter_context(torch.cuda.stream(self.stream))
-        return stack
-
     def reset(self) -> None:
-        with self._on_device(), torch.inference_mode():
+        with self.device.activate(), torch.inference_mode():
             for buf in self._state.values():
-                buf.zero_()
+                self.device.zero(buf)
 
     def run(self, graph: str, feeds: dict[str, np.ndarray]) -> np.ndarray | None:
         g = self.spec.graphs[graph]
         self.check_feeds(g, feeds)
-        with self._on_device(), torch.inference_mode():
+        with self.device.activate(), torch.inference_mode():
             for t in self.host_inputs(graph):
-                self._upload(graph, t.name, feeds[t.name])
+                self.device.upload(self._staged[graph, t.name], feeds[t.name])  # asynchronous on CUDA
             self._launch(graph)
-            return self._download(graph) if graph in self._out else None
-
-    def _upload(self, graph: str, name: str, array: np.ndarray) -> None:
-        key = (graph, name)
-        if self.device.type != "cuda":
-            self._inputs[key].copy_(torch.from_numpy(np.ascontiguousarray(array)))
-            return
-        copied = self._copied.get(key)
-        if copied is not None and not copied.query():  # the last copy still reads the pinned buffer
-            self.host_syncs += 1
-            copied.synchronize()
-        self._host[key].numpy()[...] = array
-        self._inputs[key].copy_(self._host[key], non_blocking=True)
-        if copied is None:
-            copied = self._copied[key] = torch.cuda.Event()
-        copied.record(self.stream)
-
-    def _download(self, graph: str) -> np.ndarray:
-        """``out`` to the host: the one host synchronisation of a step."""
-        self.host_syncs += 1
-        if self.device.type != "cuda":
-            return self._out[graph].numpy().copy()
-        host = self._out_host[graph]
-        host.copy_(self._out[graph], non_blocking=True)
-        self.stream.synchronize()
-        return host.numpy().copy()
+            return self.device.download(self._out[graph]) if graph in self._out else None  # the step's one sync
 
     def _launch(self, graph: str) -> None:
         key = self._keys[graph]
         action = self.graphs.plan(key)
         if action is Action.REPLAY:
-            self.graphs.graph(key).replay()
+            self.device.replay(self.graphs.graph(key))
         elif action is Action.CAPTURE:
-            cuda_graph = torch.cuda.CUDAGraph()
             try:
-                self.host_syncs += 1  # torch.cuda.graph synchronizes the device before it captures
-                with torch.cuda.graph(cuda_graph, stream=self.stream, capture_error_mode="thread_local"):
-                    self._compute(graph)
+                cuda_graph = self.device.capture(lambda _stream: self._compute(graph))
             except Exception as e:  # something in the step cannot be captured: run eagerly from now on
                 log.warning("CUDA-graph capture of the %s graph failed (%s); the torch engine runs without CUDA graphs",
                             graph, f"{type(e).__name__}: {e}".splitlines()[0])
                 self.graphs.disable()
                 self._compute(graph)
                 return
-            cuda_graph.replay()
+            self.device.replay(cuda_graph)
             self.graphs.done(key, action, cuda_graph)
             return
         else:
@@ -271,7 +216,7 @@ class TorchEngine(StepEngine):
         """One graph on the static buffers: read them, compute, write ``out`` and the state back."""
         args = self._bound(graph)
         low = graph in MODEL_GRAPHS and self.dtype != torch.float32
-        with torch.autocast(self.device.type, dtype=self.dtype, enabled=low, cache_enabled=False):
+        with torch.autocast(self.device.torch_device.type, dtype=self.dtype, enabled=low, cache_enabled=False):
             values = self.modules[graph](*args)
         reads = {a.untyped_storage().data_ptr() for a in args}
         for t, value in zip(self.spec.graphs[graph].outputs, values):
@@ -299,7 +244,7 @@ class TorchEngine(StepEngine):
         the others are stacked and copied in on the device, step by step). ``dynamic(x)`` gives the
         latents-dependent model inputs (DiT: ``x`` twice for guidance), ``update(s, x, out)`` the next
         latents from the graph output (guidance and the sampler, in torch on the device)."""
-        with self._on_device(), torch.inference_mode():
+        with self.device.activate(), torch.inference_mode():
             x = self.to_device(np.ascontiguousarray(x0, dtype=np.float32))
             names = set(dynamic(x))
             constant, stacked = self._stage(steps, names)
@@ -325,7 +270,7 @@ class TorchEngine(StepEngine):
                 x = update(s, x, out)
                 if progress:
                     progress(s)
-            return self._fetch(x)
+            return self.device.download(x.float())  # the loop's one host synchronisation
 
     def _stage(self, steps, dynamic: set[str]):
         """Every host feed of the loop on the device: (feeds that never change, by (graph, input);
@@ -356,29 +301,17 @@ class TorchEngine(StepEngine):
 
     def to_device(self, array: np.ndarray) -> torch.Tensor:
         """A host array on the device, without a host synchronisation (pinned memory, asynchronous copy)."""
-        if self.device.type != "cuda":
-            return torch.from_numpy(array.copy())
-        return torch.from_numpy(array).pin_memory().to(self.device, non_blocking=True)
-
-    def _fetch(self, x: torch.Tensor) -> np.ndarray:
-        """The loop's result to the host: its one host synchronisation."""
-        self.host_syncs += 1
-        if self.device.type != "cuda":
-            return x.float().numpy().copy()
-        host = torch.empty(x.shape, dtype=torch.float32, pin_memory=True)
-        host.copy_(x, non_blocking=True)
-        self.stream.synchronize()
-        return host.numpy().copy()
+        return self.device.to_device(array)
 
     def read_state(self, name: str) -> np.ndarray:
-        with self._on_device():
+        with self.device.activate():
             buf = self._state[name]
-            if self.stream is not None:
-                self.stream.synchronize()
+            if self.device.stream is not None:
+                self.device.stream.synchronize()
             return (buf.float() if buf.is_floating_point() else buf).cpu().numpy()
 
     def close(self) -> None:
-        if self.stream is not None:
+        if self.device.stream is not None:
             with contextlib.suppress(Exception):
-                self.stream.synchronize()
+                self.device.stream.synchronize()
         self.graphs.invalidate()

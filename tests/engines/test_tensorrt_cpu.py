@@ -29,23 +29,20 @@ from clusca_trt.config import ClusCaConfig
 from clusca_trt.engines.base import EngineInfo, pingpong_state
 from clusca_trt.engines.cuda_graph import Action, CaptureConfig
 from clusca_trt.engines.manifest import Manifest, describe_files
-from clusca_trt.engines.tensorrt import (
+from clusca_trt.engines.tensorrt import TensorRTEngine
+from clusca_trt.engines.trt_plan import (
     TensorIO,
-    TensorRTEngine,
     TrtBuildOptions,
     TrtPlatform,
-    _lowered_file,
-    build_plans,
     check_plan_io,
     check_platform,
-    default_timing_cache,
-    half_state,
-    lower_precision,
     plan_key,
     require_tensorrt,
     rewrite_code_sha256,
 )
 from clusca_trt.errors import BackendUnavailableError, ConfigError, EngineError, EngineMismatchError
+from clusca_trt.exporters.precision import _lowered_file, half_state, lower_precision
+from clusca_trt.exporters.trt_build import build_plans, default_timing_cache
 from clusca_trt.runtime.pipeline import Pipeline
 from clusca_trt.spec import OUT
 
@@ -89,7 +86,8 @@ def test_cli_refuses_tensorrt_options_for_onnxruntime(tmp_path):
 def test_import_and_help_do_not_load_tensorrt_or_cuda():
     code = (
         "import sys; sys.modules['tensorrt'] = None\n"
-        "import clusca_trt, clusca_trt.engines.tensorrt, clusca_trt.engines.trt_compat, clusca_trt.engines.cuda_graph\n"
+        "import clusca_trt, clusca_trt.engines.tensorrt, clusca_trt.engines.trt_plan, clusca_trt.engines.trt_compat\n"
+        "import clusca_trt.engines.cuda, clusca_trt.engines.cuda_graph, clusca_trt.exporters.trt_build\n"
         "from click.testing import CliRunner\n"
         "from clusca_trt.cli import main\n"
         "r = CliRunner().invoke(main, ['build', '--help'])\n"
@@ -161,7 +159,7 @@ def test_plan_key_ignores_the_timing_cache_but_not_the_gpu_name():
 
 
 def test_plan_key_of_low_precision_plans_follows_the_rewriting_code(monkeypatch):
-    import clusca_trt.engines.tensorrt as trt_mod
+    import clusca_trt.engines.trt_plan as trt_mod
 
     keys = {p: plan_key(ONNX, TrtBuildOptions(precision=p), H100) for p in ("fp32", "bf16")}
     monkeypatch.setattr(trt_mod, "rewrite_code_sha256", lambda: "0" * 64)  # another version of lower_precision
@@ -369,7 +367,7 @@ def test_lowering_a_large_graph_streams_its_weights(tmp_path):
         "import resource, sys\n"
         "from pathlib import Path\n"
         "import numpy, onnx, ml_dtypes\n"
-        "from clusca_trt.engines.tensorrt import _lowered_file\n"
+        "from clusca_trt.exporters.precision import _lowered_file\n"
         "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
         "_lowered_file(Path(sys.argv[1]), 'fp16', Path(sys.argv[2]))\n"
         "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before)\n"
@@ -614,6 +612,7 @@ def test_one_host_synchronisation_per_step(engines_k4):
     pipe.generate([1, 7], method="clusca", **RUN)
     assert engine.graphs.stats[Action.CAPTURE] == captured
     assert engine.device.host_syncs - before == RUN["steps"]  # the download of ``out``, nothing else
+    assert engine.host_syncs == engine.device.host_syncs  # what the engine reports is the device's count
 
 
 def test_only_state_a_graph_reads_and_writes_has_a_spare_buffer(engines_k4):
@@ -703,7 +702,7 @@ class FakeBuilder:
 
 @pytest.fixture
 def fake_trt(monkeypatch, engines_k4, tmp_path):
-    import clusca_trt.engines.tensorrt as trt_mod
+    import clusca_trt.exporters.trt_build as trt_mod
 
     builder = FakeBuilder(engines_k4.spec)
     monkeypatch.setattr(trt_mod, "require_tensorrt", lambda: type(sys)("tensorrt"))

@@ -238,7 +238,7 @@ def test_cli_build_checks_every_graph_fatal_for_tensorrt_warning_for_onnxruntime
 
     from click.testing import CliRunner
 
-    import clusca_trt.engines.tensorrt as trt_mod
+    import clusca_trt.exporters.trt_build as trt_mod
     from clusca_trt.cli import main
 
     def export_with_an_unsupported_op(adapter, spec, out_dir):

@@ -23,7 +23,7 @@ from clusca_trt.runtime.pipeline import Pipeline
 
 
 def _missing() -> str | None:
-    from clusca_trt.engines.tensorrt import require_tensorrt
+    from clusca_trt.engines.trt_plan import require_tensorrt
 
     try:
         require_tensorrt()
@@ -52,7 +52,7 @@ def _copy(manifest: Manifest, dst) -> Manifest:
 
 @pytest.fixture(scope="module", params=["fp32", "fp16", "bf16"])
 def trt_dir(request, engines_k4, tmp_path_factory):
-    from clusca_trt.engines.tensorrt import TrtBuildOptions, build_plans
+    from clusca_trt.exporters.trt_build import TrtBuildOptions, build_plans
 
     manifest = _copy(engines_k4, tmp_path_factory.mktemp("trt") / request.param)
     timing = tmp_path_factory.getbasetemp() / "timing.cache"  # shared: reused across the three builds
@@ -87,7 +87,8 @@ def test_tensorrt_matches_onnx_runtime_cpu(trt_dir, method):
 
 @needs_trt
 def test_plans_are_reused_and_refused_on_another_platform(trt_dir, tmp_path):
-    from clusca_trt.engines.tensorrt import TrtBuildOptions, build_plans, load_engine
+    from clusca_trt.engines.tensorrt import load_engine
+    from clusca_trt.exporters.trt_build import TrtBuildOptions, build_plans
 
     precision, manifest = trt_dir
     plans = sorted(manifest.directory.glob("*.plan"))
@@ -133,7 +134,7 @@ def dit_s2_plans(tmp_path_factory):
     """DiT-S/2 at 256 px (256 tokens, 12 blocks; random weights), fp16 plans: big enough that a
     step's cost is its kernels, not its launches."""
     from clusca_trt.exporters.build import build_engines
-    from clusca_trt.engines.tensorrt import TrtBuildOptions, build_plans
+    from clusca_trt.exporters.trt_build import TrtBuildOptions, build_plans
     from clusca_trt.models import load_model
     from clusca_trt.spec import BuildOptions
 
