@@ -102,6 +102,9 @@ class StepEngine(abc.ABC):
     #: True where ``run_loop`` runs a whole chunk on the engine's device; a backend that has the
     #: loop may turn it off per engine (the runtime then runs step by step, as on every other backend)
     device_loop: bool = False
+    #: the host's waits for the device (a download of ``out`` is one); a backend whose device object
+    #: counts them reads that count instead
+    host_syncs: int = 0
 
     def __init__(self, spec: ExportSpec, info: EngineInfo):
         if info.backend != self.backend:
@@ -110,7 +113,6 @@ class StepEngine(abc.ABC):
         self.info = info
         self.state_specs = spec.state_tensors()
         self.pingpong = pingpong_state(spec)
-        self.host_syncs = 0
 
     @property
     def provider(self) -> str | None:

@@ -94,7 +94,7 @@ class TensorRTEngine(StepEngine):
         cuda_graphs: CaptureConfig | bool = True,
         info: EngineInfo | None = None,
     ):
-        self.device = device  # first: ``host_syncs`` is the device's count
+        self.device = device  # its ``host_syncs`` are the engine's
         super().__init__(spec, info or EngineInfo(self.backend, "cuda:0", "fp32"))
         self.plans = plans
         if isinstance(cuda_graphs, bool):
@@ -127,10 +127,6 @@ class TensorRTEngine(StepEngine):
     def host_syncs(self) -> int:
         """The host's waits for the device: the device counts them (downloads, captures, waiting uploads)."""
         return self.device.host_syncs
-
-    @host_syncs.setter
-    def host_syncs(self, value: int) -> None:
-        self.device.host_syncs = value
 
     def _dtype(self, key: str, spec_dtype: str) -> str:
         return self._dtypes.get(key, spec_dtype)

@@ -83,7 +83,7 @@ class TorchEngine(StepEngine):
         precision: str = "fp32",
         cuda_graphs: CaptureConfig | bool = True,
     ):
-        self.device = TorchDevice(parse_device(device))  # first: ``host_syncs`` is the device's count
+        self.device = TorchDevice(parse_device(device))  # its ``host_syncs`` are the engine's
         self.dtype = check_precision(precision)
         on_cuda = self.device.on_cuda
         where = self.device.torch_device
@@ -108,10 +108,6 @@ class TorchEngine(StepEngine):
     def host_syncs(self) -> int:
         """The host's waits for the device: the device counts them (downloads, captures)."""
         return self.device.host_syncs
-
-    @host_syncs.setter
-    def host_syncs(self, value: int) -> None:
-        self.device.host_syncs = value
 
     # -- buffers ------------------------------------------------------------------------------
     def state_dtype(self, name: str) -> torch.dtype:
