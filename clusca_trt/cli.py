@@ -15,7 +15,7 @@ from pathlib import Path
 
 import click
 
-from .errors import ClusCaError, InputError
+from .errors import ClusCaError, InputError, describe, one_line
 
 log = logging.getLogger("clusca_trt.cli")
 
@@ -36,9 +36,9 @@ def _errors(fn):
         try:
             return fn(*args, **kwargs)
         except ClusCaError as e:
-            raise click.ClickException(str(e).splitlines()[0]) from None
+            raise click.ClickException(one_line(e)) from None
         except (OSError, ValueError) as e:
-            raise click.ClickException(f"{type(e).__name__}: {e}".splitlines()[0]) from None
+            raise click.ClickException(describe(e)) from None
 
     return wrapper
 

@@ -11,6 +11,8 @@ import numbers
 from dataclasses import dataclass
 from enum import Enum
 
+import numpy as np
+
 from .errors import ConfigError
 
 
@@ -18,8 +20,8 @@ MAX_SEED = 2**63 - 1  # seeds of runs and of random weights
 
 
 def is_int(v) -> bool:
-    """A Python int, not a bool (JSON and option values)."""
-    return isinstance(v, int) and not isinstance(v, bool)
+    """An integer (Python or numpy), not a bool: JSON, option and argument values."""
+    return isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_))
 
 
 def _is_real(v) -> bool:
@@ -92,6 +94,8 @@ class ClusCaConfig:
             raise ConfigError(f"warmup must be an integer >= 1, got {self.warmup!r}")
         object.__setattr__(self, "fresh", FreshPolicy.parse(self.fresh))
         object.__setattr__(self, "propagation", float(self.propagation))
+        for name in ("interval", "clusters", "order", "warmup"):  # numpy integers as plain ints (JSON)
+            object.__setattr__(self, name, int(getattr(self, name)))
 
     @property
     def method(self) -> Method:

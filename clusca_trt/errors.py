@@ -31,3 +31,16 @@ class InputError(ClusCaError, ValueError):
 
 class NonFiniteOutputError(EngineError):
     """The engines produced NaN or inf (from a non-finite weight or input, or an overflow)."""
+
+
+def one_line(message: object, limit: int = 500) -> str:
+    """The first non-empty line of ``message`` (an exception or text), at most ``limit`` characters:
+    what every error message and log line quoting another library's error shows of it."""
+    lines = [line.strip() for line in str(message).splitlines() if line.strip()]
+    text = lines[0] if lines else (type(message).__name__ if isinstance(message, BaseException) else "error")
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def describe(error: BaseException, limit: int = 500) -> str:
+    """``TypeName: first line`` of an exception (``one_line``)."""
+    return one_line(f"{type(error).__name__}: {one_line(error, limit)}", limit)

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .config import MAX_SEED
+from .config import MAX_SEED, is_int
 from .errors import ConfigError, InputError
 
 MAX_STEPS = 10_000  # sampling steps a schedule may have (``schedule.plan`` checks it again)
@@ -28,18 +28,13 @@ MAX_INDEX = MAX_SAMPLES - 1  # a sample's index within its seed (its noise is ro
 KINDS = ("int", "number", "choice", "labels", "prompts", "array", "keys", "path", "callable")
 
 
-def is_integer(value) -> bool:
-    """An int (Python or numpy), not a bool."""
-    return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
-
-
 def is_real(value) -> bool:
     return isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_))
 
 
 def check_int(name: str, value, low: int, high: int, error=ConfigError) -> int:
     """``value`` as an int in ``low..high``, or an error naming ``name`` and the range."""
-    if not is_integer(value) or not low <= int(value) <= high:
+    if not is_int(value) or not low <= int(value) <= high:
         raise error(f"{name} must be an integer in {low}..{high}, got {_show(value)}")
     return int(value)
 
@@ -66,7 +61,7 @@ def check_labels(labels, num_classes: int) -> list[int]:
         raise InputError("expected at least one class label, got none")
     if len(values) > MAX_SAMPLES:
         raise InputError(f"expected at most {MAX_SAMPLES} class labels, got {len(values)}")
-    bad = [v.item() if isinstance(v, np.generic) else v for v in values if not is_integer(v)]
+    bad = [v.item() if isinstance(v, np.generic) else v for v in values if not is_int(v)]
     if bad:
         raise InputError(f"expected integer class labels, got {_show(bad[0])} ({type(bad[0]).__name__})")
     out = [int(v) for v in values]
@@ -117,7 +112,7 @@ def check_keys(keys) -> list[tuple[int, int]]:
         raise InputError(f"keys: expected at most {MAX_SAMPLES} pairs, got {len(keys)}")
     out = []
     for k in keys:
-        if not isinstance(k, (list, tuple)) or len(k) != 2 or not all(is_integer(v) for v in k):
+        if not isinstance(k, (list, tuple)) or len(k) != 2 or not all(is_int(v) for v in k):
             raise InputError(f"keys: expected (seed, index) pairs of integers, got {_show(k)}")
         seed = check_int("keys: seed", k[0], 0, MAX_SEED, InputError)
         out.append((seed, check_int("keys: sample index", k[1], 0, MAX_INDEX, InputError)))

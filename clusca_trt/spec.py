@@ -28,8 +28,8 @@ GRAPH_PLAIN = "plain"  # the model alone: no caches (method full)
 GRAPH_FULL = "full"
 GRAPH_PARTIAL = "partial"
 GRAPH_FORECAST = "forecast"
-MODEL_GRAPHS = (GRAPH_PLAIN, GRAPH_FULL, GRAPH_PARTIAL, GRAPH_FORECAST)  # one adapter forward, four contexts
-WEIGHTED_GRAPHS = (GRAPH_COND, *MODEL_GRAPHS)  # the graphs with the model's weights (low precision applies)
+STEP_GRAPHS = (GRAPH_PLAIN, GRAPH_FULL, GRAPH_PARTIAL, GRAPH_FORECAST)  # one adapter forward, four step contexts
+WEIGHTED_GRAPHS = (GRAPH_COND, *STEP_GRAPHS)  # the graphs with the model's weights (low precision applies)
 COND_ROW = "cond_row"
 TABLE_SUFFIX = "_table"
 
@@ -132,8 +132,12 @@ class BuildOptions:
             raise ConfigError(f"dtype must be 'float32' for ONNX export, got {self.dtype!r}")
         if not is_int(self.opset) or not 18 <= self.opset <= 20:
             raise ConfigError(f"opset must be in 18..20, got {self.opset}")
-        if not isinstance(self.cond_steps, int) or not 1 <= self.cond_steps <= 1000:
+        if not is_int(self.cond_steps) or not 1 <= self.cond_steps <= 1000:
             raise ConfigError(f"cond steps must be an integer in 1..1000, got {self.cond_steps!r}")
+        for name in ("batch", "clusters", "order", "kmeans_iterations", "opset", "cond_steps"):  # plain ints (JSON)
+            object.__setattr__(self, name, int(getattr(self, name)))
+        if self.text_clusters is not None:
+            object.__setattr__(self, "text_clusters", int(self.text_clusters))
 
 
 @dataclass(frozen=True)

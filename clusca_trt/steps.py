@@ -22,7 +22,7 @@ from torch import nn
 
 from . import ops
 from .context import FullContext, PartialContext, PlainContext
-from .spec import (COND_ROW, GRAPH_COND, GRAPH_FORECAST, GRAPH_FULL, GRAPH_PARTIAL, GRAPH_PLAIN, MODEL_GRAPHS, OUT,
+from .spec import (COND_ROW, GRAPH_COND, GRAPH_FORECAST, GRAPH_FULL, GRAPH_PARTIAL, GRAPH_PLAIN, STEP_GRAPHS, OUT,
                    STATE_SUFFIX, TABLE_SUFFIX, ExportSpec)
 
 
@@ -157,7 +157,7 @@ class SelectGraph(StepGraph):
 
 
 def graph_module(adapter, spec: ExportSpec, name: str) -> StepGraph:
-    if name in MODEL_GRAPHS:
+    if name in STEP_GRAPHS:
         return ModelStepGraph(adapter, spec, name).eval()
     if name == GRAPH_COND:
         return CondGraph(adapter, spec).eval()

@@ -41,7 +41,7 @@ from ..config import Method
 from ..engines.base import EngineInfo, cpu_name
 from .flops import KINDS, count_engine_dir, graph_kind, schedule_flops
 from ..engines.manifest import library_versions
-from ..errors import ClusCaError, ConfigError
+from ..errors import ClusCaError, ConfigError, one_line
 
 log = logging.getLogger(__name__)
 
@@ -495,7 +495,7 @@ def load_baseline(path: "str | Path") -> dict:
     try:
         data = json.loads(path.read_text())
     except (OSError, ValueError) as e:
-        raise ConfigError(f"expected a benchmark JSON written by clusca-trt bench --json at {path}: {e}".splitlines()[0]) from None
+        raise ConfigError(f"expected a benchmark JSON written by clusca-trt bench --json at {path}: {one_line(e)}") from None
     if not isinstance(data, dict) or data.get("format") != FORMAT or "run_ms" not in data:
         raise ConfigError(f"expected a benchmark JSON (format {FORMAT}) written by clusca-trt bench --json at {path}, got another file")
     return data

@@ -42,7 +42,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..config import ClusCaConfig
-from ..errors import ConfigError
+from ..errors import ConfigError, one_line
 from ..schedule import PlannedStep, StepKind, plan
 from ..spec import GRAPH_COND, GRAPH_FORECAST, GRAPH_FULL, GRAPH_PARTIAL, GRAPH_PLAIN, WEIGHTED_GRAPHS, ExportSpec
 
@@ -185,7 +185,7 @@ def count_model(model, name: str = "graph") -> GraphFlops:
     try:
         inferred = onnx.shape_inference.infer_shapes(model, strict_mode=False, data_prop=True)
     except Exception as e:  # onnx raises its own InferenceError and others
-        raise FlopsError(f"cannot infer the shapes of graph {name}: {e}".splitlines()[0]) from e
+        raise FlopsError(f"cannot infer the shapes of graph {name}: {one_line(e)}") from e
     shapes, dtypes = _shapes(inferred)
     for node in inferred.graph.node:  # Constant nodes carry their shape in the attribute
         if node.op_type == "Constant" and node.attribute and node.attribute[0].type == onnx.AttributeProto.TENSOR:
@@ -407,7 +407,6 @@ def dit_flops(model_name: str, options, probe_depths: tuple[int, int] = (1, 2)) 
 # module (the module of the config's class) provides ``probe_adapter(cfg, heads, double, single)``
 # and ``export_spec(cfg, options)``.
 
-MODEL_GRAPHS = WEIGHTED_GRAPHS  # the graphs with weights
 HEAD_PROBES = (1, 2, 3)
 DEPTH_PROBES = ((1, 1), (2, 1), (1, 2))
 
@@ -503,7 +502,7 @@ def dual_stream_flops(
         )
     spec = _family(cfg).export_spec(cfg, options)
     graphs = graphs or tuple(n for n in spec.graphs if n != GRAPH_FORECAST)
-    model_graphs = [g for g in graphs if g in MODEL_GRAPHS]
+    model_graphs = [g for g in graphs if g in WEIGHTED_GRAPHS]
     per_graph: dict[str, GraphFlops] = {}
     with tempfile.TemporaryDirectory(prefix="clusca-flops-") as tmp:
         by_heads: dict[str, dict[int, GraphFlops]] = {g: {} for g in model_graphs}
@@ -517,7 +516,7 @@ def dual_stream_flops(
         for g in model_graphs:
             per_graph[g] = at_heads(by_heads[g], cfg.num_attention_heads)
         for g in graphs:
-            if g not in MODEL_GRAPHS:  # k-means and selection: no weights, exported at the real size
+            if g not in WEIGHTED_GRAPHS:  # k-means and selection: no weights, exported at the real size
                 log.info("counting FLOPs of the %s graph", g)
                 per_graph[g] = count_file(export_graph(None, spec, g, Path(tmp) / f"{g}.onnx"), g)
     return ProbedFlops(spec, per_graph, tuple(head_probes), tuple(depth_probes))

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..errors import CheckpointError, InputError
+from ..errors import CheckpointError, InputError, describe, one_line
 
 log = logging.getLogger(__name__)
 
@@ -110,7 +110,7 @@ def load_evaluator(path: str | Path = CLASSIFIER_FILE) -> Evaluator:
     try:
         sd = load_file(str(path))
     except Exception as e:
-        raise CheckpointError(f"cannot read digits classifier {path}: {type(e).__name__}: {e}".splitlines()[0]) from e
+        raise CheckpointError(f"cannot read digits classifier {path}: {describe(e)}") from e
     try:
         mu = sd.pop("reference.mu").numpy()
         sigma = sd.pop("reference.sigma").numpy()
@@ -121,7 +121,7 @@ def load_evaluator(path: str | Path = CLASSIFIER_FILE) -> Evaluator:
     try:
         model.load_state_dict(sd)
     except RuntimeError as e:
-        raise CheckpointError(f"digits classifier {path} does not match DigitsClassifier: {e}".splitlines()[0]) from e
+        raise CheckpointError(f"digits classifier {path} does not match DigitsClassifier: {one_line(e)}") from e
     return Evaluator(model.eval(), mu, sigma, count)
 
 

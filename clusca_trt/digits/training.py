@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..errors import ConfigError
+from ..errors import ConfigError, one_line
 from ..models.dit import DiT, DiTConfig
 from ..runtime.samplers import TRAIN_STEPS, linear_betas
 
@@ -160,7 +160,7 @@ def train_dit(
         try:
             model.load_state_dict(init)
         except RuntimeError as e:
-            raise ConfigError(f"init weights do not match the config: {e}".splitlines()[0]) from e
+            raise ConfigError(f"init weights do not match the config: {one_line(e)}") from e
     ema = init_dit(DiT(cfg), opt.seed).eval()
     ema.load_state_dict(model.state_dict())
     for p in ema.parameters():

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import BackendUnavailableError, EngineError
+from ..errors import BackendUnavailableError, EngineError, describe, one_line
 from ..spec import OUT, ExportSpec
 from .base import NP_DTYPES, EngineInfo, StepEngine, cpu_name
 from .cuda_graph import AnnotationIds, GraphKey
@@ -166,7 +166,7 @@ class OrtEngine(StepEngine):
             except Exception as e:
                 raise EngineError(
                     f"engine file {Path(path).name} cannot be loaded by ONNX Runtime "
-                    f"({type(e).__name__}: {e}".splitlines()[0][:300] + "); rebuild with clusca-trt build"
+                    f"({describe(e, 300)}); rebuild with clusca-trt build"
                 ) from e
             ran = self.sessions[name].get_providers()[0]
             if ran != PROVIDERS[self.provider]:
@@ -195,7 +195,7 @@ class OrtEngine(StepEngine):
                 self._graphed.add(name)
                 return session
             except Exception as e:  # e.g. a node the CUDA provider does not take: no graph for this one
-                log.warning("graph %s runs without CUDA graphs: %s", name, str(e).splitlines()[0][:200])
+                log.warning("graph %s runs without CUDA graphs: %s", name, one_line(e))
         return self._ort.InferenceSession(str(path), so, providers=providers)
 
     def _alloc(self, shape, dtype):

@@ -31,7 +31,7 @@ from typing import Protocol
 
 import numpy as np
 
-from ..errors import EngineError
+from ..errors import EngineError, describe
 from ..spec import OUT, STATE_SUFFIX, ExportSpec
 from .base import BYTES, EngineInfo, StepEngine, returns_out
 from .cuda import Device, TorchDevice, parse_device
@@ -235,7 +235,7 @@ class TensorRTEngine(StepEngine):
                 graph = self.device.capture(lambda stream: self._launch(queue, stream))
             except Exception as e:  # a plan that cannot be captured: run everything eagerly from now on
                 log.warning("CUDA-graph capture of %s failed (%s); running without CUDA graphs",
-                            "+".join(key.sequence), f"{type(e).__name__}: {e}".splitlines()[0])
+                            "+".join(key.sequence), describe(e))
                 self.graphs.disable()
                 self._launch(queue, self.device.stream_handle)
                 return

@@ -44,7 +44,7 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-from ..errors import ConfigError, InputError
+from ..errors import ConfigError, InputError, describe
 from ..spec import OUT, WEIGHTED_GRAPHS, ExportSpec
 from ..steps import graph_module
 from .base import NP_DTYPES, EngineInfo, StepEngine
@@ -54,7 +54,6 @@ from .cuda_graph import Action, CaptureConfig, GraphCache, GraphKey
 log = logging.getLogger(__name__)
 
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-MODEL_GRAPHS = WEIGHTED_GRAPHS  # run in the precision; the others in fp32
 
 
 def check_precision(precision: str) -> torch.dtype:
@@ -165,7 +164,7 @@ class TorchEngine(StepEngine):
         out = {}
         with self.device.activate(), torch.inference_mode():
             for name, module in self.modules.items():
-                low = name in MODEL_GRAPHS and self.dtype != torch.float32
+                low = name in WEIGHTED_GRAPHS and self.dtype != torch.float32
                 with FlopCounterMode(display=False) as counter, torch.autocast(
                         self.device.torch_device.type, dtype=self.dtype, enabled=low, cache_enabled=False):
                     module(*self._bound(name))
@@ -197,7 +196,7 @@ class TorchEngine(StepEngine):
                 cuda_graph = self.device.capture(lambda _stream: self._compute(graph))
             except Exception as e:  # something in the step cannot be captured: run eagerly from now on
                 log.warning("CUDA-graph capture of the %s graph failed (%s); the torch engine runs without CUDA graphs",
-                            graph, f"{type(e).__name__}: {e}".splitlines()[0])
+                            graph, describe(e))
                 self.graphs.disable()
                 self._compute(graph)
                 return
@@ -211,7 +210,7 @@ class TorchEngine(StepEngine):
     def _compute(self, graph: str) -> None:
         """One graph on the static buffers: read them, compute, write ``out`` and the state back."""
         args = self._bound(graph)
-        low = graph in MODEL_GRAPHS and self.dtype != torch.float32
+        low = graph in WEIGHTED_GRAPHS and self.dtype != torch.float32
         with torch.autocast(self.device.torch_device.type, dtype=self.dtype, enabled=low, cache_enabled=False):
             values = self.modules[graph](*args)
         reads = {a.untyped_storage().data_ptr() for a in args}

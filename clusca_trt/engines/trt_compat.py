@@ -43,7 +43,7 @@ import onnx.inliner
 import onnx.shape_inference
 from onnx import TensorProto, numpy_helper
 
-from ..errors import ClusCaError
+from ..errors import ClusCaError, one_line
 
 log = logging.getLogger(__name__)
 
@@ -146,7 +146,7 @@ def check_model(model: onnx.ModelProto, graph_name: str = "graph", matrix: Suppo
     try:
         inferred = onnx.shape_inference.infer_shapes(model, data_prop=True)
     except Exception as e:
-        findings.append(Finding(graph_name, "", "shape_inference", f"expected ONNX shape inference to succeed, got {e}".splitlines()[0]))
+        findings.append(Finding(graph_name, "", "shape_inference", f"expected ONNX shape inference to succeed, got {one_line(e)}"))
         inferred = model
     _Checker(graph_name, matrix, findings).graph(inferred.graph, top=True)
     return findings

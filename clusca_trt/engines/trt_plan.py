@@ -21,7 +21,7 @@ import logging
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from ..errors import BackendUnavailableError, ConfigError, EngineError, EngineMismatchError
+from ..errors import BackendUnavailableError, ConfigError, EngineError, EngineMismatchError, describe, one_line
 from ..hashing import file_sha256, value_sha256
 from ..spec import WEIGHTED_GRAPHS, ExportSpec
 from .cuda import require_cuda
@@ -29,7 +29,6 @@ from .cuda import require_cuda
 log = logging.getLogger(__name__)
 
 PRECISIONS = ("fp32", "fp16", "bf16")
-MODEL_GRAPHS = WEIGHTED_GRAPHS  # built in the requested precision
 PLAN_FORMAT = 2  # 2: fp16 / bf16 plans keep the module caches in the low type
 #: the precision rewrite, read as text for its hash (the engines never import the exporters)
 REWRITE_SOURCE = Path(__file__).resolve().parent.parent / "exporters" / "precision.py"
@@ -47,8 +46,7 @@ def require_tensorrt():
     try:
         import tensorrt as trt
     except Exception as e:  # ImportError, or a placeholder package that raises on import
-        raise BackendUnavailableError(f"TensorRT is not installed ({type(e).__name__}: {e}".splitlines()[0][:160]
-                                      + f"); {INSTALL_HINT}") from None
+        raise BackendUnavailableError(f"TensorRT is not installed ({describe(e, 160)}); {INSTALL_HINT}") from None
     if not hasattr(trt, "Builder") or not hasattr(trt, "__version__"):
         raise BackendUnavailableError(f"the installed tensorrt package is not TensorRT (no Builder); {INSTALL_HINT}")
     return trt
@@ -87,7 +85,7 @@ class TrtBuildOptions:
         return d
 
     def graph_precision(self, graph: str) -> str:
-        return self.precision if graph in MODEL_GRAPHS else "fp32"
+        return self.precision if graph in WEIGHTED_GRAPHS else "fp32"
 
 
 @dataclass(frozen=True)
@@ -183,7 +181,7 @@ def polygraphy_output(what: str):
     except Exception as e:
         lines = [ln.strip() for ln in buf.getvalue().splitlines() if "ERROR" in ln or "Error" in ln]
         detail = lines[-1] if lines else f"{type(e).__name__}: {e}"
-        raise EngineError(f"{what} failed: {detail}".splitlines()[0][:400]) from e
+        raise EngineError(f"{what} failed: {one_line(detail)}") from e
     finally:
         if buf.getvalue().strip():
             log.debug("polygraphy / TensorRT output (%s):\n%s", what, buf.getvalue())

@@ -19,7 +19,7 @@ import onnx
 import torch
 
 from ..engines.signature import signature_mismatch
-from ..errors import ClusCaError
+from ..errors import ClusCaError, describe, one_line
 from ..spec import ExportSpec
 from ..steps import example_inputs, graph_module
 
@@ -68,7 +68,7 @@ def export_graph(adapter, spec: ExportSpec, name: str, path: Path) -> Path:
             )
             program.save(str(path))
     except Exception as e:
-        raise ExportError(f"exporting the {name} graph failed: {type(e).__name__}: {e}".splitlines()[0]) from e
+        raise ExportError(f"exporting the {name} graph failed: {describe(e)}") from e
     check_graph(path, spec, name)
     return path
 
@@ -78,7 +78,7 @@ def check_graph(path: Path, spec: ExportSpec, name: str) -> None:
     try:
         onnx.checker.check_model(str(path), full_check=False)
     except Exception as e:
-        raise ExportError(f"ONNX checker rejected {path.name}: {e}".splitlines()[0]) from e
+        raise ExportError(f"ONNX checker rejected {path.name}: {one_line(e)}") from e
     mismatch = signature_mismatch(path, spec.graphs[name])
     if mismatch is not None:
         raise ExportError(mismatch)

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from ..errors import CheckpointError
+from ..errors import CheckpointError, one_line
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +35,7 @@ def read_config(path: Path, what: str) -> dict:
     try:
         raw = json.loads(Path(path).read_text())
     except (OSError, ValueError) as e:
-        raise CheckpointError(f"{what} {path} is not readable JSON: {e}".splitlines()[0]) from e
+        raise CheckpointError(f"{what} {path} is not readable JSON: {one_line(e)}") from e
     if not isinstance(raw, dict):
         got = "null" if raw is None else f"a JSON {type(raw).__name__}"
         raise CheckpointError(f"{what} {path}: expected a JSON object, got {got}")
@@ -96,7 +96,7 @@ def check_safetensors_dtypes(folder: Path, what: str) -> None:
                     raise ValueError(f"header of {n} bytes")
                 header = json.loads(fh.read(n))
         except (OSError, ValueError, struct.error) as e:
-            raise CheckpointError(f"{what}: {f.name} is not a readable safetensors file: {e}".splitlines()[0]) from e
+            raise CheckpointError(f"{what}: {f.name} is not a readable safetensors file: {one_line(e)}") from e
         if not isinstance(header, dict):
             raise CheckpointError(f"{what}: {f.name} is not a readable safetensors file: header is not an object")
         for name, entry in header.items():

@@ -18,7 +18,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from ..errors import CheckpointError, ConfigError
+from ..errors import CheckpointError, ConfigError, describe, one_line
 from ..hashing import tree_sha256
 from ..spec import BuildOptions, CacheSlot, ExportSpec, TensorSpec, TokenGroup, make_spec
 from .checks import check_safetensors_dtypes, config_value, read_config
@@ -172,7 +172,7 @@ def checked_config(fam: DiffusersFamily, folder: Path, base, **changes):
     except ConfigError as e:
         raise CheckpointError(f"unsupported {fam.label} config in {folder}: {e}") from e
     except (TypeError, ValueError) as e:  # a value of the wrong type in a folder's config
-        raise CheckpointError(f"unsupported {fam.label} config in {folder}: {type(e).__name__}: {e}".splitlines()[0]) from e
+        raise CheckpointError(f"unsupported {fam.label} config in {folder}: {describe(e)}") from e
 
 
 def load_transformer(fam: DiffusersFamily, folder: Path) -> nn.Module:
@@ -182,7 +182,7 @@ def load_transformer(fam: DiffusersFamily, folder: Path) -> nn.Module:
         return cls.from_pretrained(str(folder), local_files_only=True).eval()
     except Exception as e:  # diffusers raises many types for a bad folder
         message = f"cannot load {fam.label} transformer from {folder}: {type(e).__name__}: {e}"
-        raise CheckpointError(message.splitlines()[0]) from e
+        raise CheckpointError(one_line(message)) from e
 
 
 # --------------------------------------------------------------------------------------------

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from ..config import ClusCaConfig
-from ..errors import CheckpointError, ConfigError
+from ..errors import CheckpointError, ConfigError, describe
 from ..hashing import tree_sha256
 from ..spec import BuildOptions, CacheSlot, ExportSpec, TensorSpec, TokenGroup, make_spec
 from .checks import check_safetensors_dtypes, check_state_dict, config_value, read_config
@@ -407,7 +407,7 @@ def load_original(path: Path, cfg: DiTConfig) -> DiT:
         else:
             sd = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch and safetensors raise many types for a bad file
-        raise CheckpointError(f"cannot read DiT checkpoint {path}: {type(e).__name__}: {e}".splitlines()[0]) from e
+        raise CheckpointError(f"cannot read DiT checkpoint {path}: {describe(e)}") from e
     if isinstance(sd, dict) and "ema" in sd:
         sd = sd["ema"]
     elif isinstance(sd, dict) and "model" in sd:
@@ -519,7 +519,7 @@ def load_diffusers(path: Path, expect: DiTConfig | None = None) -> DiT:
     try:
         theirs = DiTTransformer2DModel.from_pretrained(str(_diffusers_dir(path)), local_files_only=True)
     except Exception as e:
-        raise CheckpointError(f"cannot load diffusers DiT from {path}: {type(e).__name__}: {e}".splitlines()[0]) from e
+        raise CheckpointError(f"cannot load diffusers DiT from {path}: {describe(e)}") from e
     try:
         sd = _from_diffusers_state_dict(theirs.state_dict(), cfg)
     except KeyError as e:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import CheckpointError, ConfigError
+from ..errors import CheckpointError, ConfigError, describe
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +32,7 @@ def _vae(path: str):
         # small: no accelerate notice; a local folder only, never the network
         return AutoencoderKL.from_pretrained(path, low_cpu_mem_usage=False, local_files_only=True).eval()
     except Exception as e:
-        raise CheckpointError(f"cannot load the VAE at {path}: {type(e).__name__}: {e}".splitlines()[0]) from e
+        raise CheckpointError(f"cannot load the VAE at {path}: {describe(e)}") from e
 
 
 def prepare(decoder: dict | None) -> None:
@@ -85,4 +85,4 @@ def _video_vae(path: str):
     try:
         return AutoencoderKLHunyuanVideo.from_pretrained(path, local_files_only=True).eval()
     except Exception as e:
-        raise CheckpointError(f"cannot load the video VAE at {path}: {type(e).__name__}: {e}".splitlines()[0]) from e
+        raise CheckpointError(f"cannot load the video VAE at {path}: {describe(e)}") from e

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from ..config import ClusCaConfig
-from ..errors import CheckpointError, InputError
+from ..errors import CheckpointError, InputError, one_line
 from . import device_loop
 from .driver import PAD_KEY, Denoiser, SampleKey, as_denoiser, sample_keys
 
@@ -114,7 +114,7 @@ def _text_pipeline(module: str, cls: str, root: str, label: str):
                 root, transformer=None, vae=None, local_files_only=True)
     except Exception as e:  # diffusers/transformers raise many types for a bad folder
         message = f"cannot load the {label} text encoders from {root}: {type(e).__name__}: {e}"
-        raise CheckpointError(message.splitlines()[0]) from e
+        raise CheckpointError(one_line(message)) from e
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
