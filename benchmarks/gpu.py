@@ -50,7 +50,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from clusca_trt.analysis.flops import schedule_flops  # noqa: E402
-from clusca_trt.runtime.driver import sample_keys  # noqa: E402
+from clusca_trt.runtime.denoiser import sample_keys  # noqa: E402
 from clusca_trt.runtime.pipeline import Pipeline  # noqa: E402
 from clusca_trt.spec import BuildOptions  # noqa: E402
 
@@ -235,7 +235,7 @@ def make_dit(size: str, device: torch.device, seed: int):
 def diffusers_dit(model, dtype, device, labels, seed: int, cfg_scale: float):
     """Eager diffusers: our DDIM loop with guidance around the diffusers model call."""
     from clusca_trt.runtime.dit import apply_cfg
-    from clusca_trt.runtime.driver import initial_noise
+    from clusca_trt.runtime.denoiser import initial_noise
     from clusca_trt.runtime.samplers import GaussianDiffusion
 
     B, C = len(labels), model.config.in_channels

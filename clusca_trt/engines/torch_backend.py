@@ -232,7 +232,7 @@ class TorchEngine(StepEngine):
         """A whole sampling loop of one chunk on the device, with one host synchronisation: the download
         of the final latents.
 
-        ``steps[s]``: the graphs step ``s`` runs, in order, with their host feeds (the driver's
+        ``steps[s]``: the graphs step ``s`` runs, in order, with their host feeds (the denoiser's
         ``ScheduledDenoiser.calls``: coefficients, random keys, k-means starts, timesteps, labels,
         embeddings), every model input that depends on the latents left out. Those feeds are uploaded
         once before the loop (a feed that does not change is copied into its graph's static buffer once;

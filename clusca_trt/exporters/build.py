@@ -107,11 +107,20 @@ def check_memory(spec: ExportSpec, what: str = "this build") -> None:
 def build_engines(
     model: LoadedModel, options: BuildOptions, out: Path, force: bool = False, check=None
 ) -> BuildResult:
-    """Export and check every graph of ``model`` under ``options`` into ``out`` (into
-    ``out/<build_name>`` for a model with several builds per directory, e.g. FLUX resolutions).
+    """Export and check every graph of ``model`` under ``options`` into the engine directory ``out``.
 
-    ``check(paths)``, if given, also vets the graphs (e.g. ``trt_compat.check_graphs``): on a fresh
-    export before anything is switched into place, on reused engines before they are returned."""
+    model:   what ``models.load_model`` returned (adapter, config, source and its hash, decoder).
+    options: the static build options (batch, K, O, k-means iterations, distance, opset, cond steps).
+    out:     the engine directory (``out/<build_name>`` for a model with several builds per directory,
+             e.g. one per FLUX resolution); created if missing, else it must be an engine directory or empty.
+    force:   export again even if a build with the same key (model source, options, library versions) exists.
+    check:   ``check(paths)`` also vets the graphs (e.g. ``trt_compat.check_graphs``): on a fresh export
+             before anything is switched into place, on reused engines before they are returned.
+
+    Returns a ``BuildResult`` (the new or reused ``manifest``, and ``reused``). A build is written into
+    a fresh build folder and switched in by one atomic manifest rename under the build lock, so a
+    failed or killed build leaves the previous one intact. Raises ``EngineError`` (a path that is not an
+    engine directory), ``ConfigError`` (options the model cannot take, too much memory), ``ExportError``."""
     out = Path(out)
     if model.build_name is not None:
         if (out / MANIFEST).is_file():

@@ -27,7 +27,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from .driver import SAMPLER, stream
+from .denoiser import SAMPLER, stream
 from .samplers import GaussianDiffusion
 
 

@@ -26,7 +26,7 @@ import torch
 from ..config import ClusCaConfig
 from ..errors import CheckpointError, InputError, one_line
 from . import device_loop
-from .driver import PAD_KEY, Denoiser, SampleKey, as_denoiser, sample_keys
+from .denoiser import PAD_KEY, Denoiser, SampleKey, as_denoiser, sample_keys
 
 log = logging.getLogger(__name__)
 

@@ -15,7 +15,7 @@ import numpy as np
 
 from ..errors import InputError
 from . import device_loop
-from .driver import PAD_KEY, SAMPLER, Denoiser, SampleKey, as_denoiser, initial_noise, sample_keys, stream
+from .denoiser import PAD_KEY, SAMPLER, Denoiser, SampleKey, as_denoiser, initial_noise, sample_keys, stream
 from ..fields import check_labels  # strict: a list of ints, no str / float / bool
 from .samplers import GaussianDiffusion
 

@@ -1,5 +1,5 @@
 """The check of what comes out of a run: the final latents and images (a non-finite model output
-already stops the run at its step, ``driver.ScheduledDenoiser``), so no NaN image is ever written.
+already stops the run at its step, ``denoiser.ScheduledDenoiser``), so no NaN image is ever written.
 What goes in is checked by the family's input schema (``clusca_trt.fields``) before any work.
 """
 

@@ -31,7 +31,7 @@ from ..errors import EngineError, EngineMismatchError
 from ..families import Family, family
 from ..schedule import PlannedStep, count_kinds, plan
 from ..spec import ExportSpec
-from .driver import SampleKey, ScheduledDenoiser
+from .denoiser import SampleKey, ScheduledDenoiser
 from .inputs import check_finite_output
 
 log = logging.getLogger(__name__)

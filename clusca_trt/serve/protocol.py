@@ -24,7 +24,7 @@ from ..config import MAX_SEED, ClusCaConfig, FreshPolicy, Method, is_int
 from ..engines.manifest import Manifest
 from ..errors import ConfigError, InputError
 from ..fields import check_labels
-from ..runtime.driver import SampleKey, sample_keys
+from ..runtime.denoiser import SampleKey, sample_keys
 from ..runtime.samplers import SAMPLERS, GaussianDiffusion
 
 FAMILIES = ("dit", "flux")

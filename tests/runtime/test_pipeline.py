@@ -104,7 +104,7 @@ def test_methods_really_differ_and_seeds_matter(pipes):
 
 
 def test_caches_stay_in_the_engine(pipes, monkeypatch):
-    """The driver never reads state back: only ``out`` comes to the host each step."""
+    """The denoiser never reads state back: only ``out`` comes to the host each step."""
     engine, _ = pipes[4]
     monkeypatch.setattr(type(engine.engine), "read_state", lambda *a: pytest.fail("state read by the runtime"))
     calls = []

@@ -3,7 +3,7 @@ once per ``cond_steps`` steps), then per step the full graph (+ k-means when par
 follow), the partial graph (after fresh-token selection) or the forecast graph; ``plain`` for a
 full step whose caches nothing reads (method full).
 
-The driver feeds only small host inputs (latents, table rows, coefficients, random keys);
+The denoiser feeds only small host inputs (latents, table rows, coefficients, random keys);
 caches, conditioning tables, hidden states, centroids, assignments and fresh indices stay in the
 engine.
 
