@@ -249,15 +249,11 @@ def generate(engine_dir, method, interval, propagation, order, clusters, warmup,
 
 def _compare(pipe, inputs: dict, out_file: Path, seed: int, settings: dict) -> None:
     """generate --compare: every method on the same inputs, one PNG row each, speed-ups vs full."""
-    from .runtime.compare import compare_methods, write_comparison_png
+    from .runtime.compare import available_methods, compare_methods, write_comparison_png
 
     if out_file.suffix != ".png":
         raise click.BadParameter(f"expected a .png file with --compare, got {out_file.name}", param_hint="--out")
-    methods = ["full", "clusca", "fora", "taylorseer"]
-    if pipe.spec.options.order < 1:
-        methods.remove("taylorseer")  # needs engines that keep a Taylor order >= 1
-    if not pipe.spec.clustered_groups:
-        methods.remove("clusca")
+    methods = available_methods(bool(pipe.spec.clustered_groups), pipe.spec.options.order)
     runs = compare_methods(pipe, inputs, methods, seed=seed, **settings)
     write_comparison_png(runs, out_file)
     first = runs[0].result
