@@ -255,15 +255,11 @@ def generate(engine_dir, method, interval, propagation, order, clusters, warmup,
 
 def _compare(pipe, inputs: dict, out_file: Path, seed: int, settings: dict) -> None:
     """generate --compare: every method on the same inputs, one PNG row each, speed-ups vs full."""
-    from .runtime.compare import compare_methods, write_comparison_png
+    from .runtime.compare import available_methods, compare_methods, write_comparison_png
 
     if out_file.suffix != ".png":
         raise click.BadParameter(f"expected a .png file with --compare, got {out_file.name}", param_hint="--out")
-    methods = ["full", "clusca", "fora", "taylorseer"]
-    if pipe.spec.options.order < 1:
-        methods.remove("taylorseer")  # needs engines that keep a Taylor order >= 1
-    if not pipe.spec.clustered_groups:
-        methods.remove("clusca")
+    methods = available_methods(bool(pipe.spec.clustered_groups), pipe.spec.options.order)
     runs = compare_methods(pipe, inputs, methods, seed=seed, **settings)
     write_comparison_png(runs, out_file)
     first = runs[0].result
@@ -475,10 +471,15 @@ def flops(engine_dir, model_name, clusters, order, batch, interval, warmup, step
               help="GPUs each replica reserves [default: 1 for a GPU provider or backend, else 0].")
 @click.option("--max-body-mb", type=click.FloatRange(min=0, min_open=True), default=64.0, show_default=True,
               help="Largest request body (FLUX prompt embeddings are large); more gets 413.")
+@click.option("--body-timeout-s", type=click.FloatRange(min=0, min_open=True), default=5.0, show_default=True,
+              help="A request body must arrive within this; a slower one gets 408 and frees its slot.")
+@click.option("--max-uploads", type=click.IntRange(min=1), default=1024, show_default=True,
+              help="Request bodies received at once; more get 503 at once.")
 @_errors
 def serve(engine_dir, host, port, replicas, max_batch_wait_ms, max_queue, address, threads, provider, backend,
-          gpus_per_replica, max_body_mb):
-    """Serve ENGINE_DIR over HTTP on Ray Serve until Ctrl-C: GET /health, GET /info, POST /generate.
+          gpus_per_replica, max_body_mb, body_timeout_s, max_uploads):
+    """Serve ENGINE_DIR over HTTP on Ray Serve until Ctrl-C: GET / (a page to try it), GET /health,
+    GET /info, POST /generate, POST /compare.
 
     Concurrent requests with the same settings run as one engine batch (up to the build's --batch);
     each result equals Pipeline.generate alone with the same arguments. Needs the serve extra."""
@@ -489,7 +490,8 @@ def serve(engine_dir, host, port, replicas, max_batch_wait_ms, max_queue, addres
 
     options = ServeOptions(engine_dir, host=host, port=port, replicas=replicas, max_batch_wait_ms=max_batch_wait_ms,
                            max_queue=max_queue, address=address, threads=threads, provider=provider, backend=backend,
-                           gpus_per_replica=gpus_per_replica, max_body_mb=max_body_mb)
+                           gpus_per_replica=gpus_per_replica, max_body_mb=max_body_mb, body_timeout_s=body_timeout_s,
+                           max_uploads=max_uploads)
     serve_forever(options, ready=lambda url: click.echo(f"serving on {url}"))
 
 if __name__ == "__main__":  # pragma: no cover

@@ -13,6 +13,7 @@ over the method's, both measured here.
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,6 +27,21 @@ log = logging.getLogger(__name__)
 COMPARE_METHODS = ("full", "clusca", "fora", "taylorseer")
 
 
+def available_methods(clustered: bool, order: int, methods=COMPARE_METHODS) -> list[str]:
+    """Those of ``methods`` that engines run: clusca needs clustered graphs, taylorseer a Taylor order >= 1."""
+    return [m for m in methods if not (m == "clusca" and not clustered) and not (m == "taylorseer" and order < 1)]
+
+
+def psnr(images: np.ndarray, reference: np.ndarray) -> float:
+    """Peak signal-to-noise ratio in dB of ``images`` against ``reference`` (both in [0, 1], one shape):
+    10 log10(1 / MSE); inf where they are equal."""
+    if images.shape != reference.shape:
+        raise InputError(f"expected images of the reference's shape {list(reference.shape)}, got "
+                         f"{list(images.shape)}")
+    mse = float(np.mean((np.asarray(images, np.float64) - np.asarray(reference, np.float64)) ** 2))
+    return float("inf") if mse == 0 else 10 * math.log10(1 / mse)
+
+
 @dataclass(frozen=True)
 class MethodRun:
     """One method's run: its label (method and settings), result and speed-up vs full."""
@@ -35,7 +51,8 @@ class MethodRun:
     speedup: float
 
 
-def _label(config) -> str:
+def method_label(config) -> str:
+    """The method and its settings in a few words: "clusca N=5 K=16 O=2 g=0.005", "fora N=5", "full"."""
     m = config.method.value
     if m == "full":
         return "full"
@@ -75,7 +92,7 @@ def compare_methods(pipe, inputs: dict, methods=COMPARE_METHODS, seed: int = 0, 
         if full_seconds is None:
             full_seconds = result.seconds
         speedup = full_seconds / result.seconds if result.seconds > 0 else float("nan")
-        rows.append(MethodRun(_label(result.config), result, speedup))
+        rows.append(MethodRun(method_label(result.config), result, speedup))
         log.info("%s: %.3f s, %.2fx vs full", rows[-1].label, result.seconds, speedup)
     return rows
 

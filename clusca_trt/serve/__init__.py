@@ -5,8 +5,12 @@
     worker.py     one replica's work: a ``Pipeline`` run by one thread; a batch of compatible
                   requests -> one engine run -> one reply per request; the batcher that forms
                   batches when the engine is free. No Ray.
-    app.py        the Ray Serve application: an ``Api`` ingress (validation, admission, errors) in
-                  front of ``Engine`` replicas (Serve's deployments, routing, health checks).
+    app.py        the Ray Serve application: an ``Api`` ingress (the page, validation, admission,
+                  errors, /compare) in front of ``Engine`` replicas (Serve's deployments, routing,
+                  health checks).
+    proxy.py      what Serve's HTTP proxy runs of ours: whole bodies within a time limit (slow
+                  clients), its own errors as one line of JSON; the one-line messages. No Ray.
+    page.html     GET /: one self-contained page that talks to the JSON API.
     server.py     start Ray (local, or join a cluster), deploy, run until Ctrl-C, shut down.
 
 Ray is an optional dependency (``pip install 'clusca-trt[serve]'``): this package imports it only in

@@ -14,8 +14,10 @@ sample's noise and ClusCa draws come from its key alone, so a request's rows of 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
+import sys
 from dataclasses import dataclass
 
 import numpy as np
@@ -24,6 +26,7 @@ from ..config import MAX_SEED, ClusCaConfig, FreshPolicy, Method, is_int
 from ..engines.manifest import Manifest
 from ..errors import ConfigError, InputError
 from ..fields import check_labels
+from ..runtime.compare import available_methods
 from ..runtime.denoiser import SampleKey, sample_keys
 from ..runtime.samplers import SAMPLERS, GaussianDiffusion
 
@@ -38,22 +41,14 @@ FAMILY_FIELDS = {
     "flux": ("prompt", "prompt_embeds", "pooled_prompt_embeds", "guidance_scale", "text_propagation"),
 }
 FLUX_EMBEDS = ("prompt_embeds", "pooled_prompt_embeds")
+SETTINGS_FIELDS = ("interval", "propagation", "order", "warmup", "fresh")  # the caching settings; full takes none
+# the page (GET /): how its form reads a field (others: a JSON number); the FLUX prompt it starts with
+PAGE_INPUTS = {"class_labels": "list", "prompt": "text", "method": "choice", "fresh": "choice", "sampler": "choice"}
+PAGE_PROMPT = "a red apple on a wooden table"
 
 
 class BadRequest(InputError):
     """A request the server refuses as it stands (HTTP 400)."""
-
-
-def one_line(message: object) -> str:
-    """The first non-empty line of ``message`` (an exception or text), at most 500 characters."""
-    lines = [line.strip() for line in str(message).splitlines() if line.strip()]
-    text = lines[0] if lines else (type(message).__name__ if isinstance(message, BaseException) else "error")
-    return text if len(text) <= 500 else text[:497] + "..."
-
-
-def error_body(message: object) -> dict:
-    """Every error answer's JSON: ``{"error": "<one line>"}``."""
-    return {"error": one_line(message)}
 
 
 @dataclass(frozen=True)
@@ -167,7 +162,10 @@ def _settings(request: GenerateRequest) -> dict:
 def parse_request(raw: bytes, model: ModelInfo, max_samples: int) -> GenerateRequest:
     """A POST /generate body -> a ``GenerateRequest``, or ``BadRequest``/``ConfigError``/``InputError``
     (HTTP 400) with a one-line message. ``max_samples``: the most samples one request may ask for."""
-    body = _json_object(raw)
+    return _request(_json_object(raw), model, max_samples)
+
+
+def _request(body: dict, model: ModelInfo, max_samples: int) -> GenerateRequest:
     unknown = sorted(set(body) - set(model.fields))
     if unknown:
         raise BadRequest(f"unknown field {unknown[0]!r} for a {model.family} model; expected some of "
@@ -196,6 +194,65 @@ def parse_request(raw: bytes, model: ModelInfo, max_samples: int) -> GenerateReq
     if request.samples > max_samples:
         raise BadRequest(f"expected at most {max_samples} samples per request, got {request.samples}")
     return request
+
+
+def parse_compare(raw: bytes, model: ModelInfo, max_samples: int) -> list[GenerateRequest]:
+    """A POST /compare body (a /generate body without ``method`` and ``format``) -> one npz request per
+    method the build runs (``available_methods``), full first: the caching methods take the body's
+    ClusCa settings (FORA all but ``order``), full none of them (as ``generate --compare``)."""
+    body = _json_object(raw)
+    methods = available_methods(model.built_clusters > 0, model.built_order)
+    for name in ("method", "format"):
+        if body.get(name) is not None:
+            raise BadRequest(f"{name}: expected none in a /compare body (it runs {', '.join(methods)} and answers "
+                             f"JSON), got {_show(body[name])}")
+    if not model.decoded:
+        raise BadRequest("compare needs a model with a decoder (VAE or pixel space) to compare images, got latents "
+                         "only")
+    requests = []
+    for method in methods:
+        drop = SETTINGS_FIELDS if method == "full" else ("order",) if method == "fora" else ()
+        requests.append(_request(dict({k: v for k, v in body.items() if k not in drop}, method=method,
+                                      format="npz"), model, max_samples))
+    return requests
+
+
+def page_form(model: ModelInfo) -> dict:
+    """What the page (GET /) shows for this build: its form's fields in order, each with how it is typed
+    in (``PAGE_INPUTS``), its choices and its default (what ``parse_request`` resolves for a body that
+    leaves it out; the family's example input), and the methods /compare runs."""
+    methods = available_methods(model.built_clusters > 0, model.built_order, tuple(m.value for m in Method))
+    if model.family == "dit":
+        example = {"class_labels": list(range(min(4, model.sampling["num_classes"])))}
+    else:
+        example = {"prompt": PAGE_PROMPT}
+    resolved = _request(dict(example, method=methods[0]), dataclasses.replace(model, text_encoders=True), 4)
+    c = resolved.config
+    defaults = dict(example, seed=resolved.seed, steps=resolved.steps, method=c.method.value, interval=c.interval,
+                    propagation=c.propagation, order=c.order, warmup=c.warmup, fresh=c.fresh.value,
+                    **dict(resolved.sampling))
+    choices = {"method": methods, "fresh": [p.value for p in FreshPolicy], "sampler": list(SAMPLERS)}
+    family = [f for f in FAMILY_FIELDS[model.family] if f not in FLUX_EMBEDS]
+    order = [f for f in family if f in example] + [f for f in COMMON_FIELDS if f != "format"] + \
+            [f for f in family if f not in example]
+    fields = [{"name": f, "kind": PAGE_INPUTS.get(f, "number"), "default": defaults[f],
+               **({"choices": choices[f]} if f in choices else {})} for f in order]
+    return {"family": model.family, "fields": fields, "compare_methods": available_methods(
+        model.built_clusters > 0, model.built_order), "images": model.decoded,
+        "prompts": model.family != "flux" or model.text_encoders}
+
+
+def warmup_requests(model: ModelInfo, steps: int = 8) -> list[GenerateRequest]:
+    """One short one-sample request per method the build runs (the page's example input, ``steps``
+    steps at most): a replica runs them once as it starts, so that no answer, and no /compare timing,
+    pays for a graph's first call (ONNX Runtime initialises lazily). None for FLUX engines without
+    text encoders (they take embeddings only)."""
+    if model.family == "flux" and not model.text_encoders:
+        return []
+    example = {"class_labels": [0]} if model.family == "dit" else {"prompt": PAGE_PROMPT}
+    steps = min(steps, model.default_steps)
+    return [_request(dict(example, method=m, steps=steps), model, 1)
+            for m in available_methods(model.built_clusters > 0, model.built_order)]
 
 
 def _dit_request(get: "_Fields", model: ModelInfo, common: dict) -> GenerateRequest:
@@ -276,6 +333,11 @@ def _json_object(raw: bytes) -> dict:
                          f"column {e.colno})") from None
     except (UnicodeDecodeError, RecursionError) as e:
         raise BadRequest(f"body: expected a JSON object, got {type(e).__name__}") from None
+    except ValueError as e:  # an integer longer than Python converts (sys.get_int_max_str_digits)
+        if isinstance(e, BadRequest):
+            raise
+        raise BadRequest(f"body: expected integers of at most {sys.get_int_max_str_digits()} digits, got a longer "
+                         "one") from None
     if not isinstance(body, dict):
         raise BadRequest(f"body: expected a JSON object, got {type(body).__name__}")
     return body

@@ -10,6 +10,7 @@ environment), no dashboard, token auth off, quiet logs; Ray's CPUs are what the 
 Joined (``address``): replicas spread over the cluster's nodes, each reserving its threads' CPUs and
 ``gpus_per_replica`` GPUs (default 1 for a GPU provider or backend: one replica per GPU); the engine
 directory must be at the same path on every node. Stopping a joined server deletes only its application.
+An ``address`` where nothing listens is refused after ``CONNECT_WAIT_S`` (Ray itself retries forever).
 """
 
 from __future__ import annotations
@@ -24,12 +25,15 @@ from pathlib import Path
 
 from ..engines.manifest import Manifest, find_build
 from ..errors import ConfigError, EngineError
-from .protocol import ModelInfo, one_line
+from ..errors import one_line
+from .protocol import ModelInfo
+from .proxy import Limits
 
 log = logging.getLogger(__name__)
 
 PROVIDERS = ("auto", "cpu", "cuda", "tensorrt")
 BACKENDS = ("onnxruntime", "tensorrt")
+CONNECT_WAIT_S = 10.0  # how long --address may not answer before we give up
 SERVE_LOGGING = {"log_level": "WARNING", "enable_access_log": False}
 
 
@@ -37,7 +41,9 @@ SERVE_LOGGING = {"log_level": "WARNING", "enable_access_log": False}
 class ServeOptions:
     """How to serve ENGINE_DIR. ``max_queue``: requests admitted beyond those the replicas hold
     (``max_ongoing`` each, default twice the engine batch); more get 503. ``threads``: ONNX Runtime
-    threads per replica (local default: the cores shared out). ``fault_seed``: tests only."""
+    threads per replica (local default: the cores shared out). ``body_timeout_s``: a request body
+    arrives within this or gets 408; ``max_uploads``: bodies received at once, more get 503.
+    ``fault_seed``: tests only."""
 
     engine_dir: Path
     host: str = "127.0.0.1"
@@ -53,6 +59,8 @@ class ServeOptions:
     max_ongoing: int | None = None
     max_request_samples: int = 64
     max_body_mb: float = 64.0
+    body_timeout_s: float = Limits.body_timeout_s
+    max_uploads: int = Limits.max_uploads
     retries: int = 3
     fault_seed: int | None = None
 
@@ -71,6 +79,8 @@ class ServeOptions:
             (self.max_ongoing is None or self.max_ongoing >= 1, f"max ongoing must be >= 1, got {self.max_ongoing}"),
             (self.max_request_samples >= 1, f"max request samples must be >= 1, got {self.max_request_samples}"),
             (self.max_body_mb > 0, f"max body must be > 0 MB, got {self.max_body_mb}"),
+            (self.body_timeout_s > 0, f"body timeout must be > 0 s, got {self.body_timeout_s}"),
+            (self.max_uploads >= 1, f"max uploads must be >= 1, got {self.max_uploads}"),
             (self.retries >= 0, f"retries must be >= 0, got {self.retries}"),
         ]
         for ok, message in checks:
@@ -137,6 +147,8 @@ class Server:
         os.environ.setdefault("RAY_SERVE_LOG_TO_STDERR", "0")  # Serve's own logs to the session's files only
         if self.local:
             os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a private instance: no token file written
+        else:
+            _check_address(o.address)
         import ray
 
         cpus = o.replicas * (threads or 1)
@@ -165,18 +177,21 @@ class Server:
             "replicas": o.replicas, "engine_batch": model.batch, "max_batch_samples": model.batch,
             "max_batch_wait_ms": o.max_batch_wait_ms, "max_ongoing_per_replica": max_ongoing,
             "max_queue": o.max_queue, "admission_limit": limit, "max_request_samples": o.max_request_samples,
+            "body_timeout_s": o.body_timeout_s, "max_uploads": o.max_uploads,
             "threads_per_replica": threads, "provider": o.provider, "backend": o.backend,
             "gpus_per_replica": gpus, "ray": o.address or "local",
         }
         engine = EngineSettings(str(manifest.directory.resolve()), o.provider, o.backend, threads,
                                 o.max_batch_wait_ms / 1000, o.fault_seed)
-        api = ApiSettings(str(manifest.directory.resolve()), limit, int(o.max_body_mb * 2**20),
-                          o.max_request_samples, o.retries, summary)
+        limits = Limits(o.body_timeout_s, o.max_uploads, int(o.max_body_mb * 2**20))
+        api = ApiSettings(str(manifest.directory.resolve()), limit, limits, o.max_request_samples, o.retries, summary)
         options = {"num_cpus": threads or 1}
         if gpus:
             options["num_gpus"] = gpus
         logging.getLogger("ray.serve").setLevel(logging.WARNING)  # set to INFO by importing ray.serve
-        serve.start(http_options={"host": o.host, "port": self.port}, logging_config=SERVE_LOGGING)
+        # the proxies Serve starts run proxy.WholeBodies and proxy.JsonErrors (ignored where Serve already runs)
+        serve.start(http_options={"host": o.host, "port": self.port}, logging_config=SERVE_LOGGING,
+                    controller_options={"runtime_env": {"env_vars": limits.environment()}})
         self._serve = True
         log.info("deploying %d replica(s) of %s (%s, batch %d, %s threads, %g GPUs each)", o.replicas,
                  manifest.directory, manifest.model.get("name"), model.batch, threads or "default", gpus)
@@ -240,6 +255,24 @@ def _check_port(host: str, port: int) -> None:
             s.bind((host, port))
         except OSError as e:
             raise ConfigError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
+
+
+def _check_address(address: str) -> None:
+    """Refuse a ``HOST:PORT`` (or ``ray://HOST:PORT``) where nothing accepts a connection within
+    ``CONNECT_WAIT_S``; ``auto`` and other forms are Ray's to resolve (it says at once when it finds none)."""
+    host, sep, port = address.removeprefix("ray://").rpartition(":")
+    if not sep or not port.isdigit() or not host:
+        return
+    deadline = time.monotonic() + CONNECT_WAIT_S
+    while True:
+        try:
+            with socket.create_connection((host.strip("[]"), int(port)), timeout=min(2.0, CONNECT_WAIT_S)):
+                return
+        except OSError as e:
+            if time.monotonic() >= deadline:
+                raise ConfigError(f"--address {address}: expected a Ray cluster listening there, got no connection "
+                                  f"in {CONNECT_WAIT_S:g} s ({e.strerror or type(e).__name__})") from None
+            time.sleep(min(0.5, max(0.0, deadline - time.monotonic())))
 
 
 def _deploy_message(serve, app_name: str) -> str | None:

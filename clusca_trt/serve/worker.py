@@ -34,7 +34,8 @@ from typing import Awaitable, Callable
 from ..errors import ConfigError, InputError
 from ..runtime.output import result_bytes
 from ..runtime.pipeline import GenerateResult, Pipeline
-from .protocol import MEDIA_TYPES, GenerateRequest, batch_arguments, one_line
+from ..errors import one_line
+from .protocol import MEDIA_TYPES, GenerateRequest, batch_arguments
 
 log = logging.getLogger(__name__)
 

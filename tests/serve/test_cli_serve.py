@@ -66,3 +66,16 @@ def test_serve_answers_then_stops_on_ctrl_c(engines_k4):
             proc.wait()
     with pytest.raises(ProcessLookupError):  # Ray's processes went with it
         os.killpg(proc.pid, 0)
+
+
+def test_serve_to_an_address_where_no_cluster_listens_fails_in_one_line(engines_k4):
+    """A bounded wait (server.CONNECT_WAIT_S, 10 s), then one line; before, Ray retried forever."""
+    pytest.importorskip("ray.serve", reason="needs the serve extra: pip install 'clusca-trt[serve]'")
+    from clusca_trt.serve.server import _free_port
+
+    address = f"127.0.0.1:{_free_port('127.0.0.1')}"  # nothing listens there
+    cmd = [sys.executable, "-m", "clusca_trt.cli", "-q", "serve", str(engines_k4.directory), "--address", address]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=90, stdin=subprocess.DEVNULL)
+    assert proc.returncode == 1, (proc.stdout, proc.stderr[-2000:])
+    assert proc.stdout == "" and proc.stderr == (f"Error: --address {address}: expected a Ray cluster listening "
+                                                 f"there, got no connection in 10 s (Connection refused)\n")

@@ -1,14 +1,18 @@
 """A real Ray Serve instance on the tiny DiT engines (batch 2), over HTTP with a real client: results
 equal ``Pipeline.generate`` alone under concurrency, compatible requests share runs, every error is one
-line of JSON (400, 413, 503, 500), and a replica killed mid-request is retried and replaced.
+line of JSON (400, 408, 413, 503, 500), a replica killed mid-request is retried and replaced, slow
+clients neither hold slots past the body timeout nor make others wait, and a killed API replica's
+request still gets one line of JSON.
 
 One server for the module (about 15 s to start on 2 cores): 2 replicas x 2 requests each + 4 queued
-= 8 requests admitted; bodies up to 1 MiB; seed 666 is the injected engine failure."""
+= 8 requests admitted; bodies up to 1 MiB, arriving within 3 s, 16 at once; seed 666 is the injected
+engine failure."""
 
 import io
 import json
 import os
 import signal
+import socket
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -21,18 +25,21 @@ pytest.importorskip("ray.serve", reason="needs the serve extra: pip install 'clu
 requests = pytest.importorskip("requests")
 
 from clusca_trt.runtime.pipeline import Pipeline  # noqa: E402
-from clusca_trt.serve.app import APP_NAME, ENGINE  # noqa: E402
+from clusca_trt.serve.app import API, APP_NAME, ENGINE  # noqa: E402
+from clusca_trt.serve.proxy import NO_ANSWER  # noqa: E402
 from clusca_trt.serve.server import Server, ServeOptions  # noqa: E402
 
 TOL = 1e-5
 FAULT_SEED = 666
 LIMIT = 8  # 2 replicas x max_ongoing 2 + max_queue 4
+BODY_TIMEOUT_S, MAX_UPLOADS = 3.0, 16
 
 
 @pytest.fixture(scope="module")
 def server(engines_k4):
     options = ServeOptions(engines_k4.directory, port=0, replicas=2, threads=1, max_batch_wait_ms=100,
-                           max_ongoing=2, max_queue=4, max_body_mb=1, fault_seed=FAULT_SEED)
+                           max_ongoing=2, max_queue=4, max_body_mb=1, body_timeout_s=BODY_TIMEOUT_S,
+                           max_uploads=MAX_UPLOADS, fault_seed=FAULT_SEED)
     with Server(options) as s:
         yield s
 
@@ -80,6 +87,12 @@ def test_health_and_info(server, engines_k4):
     assert info["engine"]["build"]["batch"] == 2
     assert info["serve"]["admission_limit"] == LIMIT and info["serve"]["replicas"] == 2
     assert_one_line_error(requests.get(server.url + "/nope", timeout=10), 404)
+    page = requests.get(server.url + "/", timeout=10)
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+    assert '<form id="form"' in page.text and "http://" not in page.text and "https://" not in page.text
+    form = info["form"]
+    assert form["family"] == "dit" and not form["images"]  # latents only: the page says so
+    assert [f["name"] for f in form["fields"]][:3] == ["class_labels", "seed", "steps"]
 
 
 def test_concurrent_requests_equal_their_runs_alone(server, pipe):
@@ -114,7 +127,9 @@ def test_compatible_requests_share_a_run(server, pipe):
     ({"class_labels": [1] * 65}, 400, "expected at most 64 samples per request, got 65"),
     ({"class_labels": [1] * 30000}, 400, "expected at most 64 samples per request, got 30000"),  # parsed off-loop
     (b'{"class_labels": [' + b"1, " * 2**19 + b"1]}", 413, "body: expected at most 1048576 bytes"),
-], ids=["json", "array", "unknown", "bool", "steps", "label", "config", "png", "samples", "large", "size"])
+    (b'{"class_labels": [1], "seed": ' + b"7" * 5000 + b"}", 400, "expected integers of at most 4300 digits"),
+], ids=["json", "array", "unknown", "bool", "steps", "label", "config", "png", "samples", "large", "size",
+        "digits"])
 def test_bad_requests_get_one_line_json(server, body, status, message):
     assert message in assert_one_line_error(post(server, body), status)
 
@@ -145,8 +160,8 @@ def test_an_engine_failure_gets_500_and_the_replica_keeps_serving(server, pipe):
         pytest.fail(f"replica {replica} never answered after its failure")
 
 
-def engine_replica_pids() -> list[int]:
-    """Our server's Engine replica processes (descendants of this process, by their title)."""
+def replica_pids(deployment: str = ENGINE) -> list[int]:
+    """Our server's replica processes of ``deployment`` (descendants of this process, by their title)."""
     found = []
     for proc in Path("/proc").iterdir():
         if not proc.name.isdigit():
@@ -155,7 +170,7 @@ def engine_replica_pids() -> list[int]:
             title = (proc / "cmdline").read_bytes().split(b"\0")[0].decode()
         except OSError:
             continue
-        if title.startswith(f"ray::ServeReplica:{APP_NAME}:{ENGINE}") and _descends_from_us(int(proc.name)):
+        if title.startswith(f"ray::ServeReplica:{APP_NAME}:{deployment}") and _descends_from_us(int(proc.name)):
             found.append(int(proc.name))
     return found
 
@@ -172,7 +187,7 @@ def _descends_from_us(pid: int) -> bool:
 
 
 def test_a_replica_killed_mid_request_is_retried_and_replaced(server, pipe):
-    pids = engine_replica_pids()
+    pids = replica_pids()
     assert len(pids) == 2
     body = {"class_labels": [3], "seed": 11, "steps": 300}
     result = {}
@@ -189,9 +204,96 @@ def test_a_replica_killed_mid_request_is_retried_and_replaced(server, pipe):
     assert_equals_alone(result["response"], pipe, body)  # retried on a replacement replica
     assert requests.get(server.url + "/info", timeout=10).json()["stats"]["retried"] >= 1
     deadline = time.monotonic() + 60
-    while len(set(engine_replica_pids()) - set(pids)) < 2 or \
+    while len(set(replica_pids()) - set(pids)) < 2 or \
             requests.get(server.url + "/health", timeout=10).json().get("replicas_running") != 2:
         assert time.monotonic() < deadline, "the killed replicas were not replaced"
         time.sleep(0.5)
     fresh = {"class_labels": [8, 2], "seed": 12, "steps": 6}
+    assert_equals_alone(post(server, fresh), pipe, fresh)
+
+
+def test_compare_needs_a_decoder(server):
+    response = requests.post(server.url + "/compare", data=b'{"class_labels": [1]}', timeout=30)
+    error = assert_one_line_error(response, 400)
+    assert "compare needs a model with a decoder" in error
+
+
+# -- slow clients --------------------------------------------------------------------------------
+
+
+def stalled_upload(server, sent: bytes = b'{"class_labels": [1', length: int = 1000) -> socket.socket:
+    """A client that sends the headers and ``sent`` of a ``length``-byte body, then nothing."""
+    sock = socket.create_connection(("127.0.0.1", server.port), timeout=15)
+    sock.sendall(b"POST /generate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                 b"Content-Length: %d\r\n\r\n%s" % (length, sent))
+    return sock
+
+
+def answer_and_close(sock: socket.socket) -> tuple[int, str]:
+    """The status and one-line JSON error the server sends, read until it closes the connection
+    (a socket timeout, 15 s, where it never answers)."""
+    data = b""
+    while chunk := sock.recv(65536):
+        data += chunk
+    sock.close()
+    head, _, body = data.partition(b"\r\n\r\n")
+    lines = head.decode().split("\r\n")
+    headers = dict(line.lower().split(": ", 1) for line in lines[1:])
+    assert headers["content-type"] == "application/json" and b"\n" not in body, data
+    return int(lines[0].split()[1]), json.loads(body)["error"]
+
+
+def test_a_stalled_upload_gets_408_and_others_are_answered_meanwhile(server, pipe):
+    sock = stalled_upload(server)
+    good = {"class_labels": [4], "seed": 31, "steps": 6}
+    assert_equals_alone(post(server, good), pipe, good)
+    assert requests.get(server.url + "/health", timeout=10).status_code == 200
+    status, error = answer_and_close(sock)
+    assert (status, error) == (408, f"body: expected 1000 bytes within {BODY_TIMEOUT_S:g} s, got 19 bytes")
+
+
+def test_uploads_past_the_limit_get_503_at_once_and_health_keeps_answering(server, pipe):
+    """300 stalled uploads (more than the ~270 that stopped the server before): 16 hold the upload
+    slots until their timeout, the others and a normal request get 503 at once, /health answers
+    throughout, and afterwards every slot is free again."""
+    socks = [stalled_upload(server) for _ in range(300)]
+    health = requests.get(server.url + "/health", timeout=10)
+    assert health.status_code == 200, health.text
+    busy = assert_one_line_error(post(server, {"class_labels": [1], "steps": 4}), 503)
+    assert busy == f"server busy: {MAX_UPLOADS} request bodies arriving (limit {MAX_UPLOADS}), retry later"
+    answers = [answer_and_close(sock) for sock in socks]
+    codes = [status for status, _ in answers]
+    assert set(codes) == {408, 503} and codes.count(408) >= MAX_UPLOADS, codes
+    good = {"class_labels": [6], "seed": 32, "steps": 6}
+    assert_equals_alone(post(server, good), pipe, good)
+    info = requests.get(server.url + "/info", timeout=10).json()
+    assert info["receiving"] == 0 and info["in_flight"] == 0
+
+
+def test_a_killed_api_replica_answers_one_line_of_json(server, pipe):
+    """Last in the module: the API replica dies under a request; the proxy's answer is one line of
+    JSON (was 500 text/plain); Serve starts a new API replica that answers."""
+    pids = replica_pids(API)
+    assert len(pids) == 1
+    body = {"class_labels": [3], "seed": 41, "steps": 300}
+    result = {}
+    client = threading.Thread(target=lambda: result.setdefault("response", post(server, body)))
+    client.start()
+    deadline = time.monotonic() + 30
+    while requests.get(server.url + "/info", timeout=10).json()["in_flight"] < 1:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    os.kill(pids[0], signal.SIGKILL)
+    client.join(120)
+    assert assert_one_line_error(result["response"], 500) == NO_ANSWER
+    deadline = time.monotonic() + 90
+    while True:
+        try:
+            if requests.get(server.url + "/health", timeout=10).status_code == 200 and replica_pids(API) != pids:
+                break
+        except requests.RequestException:
+            pass
+        assert time.monotonic() < deadline, "no new API replica"
+        time.sleep(0.5)
+    fresh = {"class_labels": [2], "seed": 42, "steps": 6}
     assert_equals_alone(post(server, fresh), pipe, fresh)

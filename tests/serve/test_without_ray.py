@@ -2,6 +2,7 @@
 run by ``EngineWorker`` equals each request's ``Pipeline.generate`` alone (DiT and FLUX)."""
 
 import asyncio
+import dataclasses
 import io
 import json
 
@@ -12,7 +13,10 @@ from clusca_trt.config import ClusCaConfig
 from clusca_trt.errors import ConfigError, InputError
 from clusca_trt.runtime.pipeline import GenerateResult, Pipeline
 from clusca_trt.runtime.output import result_bytes
-from clusca_trt.serve.protocol import ModelInfo, batch_arguments, error_body, one_line, parse_request
+from clusca_trt.errors import one_line
+from clusca_trt.serve.proxy import error_body
+from clusca_trt.serve.protocol import (ModelInfo, batch_arguments, page_form, parse_compare,
+                                      parse_request, warmup_requests)
 from clusca_trt.serve.server import ServeOptions
 from clusca_trt.serve.worker import EngineWorker
 
@@ -83,6 +87,8 @@ def test_bad_requests_say_what_is_wrong_in_one_line(dit_info, body, message):
     (b'{"class_labels": [1], "cfg_scale": NaN}', "expected finite numbers, got NaN"),
     (b'{"class_labels": [1], "seed": 1, "seed": 2}', "field 'seed' appears twice"),
     (b"\xff\xfe\x00", "expected a JSON object"),
+    (b'{"class_labels": [1], "seed": ' + b"7" * 5000 + b"}", "expected integers of at most 4300 digits, got a longer"),
+    (b'{"class_labels": [' + b"7" * 5000 + b"]}", "expected integers of at most 4300 digits, got a longer"),
 ])
 def test_bodies_that_are_not_json_objects(dit_info, raw, message):
     with pytest.raises(InputError, match=None) as e:
@@ -202,3 +208,47 @@ def test_batches_form_when_the_engine_is_free(dit_info):
     # 6 and 7 waited longer than 9 (other settings), 9 longer than the big one (which fits no batch of 6 and 7)
     assert runs == [[(10, 0), (10, 1)], [(10, 2), (10, 3), (10, 4), (10, 5)], [(10, 6), (10, 7)], [(20, 9)],
                     [(10, 10)]]
+
+
+def test_compare_runs_every_method_with_the_bodys_settings(dit_info):
+    """full gets none of the ClusCa settings, FORA all but order, the others all; method and format
+    are the endpoint's to choose."""
+    info = dataclasses.replace(dit_info, decoded=True)
+    runs = parse_compare(json.dumps({"class_labels": [1, 2], "seed": 4, "interval": 3, "order": 1}).encode(), info, 8)
+    assert [r.config.method.value for r in runs] == ["full", "clusca", "fora", "taylorseer"]
+    assert [(r.config.interval, r.config.order) for r in runs] == [(1, 2), (3, 1), (3, 0), (3, 1)]
+    assert {(r.seed, r.labels, r.format) for r in runs} == {(4, (1, 2), "npz")}
+    for body, message in [({"class_labels": [1], "method": "fora"}, "method: expected none in a /compare body"),
+                          ({"class_labels": [1], "format": "png"}, "format: expected none in a /compare body"),
+                          ({"class_labels": [1], "order": 0}, "taylorseer needs order >= 1")]:
+        with pytest.raises((InputError, ConfigError), match=message):
+            parse_compare(json.dumps(body).encode(), info, 8)
+    with pytest.raises(InputError, match="compare needs a model with a decoder"):
+        parse_compare(b'{"class_labels": [1]}', dit_info, 8)
+
+
+def test_the_page_form_holds_what_the_parser_resolves(dit_info, flux_engines):
+    """Every default the page shows is what parse_request resolves when the field is left out."""
+    form = page_form(dit_info)
+    fields = {f["name"]: f for f in form["fields"]}
+    assert list(fields)[:3] == ["class_labels", "seed", "steps"] and "format" not in fields
+    body = {"class_labels": fields["class_labels"]["default"]}
+    resolved = parse(body, dit_info)
+    assert fields["steps"]["default"] == resolved.steps and fields["seed"]["default"] == resolved.seed
+    c = resolved.config
+    assert [fields[k]["default"] for k in ("method", "interval", "propagation", "order", "warmup", "fresh")] == \
+        [c.method.value, c.interval, c.propagation, c.order, c.warmup, c.fresh.value]
+    assert {k: fields[k]["default"] for k in ("sampler", "cfg_scale")} == dict(resolved.sampling)
+    assert fields["method"]["choices"] == ["clusca", "taylorseer", "fora", "full"]
+    assert form["compare_methods"] == ["full", "clusca", "fora", "taylorseer"]
+    flux = page_form(ModelInfo.from_manifest(flux_engines))
+    assert [f["name"] for f in flux["fields"]][0] == "prompt" and flux["family"] == "flux"
+    assert not {"prompt_embeds", "pooled_prompt_embeds"} & {f["name"] for f in flux["fields"]}
+
+
+def test_warmup_requests_call_every_method_once(dit_info):
+    runs = warmup_requests(dit_info)
+    assert [(r.config.method.value, r.steps, r.samples) for r in runs] == \
+        [("full", 8, 1), ("clusca", 8, 1), ("fora", 8, 1), ("taylorseer", 8, 1)]
+    no_text = dataclasses.replace(dit_info, family="flux", text_encoders=False)
+    assert warmup_requests(no_text) == []
