@@ -133,6 +133,8 @@ class Field:
     help:     one line, for the CLI's ``--help`` and the documentation.
     default:  the value when none is given (None: none; ``required`` fields have none).
     low/high: the range of an ``int`` or ``number``; choices: the values of a ``choice``.
+    shape:    an ``array``'s shape per sample, by the sampling facts that say it (``("text_length",
+              "text_dim")``: [n, text_length, text_dim]).
     cli:      its CLI flags (empty: not a CLI option).
     http:     whether the server takes it in a request body.
     error:    the error a bad value raises: ``InputError`` for what a run is given, ``ConfigError``
@@ -146,6 +148,7 @@ class Field:
     low: float | None = None
     high: float | None = None
     choices: tuple[str, ...] = ()
+    shape: tuple[str, ...] = ()
     required: bool = False
     cli: tuple[str, ...] = ()
     http: bool = True
@@ -171,7 +174,7 @@ class Field:
         if kind == "prompts":
             return check_prompts(value)
         if kind == "array":
-            return check_finite_array(name, value)
+            return check_finite_array(name, value)  # its shape: the runtime's check (``row_shape``)
         if kind == "keys":
             return check_keys(value)
         if kind == "path":
@@ -181,6 +184,11 @@ class Field:
         if not callable(value):  # callable
             raise InputError(f"{name} must be callable, got {type(value).__name__}")
         return value
+
+
+def row_shape(field: Field, sampling: dict) -> tuple[int, ...]:
+    """An ``array`` field's shape per sample, from a build's sampling facts."""
+    return tuple(int(sampling[k]) for k in field.shape)
 
 
 # the fields every family takes

@@ -25,6 +25,8 @@ import torch
 
 from ..config import ClusCaConfig
 from ..errors import CheckpointError, InputError, one_line
+from ..families import Family
+from ..fields import row_shape
 from . import device_loop
 from .denoiser import PAD_KEY, Denoiser, SampleKey, as_denoiser, sample_keys
 
@@ -122,18 +124,29 @@ def _text_pipeline(module: str, cls: str, root: str, label: str):
 class FlowMatchingRuntime:
     """A text-to-image/video family sampled with diffusers' ``FlowMatchEulerDiscreteScheduler``.
 
-    The subclass names the family (``label``), the diffusers pipeline module and class whose text
-    encoders, sigmas and latent layout it follows, its prompt embeddings (``embeds``: the arrays a
-    run takes besides the latents, in the order ``feeds`` receives them) and default guidance; and
-    it implements ``initial_latents``, ``sigmas``, ``feeds``, ``encode_prompts`` and
-    ``check_embeds``. ``cfg`` below is the manifest's ``model.sampling`` as attributes.
+    The subclass names its registry entry (``family``: its label, its prompt embeddings, i.e. the
+    array inputs a run takes besides the latents, in the order ``feeds`` receives them, their shapes
+    and the default guidance) and the diffusers pipeline module and class whose text encoders, sigmas
+    and latent layout it follows; and it implements ``noise_shape``, ``sigmas``, ``feeds`` and
+    ``encode_prompts``. ``cfg`` below is the manifest's ``model.sampling`` as attributes.
     """
 
-    label: str
+    family: Family
     pipeline_module: str
     pipeline_class: str
-    embeds: tuple[str, ...]  # prompt_embeds first
-    default_guidance: float
+
+    @property
+    def label(self) -> str:
+        return self.family.label
+
+    @property
+    def embeds(self) -> tuple[str, ...]:
+        """The family's embedding inputs (``prompt_embeds`` first)."""
+        return tuple(f.name for f in self.family.inputs if f.kind == "array")
+
+    @property
+    def default_guidance(self) -> float:
+        return self.family.field("guidance_scale").default
 
     # -- what a family says ------------------------------------------------------------------
     def noise_shape(self, cfg) -> tuple[int, ...]:
@@ -155,7 +168,9 @@ class FlowMatchingRuntime:
         raise NotImplementedError
 
     def check_embeds(self, cfg, given: dict) -> list[np.ndarray]:
-        raise NotImplementedError
+        """The embedding inputs as float32 arrays [n, *their shape by the sampling facts], in ``embeds`` order."""
+        facts = vars(cfg)
+        return [check_embeds(n, given[n], row_shape(self.family.field(n), facts)) for n in self.embeds]
 
     def pad_chunk(self, arrays: list[np.ndarray], real: int) -> None:
         """Fix up the zero rows that pad a chunk (in place), where zeros are not valid inputs."""
@@ -264,7 +279,7 @@ class FlowMatchingRuntime:
         if unknown:
             raise InputError(f"{self.label} takes prompt or {', '.join(self.embeds)}, got {', '.join(unknown)}")
         cfg = sampling(pipe)
-        steps = self.default_steps(cfg) if steps is None else steps
+        steps = self.family.steps(vars(cfg)) if steps is None else steps
         guidance = self.default_guidance if guidance_scale is None else guidance_scale
         planned = pipe.plan(steps, config)
         prompts, arrays = self.prompt_inputs(pipe, cfg, prompt, embeds, encoders)
@@ -277,9 +292,6 @@ class FlowMatchingRuntime:
         latents = self.sample(factory, pipe.spec.options.batch, cfg, arrays, keys, steps, guidance, progress)
         seconds = time.perf_counter() - t0
         return pipe.result(factory, self.finish(latents, cfg), None, seconds, prompts=prompts, steps=steps)
-
-    def default_steps(self, cfg) -> int:
-        return getattr(cfg, "default_steps", 50)
 
 
 def sampling(pipe) -> SimpleNamespace:

@@ -22,17 +22,13 @@ import numpy as np
 import torch
 
 from ..errors import InputError
-from .diffusers_common import FlowMatchingRuntime, check_embeds, quiet_loading
-
-DEFAULT_GUIDANCE = 3.5
-
+from ..families import FLUX
+from .diffusers_common import FlowMatchingRuntime, quiet_loading
 
 class FluxRuntime(FlowMatchingRuntime):
-    label = "FLUX"
+    family = FLUX
     pipeline_module = "diffusers.pipelines.flux.pipeline_flux"
     pipeline_class = "FluxPipeline"
-    embeds = ("prompt_embeds", "pooled_prompt_embeds")
-    default_guidance = DEFAULT_GUIDANCE
 
     def noise_shape(self, cfg) -> tuple[int, ...]:
         return (cfg.latent_channels, *cfg.latent_size)
@@ -90,14 +86,6 @@ class FluxRuntime(FlowMatchingRuntime):
             )
         return [embeds.float().numpy(), pooled.float().numpy()]
 
-    def check_embeds(self, cfg, given: dict) -> list[np.ndarray]:
-        return [check_embeds("prompt_embeds", given["prompt_embeds"], (cfg.text_length, cfg.text_dim)),
-                check_embeds("pooled_prompt_embeds", given["pooled_prompt_embeds"], (cfg.pooled_dim,))]
-
 
 RUNTIME = FluxRuntime()
 generate = RUNTIME.generate
-
-
-def default_steps(model: dict) -> int:
-    return model["sampling"]["default_steps"]

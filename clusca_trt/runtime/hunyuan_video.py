@@ -24,18 +24,15 @@ import numpy as np
 import torch
 
 from ..errors import InputError
-from .diffusers_common import FlowMatchingRuntime, check_embeds, quiet_loading
+from ..families import HUNYUAN_VIDEO
+from .diffusers_common import FlowMatchingRuntime, quiet_loading
 
-DEFAULT_GUIDANCE = 6.0
-DEFAULT_STEPS = 50
 
 
 class HunyuanVideoRuntime(FlowMatchingRuntime):
-    label = "HunyuanVideo"
+    family = HUNYUAN_VIDEO
     pipeline_module = "diffusers.pipelines.hunyuan_video.pipeline_hunyuan_video"
     pipeline_class = "HunyuanVideoPipeline"
-    embeds = ("prompt_embeds", "pooled_prompt_embeds", "prompt_attention_mask")
-    default_guidance = DEFAULT_GUIDANCE
 
     def noise_shape(self, cfg) -> tuple[int, ...]:
         """[C, F, H, W], as ``HunyuanVideoPipeline.prepare_latents`` draws it on the CPU."""
@@ -82,9 +79,7 @@ class HunyuanVideoRuntime(FlowMatchingRuntime):
         return [embeds.float().numpy(), pooled.float().numpy(), mask.float().numpy()]
 
     def check_embeds(self, cfg, given: dict) -> list[np.ndarray]:
-        embeds = check_embeds("prompt_embeds", given["prompt_embeds"], (cfg.text_length, cfg.text_dim))
-        pooled = check_embeds("pooled_prompt_embeds", given["pooled_prompt_embeds"], (cfg.pooled_dim,))
-        mask = check_embeds("prompt_attention_mask", given["prompt_attention_mask"], (cfg.text_length,))
+        embeds, pooled, mask = super().check_embeds(cfg, given)
         if not np.isin(mask, (0.0, 1.0)).all() or (mask.sum(axis=1) < 1).any():
             raise InputError("prompt_attention_mask: expected 0/1 values with at least one 1 per row, got others")
         return [embeds, pooled, mask]

@@ -22,28 +22,25 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..config import MAX_SEED, ClusCaConfig, FreshPolicy, Method, is_int
+from ..config import ClusCaConfig, FreshPolicy, Method, is_int
 from ..engines.manifest import Manifest
 from ..errors import ConfigError, InputError
-from ..fields import check_labels
+from ..families import FAMILIES, Family
+from ..fields import COMMON, SEED, Field, check_labels, row_shape
 from ..runtime.compare import available_methods
 from ..runtime.denoiser import SampleKey, sample_keys
-from ..runtime.samplers import SAMPLERS, GaussianDiffusion
+from ..runtime.samplers import GaussianDiffusion
 
-FAMILIES = ("dit", "flux")
+SERVED = tuple(f.name for f in FAMILIES.values() if f.servable)  # the families the server runs
 FORMATS = ("npz", "png")
 MAX_STEPS = 1000  # steps of one request: a server bound, below the library's schedule.MAX_STEPS
 MEDIA_TYPES = {"npz": "application/x-npz", "png": "image/png"}
 
-COMMON_FIELDS = ("seed", "steps", "method", "interval", "propagation", "order", "warmup", "fresh", "format")
-FAMILY_FIELDS = {
-    "dit": ("class_labels", "sampler", "cfg_scale"),
-    "flux": ("prompt", "prompt_embeds", "pooled_prompt_embeds", "guidance_scale", "text_propagation"),
-}
-FLUX_EMBEDS = ("prompt_embeds", "pooled_prompt_embeds")
 SETTINGS_FIELDS = ("interval", "propagation", "order", "warmup", "fresh")  # the caching settings; full takes none
-# the page (GET /): how its form reads a field (others: a JSON number); the FLUX prompt it starts with
-PAGE_INPUTS = {"class_labels": "list", "prompt": "text", "method": "choice", "fresh": "choice", "sampler": "choice"}
+# every family's fields: the common inputs of the registry's schema, the ClusCa settings, the output format
+COMMON_FIELDS = (*(f.name for f in COMMON if f.http), "method", *SETTINGS_FIELDS, "format")
+# the page (GET /): how its form reads a field of each schema kind (others: a JSON number); the prompt it starts with
+PAGE_KINDS = {"labels": "list", "prompts": "text", "choice": "choice"}
 PAGE_PROMPT = "a red apple on a wooden table"
 
 
@@ -67,8 +64,8 @@ class ModelInfo:
     @classmethod
     def from_manifest(cls, manifest: Manifest) -> "ModelInfo":
         family = manifest.model["family"]
-        if family not in FAMILIES:
-            raise ConfigError(f"clusca-trt serve runs {' and '.join(FAMILIES)} engines, got a {family} build")
+        if family not in SERVED:
+            raise ConfigError(f"clusca-trt serve runs {' and '.join(SERVED)} engines, got a {family} build")
         spec = manifest.spec
         return cls(
             family=family,
@@ -82,18 +79,28 @@ class ModelInfo:
         )
 
     @property
+    def entry(self) -> Family:
+        """The family's registry entry: its inputs (the request fields), defaults and ranges."""
+        return FAMILIES[self.family]
+
+    @property
+    def inputs(self) -> tuple[Field, ...]:
+        """The family's inputs a request may carry, the primary first."""
+        return tuple(f for f in self.entry.inputs if f.http)
+
+    @property
     def fields(self) -> tuple[str, ...]:
-        return COMMON_FIELDS + FAMILY_FIELDS[self.family]
+        return COMMON_FIELDS + tuple(f.name for f in self.inputs)
 
     @property
     def default_steps(self) -> int:
-        return int(self.sampling.get("default_steps", 50)) if self.family == "flux" else 50
+        return self.entry.steps(self.sampling)
 
 
 @dataclass(frozen=True, eq=False)
 class GenerateRequest:
     """One validated POST /generate. ``config`` is resolved against the build; ``sampling`` holds the
-    family's sampler settings (DiT: sampler, cfg_scale; FLUX: guidance_scale, text_propagation);
+    family's other scalar inputs (DiT: sampler, cfg_scale; FLUX: guidance_scale, text_propagation);
     exactly one of ``labels`` (DiT), ``prompts`` or ``embeds`` (FLUX) is set."""
 
     seed: int
@@ -115,7 +122,7 @@ class GenerateRequest:
             return len(self.labels)
         if self.prompts is not None:
             return len(self.prompts)
-        return len(self.embeds[FLUX_EMBEDS[0]])
+        return len(next(iter(self.embeds.values())))
 
     @property
     def key(self) -> tuple:
@@ -146,7 +153,7 @@ def _inputs(requests: list[GenerateRequest]) -> dict:
         return {"class_labels": [v for r in requests for v in r.labels]}
     if first.prompts is not None:
         return {"prompt": [p for r in requests for p in r.prompts]}
-    return {name: np.concatenate([r.embeds[name] for r in requests]) for name in FLUX_EMBEDS}
+    return {name: np.concatenate([r.embeds[name] for r in requests]) for name in first.embeds}
 
 
 def _settings(request: GenerateRequest) -> dict:
@@ -186,11 +193,12 @@ def _request(body: dict, model: ModelInfo, max_samples: int) -> GenerateRequest:
     fmt = get.choice("format", "npz", FORMATS)
     if fmt == "png" and not model.decoded:
         raise BadRequest("format png needs a model with a decoder (VAE or pixel space), got latents only; use npz")
-    common = dict(seed=get.integer("seed", 0, 0, MAX_SEED), steps=steps, config=config, format=fmt)
-    if model.family == "dit":
-        request = _dit_request(get, model, common)
+    common = dict(seed=get.integer("seed", SEED.default, int(SEED.low), int(SEED.high)), steps=steps, config=config,
+                  format=fmt, sampling=_scalars(get, model.inputs[1:]))
+    if model.inputs[0].kind == "labels":
+        request = _labels_request(get, model, common)
     else:
-        request = _flux_request(get, model, common)
+        request = _prompts_request(get, model, common)
     if request.samples > max_samples:
         raise BadRequest(f"expected at most {max_samples} samples per request, got {request.samples}")
     return request
@@ -219,27 +227,34 @@ def parse_compare(raw: bytes, model: ModelInfo, max_samples: int) -> list[Genera
 
 def page_form(model: ModelInfo) -> dict:
     """What the page (GET /) shows for this build: its form's fields in order, each with how it is typed
-    in (``PAGE_INPUTS``), its choices and its default (what ``parse_request`` resolves for a body that
+    in (``PAGE_KINDS``), its choices and its default (what ``parse_request`` resolves for a body that
     leaves it out; the family's example input), and the methods /compare runs."""
     methods = available_methods(model.built_clusters > 0, model.built_order, tuple(m.value for m in Method))
-    if model.family == "dit":
-        example = {"class_labels": list(range(min(4, model.sampling["num_classes"])))}
-    else:
-        example = {"prompt": PAGE_PROMPT}
+    example = _example(model, 4)
     resolved = _request(dict(example, method=methods[0]), dataclasses.replace(model, text_encoders=True), 4)
     c = resolved.config
     defaults = dict(example, seed=resolved.seed, steps=resolved.steps, method=c.method.value, interval=c.interval,
                     propagation=c.propagation, order=c.order, warmup=c.warmup, fresh=c.fresh.value,
                     **dict(resolved.sampling))
-    choices = {"method": methods, "fresh": [p.value for p in FreshPolicy], "sampler": list(SAMPLERS)}
-    family = [f for f in FAMILY_FIELDS[model.family] if f not in FLUX_EMBEDS]
-    order = [f for f in family if f in example] + [f for f in COMMON_FIELDS if f != "format"] + \
-            [f for f in family if f not in example]
-    fields = [{"name": f, "kind": PAGE_INPUTS.get(f, "number"), "default": defaults[f],
+    kinds = {f.name: f for f in model.inputs if f.kind != "array"}
+    choices = {"method": methods, "fresh": [p.value for p in FreshPolicy],
+               **{f.name: list(f.choices) for f in kinds.values() if f.kind == "choice"}}
+    order = [f for f in kinds if f in example] + [f for f in COMMON_FIELDS if f != "format"] + \
+            [f for f in kinds if f not in example]
+    fields = [{"name": f, "default": defaults[f],
+               "kind": PAGE_KINDS.get(kinds[f].kind if f in kinds else "choice" if f in choices else "", "number"),
                **({"choices": choices[f]} if f in choices else {})} for f in order]
     return {"family": model.family, "fields": fields, "compare_methods": available_methods(
         model.built_clusters > 0, model.built_order), "images": model.decoded,
-        "prompts": model.family != "flux" or model.text_encoders}
+        "prompts": model.inputs[0].kind != "prompts" or model.text_encoders}
+
+
+def _example(model: ModelInfo, samples: int) -> dict:
+    """The page's and the warm-up's example input: the first class labels, or a prompt."""
+    primary = model.inputs[0]
+    if primary.kind == "labels":
+        return {primary.name: list(range(min(samples, model.sampling["num_classes"])))}
+    return {primary.name: PAGE_PROMPT}
 
 
 def warmup_requests(model: ModelInfo, steps: int = 8) -> list[GenerateRequest]:
@@ -247,55 +262,68 @@ def warmup_requests(model: ModelInfo, steps: int = 8) -> list[GenerateRequest]:
     steps at most): a replica runs them once as it starts, so that no answer, and no /compare timing,
     pays for a graph's first call (ONNX Runtime initialises lazily). None for FLUX engines without
     text encoders (they take embeddings only)."""
-    if model.family == "flux" and not model.text_encoders:
+    if model.inputs[0].kind == "prompts" and not model.text_encoders:
         return []
-    example = {"class_labels": [0]} if model.family == "dit" else {"prompt": PAGE_PROMPT}
+    example = _example(model, 1)
     steps = min(steps, model.default_steps)
     return [_request(dict(example, method=m, steps=steps), model, 1)
             for m in available_methods(model.built_clusters > 0, model.built_order)]
 
 
-def _dit_request(get: "_Fields", model: ModelInfo, common: dict) -> GenerateRequest:
-    labels = get.body.get("class_labels")
+def _scalars(get: "_Fields", inputs: tuple[Field, ...]) -> tuple[tuple[str, object], ...]:
+    """The family's scalar inputs of a request (numbers, integers, choices), by the schema's
+    defaults and ranges."""
+    out = []
+    for f in inputs:
+        if f.kind == "number":
+            out.append((f.name, get.number(f.name, f.default, f.low, f.high)))
+        elif f.kind == "int":
+            out.append((f.name, get.integer(f.name, f.default, f.low, f.high)))
+        elif f.kind == "choice":
+            out.append((f.name, get.choice(f.name, f.default, f.choices)))
+    return tuple(out)
+
+
+def _labels_request(get: "_Fields", model: ModelInfo, common: dict) -> GenerateRequest:
+    name = model.inputs[0].name
+    labels = get.body.get(name)
     if labels is None:
-        raise BadRequest("expected class_labels (a non-empty list of integers) for a dit model, got none")
+        raise BadRequest(f"expected {name} (a non-empty list of integers) for a {model.family} model, got none")
     if not isinstance(labels, list) or not all(is_int(v) for v in labels):
-        raise BadRequest(f"class_labels: expected a list of integers, got {_show(labels)}")
+        raise BadRequest(f"{name}: expected a list of integers, got {_show(labels)}")
     labels = check_labels(labels, model.sampling["num_classes"])  # the runtime's own check: range, non-empty
-    sampler = get.choice("sampler", "ddim", SAMPLERS)
-    GaussianDiffusion(common["steps"], sampler)  # the sampler's own check of the step count
-    sampling = (("sampler", sampler), ("cfg_scale", get.number("cfg_scale", 1.5)))
-    return GenerateRequest(labels=tuple(labels), sampling=sampling, **common)
+    sampler = dict(common["sampling"]).get("sampler")
+    if sampler is not None:
+        GaussianDiffusion(common["steps"], sampler)  # the sampler's own check of the step count
+    return GenerateRequest(labels=tuple(labels), **common)
 
 
-def _flux_request(get: "_Fields", model: ModelInfo, common: dict) -> GenerateRequest:
-    s = model.sampling
-    sampling = (("guidance_scale", get.number("guidance_scale", 3.5)),
-                ("text_propagation", get.number("text_propagation", 0.0, 0.0, 1.0)))
-    given = [n for n in ("prompt", *FLUX_EMBEDS) if get.body.get(n) is not None]
-    if "prompt" in given:
+def _prompts_request(get: "_Fields", model: ModelInfo, common: dict) -> GenerateRequest:
+    prompt_field = model.inputs[0].name
+    arrays = [f for f in model.inputs if f.kind == "array"]
+    names = [f.name for f in arrays]
+    with_embeds = f"{names[0]} with {' and '.join(names[1:])}"
+    given = [n for n in (prompt_field, *names) if get.body.get(n) is not None]
+    if prompt_field in given:
         if len(given) > 1:
-            raise BadRequest("expected either prompt or prompt_embeds with pooled_prompt_embeds, got both")
-        prompt = get.body["prompt"]
+            raise BadRequest(f"expected either {prompt_field} or {with_embeds}, got both")
+        prompt = get.body[prompt_field]
         prompts = [prompt] if isinstance(prompt, str) else prompt
         if not isinstance(prompts, list) or not prompts or not all(isinstance(p, str) and p for p in prompts):
-            raise BadRequest(f"prompt: expected a non-empty string or list of them, got {_show(prompt)}")
+            raise BadRequest(f"{prompt_field}: expected a non-empty string or list of them, got {_show(prompt)}")
         if not model.text_encoders:
-            raise BadRequest("prompt: these engines were built without text encoders beside them; "
-                             "send prompt_embeds and pooled_prompt_embeds")
-        return GenerateRequest(prompts=tuple(prompts), sampling=sampling, **common)
-    if len(given) != 2:
-        missing = [n for n in FLUX_EMBEDS if n not in given]
-        raise BadRequest(f"expected prompt, or prompt_embeds with pooled_prompt_embeds, got no {missing[0]}")
-    embeds = {
-        "prompt_embeds": _array("prompt_embeds", get.body["prompt_embeds"], (s["text_length"], s["text_dim"])),
-        "pooled_prompt_embeds": _array("pooled_prompt_embeds", get.body["pooled_prompt_embeds"], (s["pooled_dim"],)),
-    }
+            raise BadRequest(f"{prompt_field}: these engines were built without text encoders beside them; "
+                             f"send {' and '.join(names)}")
+        return GenerateRequest(prompts=tuple(prompts), **common)
+    if len(given) != len(names):
+        missing = [n for n in names if n not in given]
+        raise BadRequest(f"expected {prompt_field}, or {with_embeds}, got no {missing[0]}")
+    embeds = {f.name: _array(f.name, get.body[f.name], row_shape(f, model.sampling)) for f in arrays}
     rows = {n: len(a) for n, a in embeds.items()}
-    if len(set(rows.values())) != 1:
-        raise BadRequest(f"pooled_prompt_embeds: expected {rows['prompt_embeds']} rows like prompt_embeds, "
-                         f"got {rows['pooled_prompt_embeds']}")
-    return GenerateRequest(embeds=embeds, sampling=sampling, **common)
+    for n in names[1:]:
+        if rows[n] != rows[names[0]]:
+            raise BadRequest(f"{n}: expected {rows[names[0]]} rows like {names[0]}, got {rows[n]}")
+    return GenerateRequest(embeds=embeds, **common)
 
 
 def _array(name: str, value, shape: tuple[int, ...]) -> np.ndarray:
