@@ -167,10 +167,7 @@ class RowMap:
 
     index: np.ndarray
     back: np.ndarray
-
-    @property
-    def identity(self) -> bool:
-        return len(self.index) == len(self.back) and bool((self.index == np.arange(len(self.index))).all())
+    identity: bool = False  # the call's rows are the graph batch as they are (no copy needed)
 
 
 def samples(rows: int, guided: bool, multiplier: int) -> int:
@@ -194,7 +191,8 @@ def row_map(rows: int, guided: bool, multiplier: int, batch: int) -> RowMap:
             raise ConfigError(f"expected at most {multiplier * batch} rows for the graph batch, got {rows}")
         index = np.array([r if r < rows else 0 for r in range(multiplier * batch)])
         back = np.arange(rows)
-    return RowMap(index.astype(np.int64), back.astype(np.int64))
+    identity = len(index) == len(back) and bool((index == np.arange(len(index))).all())
+    return RowMap(index.astype(np.int64), back.astype(np.int64), identity)
 
 
 # --------------------------------------------------------------------------------------------
@@ -489,8 +487,10 @@ class CallReport:
     config:      the ClusCa settings that ran (None if no step did).
     engine:      which engine ran them (``EngineInfo`` as text), None if none did.
     fallback:    why the original transformer ran from step ``served`` on, or None.
-    seconds:     wall time of the served transformer calls; ``graph_seconds``: of that, in the engine's
-                 graphs (the rest is what the wrapper adds: reading the call, moving rows, the output).
+    seconds:     wall time of the served transformer calls; of that, ``start_seconds`` in the first
+                 step's setup (making the engine where the call needs a new one, the plan, its draws,
+                 the conditioning ahead) and ``graph_seconds`` in the engine's graphs; the rest is what
+                 the wrapper adds per step (reading the call, moving rows, the output).
     """
 
     steps: int = 0
@@ -500,7 +500,13 @@ class CallReport:
     engine: str | None = None
     fallback: str | None = None
     seconds: float = 0.0
+    start_seconds: float = 0.0
     graph_seconds: float = 0.0
+
+    @property
+    def wrapper_seconds(self) -> float:
+        """What the wrapper added to the served steps, in all (``seconds`` less setup and graphs)."""
+        return self.seconds - self.start_seconds - self.graph_seconds
 
 
 class _Run:
@@ -514,7 +520,7 @@ class _Run:
         self.served: Served | None = None
         self.denoiser = None
         self.planned: list = []
-        self.seconds = 0.0
+        self.seconds = self.start_seconds = 0.0
 
     # -- the transformer's forward, step by step --------------------------------------------
     def forward(self, original, args: tuple, kwargs: dict, context: str | None):
@@ -522,12 +528,9 @@ class _Run:
             return original(*args, **kwargs)
         t0 = time.perf_counter()
         o = self.owner
-        try:
-            bound = o.signature.bind(*args, **kwargs)
-        except TypeError:
-            return original(*args, **kwargs)  # raises the transformer's own error
-        bound.apply_defaults()
-        given = bound.arguments
+        given = o.arguments(args, kwargs)
+        if given is None:
+            return original(*args, **kwargs)  # arguments the forward does not take: its own error
         if context not in (None, "cond"):
             return self.fall_back(f"a second transformer call per step (cache context {context!r}: true "
                                   f"classifier-free guidance?)", original, args, kwargs)
@@ -536,6 +539,7 @@ class _Run:
             return self.fall_back(call, original, args, kwargs)
         if self.step == 0:
             reason = self.start(call)
+            self.start_seconds = time.perf_counter() - t0
             if reason:
                 return self.fall_back(reason, original, args, kwargs)
         elif call.key() != self.key:
@@ -552,13 +556,8 @@ class _Run:
         log.warning("clusca_trt: %s; this pipeline call runs the original transformer from step %d on", reason, self.step)
         return original(*args, **kwargs)
 
-    @staticmethod
-    def wrap(out: torch.Tensor, return_dict: bool):
-        if not return_dict:
-            return (out,)
-        from diffusers.models.modeling_outputs import Transformer2DModelOutput
-
-        return Transformer2DModelOutput(sample=out)
+    def wrap(self, out: torch.Tensor, return_dict: bool):
+        return self.owner.output(sample=out) if return_dict else (out,)
 
     # -- the first step: engine, plan, conditioning ahead ----------------------------------
     def start(self, call) -> str | None:
@@ -574,7 +573,7 @@ class _Run:
         if ts is None or len(ts) == 0:
             return "a scheduler without timesteps"
         self.tname = call.timestep
-        dtype = {t.name: t.dtype for t in spec.cond_inputs}
+        self.dtypes = dtype = {t.name: t.dtype for t in spec.cond_inputs}
         first = self.host(call.cond[self.tname], dtype[self.tname])
         predicted = o.binding.timesteps(torch.as_tensor(ts), call.cond[self.tname]).detach().to("cpu", torch.float32)
         predicted = predicted.numpy().astype(NP_DTYPES[dtype[self.tname]])
@@ -609,7 +608,7 @@ class _Run:
     def check_conditioning(self, s: int, call) -> None:
         """The step's conditioning is what was computed ahead; where not (a callback changed the prompt
         embeddings, timesteps we did not foresee), the tables are computed again from this step on."""
-        dtype = {t.name: t.dtype for t in self.spec.cond_inputs}
+        dtype = self.dtypes
         ahead = self.ahead[s]
         changed = {}
         t = self.host(call.cond[self.tname], dtype[self.tname])
@@ -641,7 +640,7 @@ class _Run:
             step_counts={k.value: v for k, v in count_kinds(served).items()} if served else {},
             config=self.served.config if self.served and self.step else None,
             engine=str(self.served.holder.engine.info) if self.served and self.step else None,
-            fallback=self.fallback, seconds=self.seconds, graph_seconds=graphs)
+            fallback=self.fallback, seconds=self.seconds, start_seconds=self.start_seconds, graph_seconds=graphs)
 
 
 # --------------------------------------------------------------------------------------------
@@ -663,15 +662,28 @@ class Enabled:
         self.binding = binding
         self.settings = settings
         self.fingerprint = fingerprint
-        self.signature = inspect.signature(pipe.transformer.forward)
+        params = inspect.signature(pipe.transformer.forward).parameters.values()
+        self._positional = [p.name for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+        self._names = {p.name for p in params if p.kind is not p.VAR_POSITIONAL}
+        self._defaults = {p.name: p.default for p in params if p.default is not p.empty}
+        from diffusers.models.modeling_outputs import Transformer2DModelOutput
+
+        self.output = Transformer2DModelOutput
         self.last_call: CallReport | None = None
         self._lock = threading.RLock()
         self._run: _Run | None = None
         self.engines = BuildEngines(self) if settings.engines is not None else TorchEngines(self)
 
-    @property
-    def step_counts(self) -> dict:
-        return self.last_call.step_counts if self.last_call else {}
+    def arguments(self, args: tuple, kwargs: dict) -> dict | None:
+        """A forward call's arguments by name, defaults filled (``inspect.Signature.bind`` without its cost);
+        None where the forward does not take them."""
+        named = self._positional[: len(args)]
+        if len(args) > len(self._positional) or not kwargs.keys() <= self._names or any(n in kwargs for n in named):
+            return None
+        given = dict(self._defaults)
+        given.update(zip(named, args))
+        given.update(kwargs)
+        return given
 
     def _call(self, original):
         """One pipeline call (``original()`` runs it), one at a time."""
@@ -826,6 +838,10 @@ def enable(
         raise ConfigError(f"expected a diffusers pipeline with a transformer and a scheduler, got {type(pipe).__name__}")
     if STATE in getattr(pipe, "__dict__", {}):
         raise ConfigError("expected a pipeline without ClusCa, got one with it enabled; call clusca_trt.disable(pipe) first")
+    registry = getattr(transformer, "_diffusers_hook", None)
+    if registry is not None and HOOK in registry.hooks:
+        raise ConfigError("expected a transformer without ClusCa, got one enabled through another pipeline that "
+                          "shares it; disable that pipeline first")
     family, binding = _family_of(transformer)
     if text_propagation is not None and "text_propagation" not in {f.name for f in family.inputs}:
         raise ConfigError(f"text_propagation applies to families with text tokens (FLUX, HunyuanVideo), got it for "

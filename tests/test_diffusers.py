@@ -552,6 +552,7 @@ class LoraLinear(torch.nn.Module):
 
 
 def test_what_enable_refuses(enable):
+    from diffusers import DiTPipeline
     from diffusers.hooks import FirstBlockCacheConfig, apply_first_block_cache
 
     pipe = dit_pipeline()
@@ -570,8 +571,11 @@ def test_what_enable_refuses(enable):
             clusca_trt.enable(pipe, **bad)
         assert cd.enabled(pipe) is None and type(pipe).__name__ == "DiTPipeline"
     enable(pipe)
-    with pytest.raises(ConfigError, match="already enabled|got one with it enabled"):
+    with pytest.raises(ConfigError, match="got one with it enabled"):
         clusca_trt.enable(pipe)
+    sharing = DiTPipeline(**pipe.components)  # another pipeline over the same transformer (as from_pipe makes)
+    with pytest.raises(ConfigError, match="enabled through another pipeline"):
+        clusca_trt.enable(sharing)
     clusca_trt.disable(pipe)
     with pytest.raises(ConfigError, match="got one without"):
         clusca_trt.disable(pipe)
