@@ -326,9 +326,9 @@ def pipeline_noise(seed: int):
 class PipelineSampler:
     """A diffusers ``DiTPipeline`` over the same weights: diffusers' DDIM set up as DiT samples, the same
     noise and guidance as every row; the final latent caught where the pipeline hands it to its (tiny)
-    VAE. ``before``: called before each pipeline call (a hook's reset)."""
+    VAE. ``before``: called before each pipeline call (a hook's reset); ``context``: around it."""
 
-    def __init__(self, folder: Path, args, before=None):
+    def __init__(self, folder: Path, args, before=None, context=contextlib.nullcontext):
         from diffusers import AutoencoderKL, DDIMScheduler, DiTPipeline
 
         vae = AutoencoderKL(latent_channels=4, block_out_channels=(8, 8), down_block_types=("DownEncoderBlock2D",) * 2,
@@ -337,7 +337,7 @@ class PipelineSampler:
                                   set_alpha_to_one=True, steps_offset=0)
         self.pipe = DiTPipeline(transformer=load_diffusers(folder), vae=vae, scheduler=scheduler)
         self.pipe.set_progress_bar_config(disable=True)
-        self.args, self.before = args, before
+        self.args, self.before, self.context = args, before, context
 
     def __call__(self, steps: int) -> np.ndarray:
         pipe, caught = self.pipe, []
@@ -351,7 +351,7 @@ class PipelineSampler:
         try:
             if self.before:
                 self.before()
-            with pipeline_noise(self.args.seed):
+            with pipeline_noise(self.args.seed), self.context():
                 pipe(class_labels=[self.args.label], guidance_scale=self.args.cfg_scale, num_inference_steps=steps,
                      output_type="pt")
         finally:
@@ -370,6 +370,8 @@ def ours_through_pipeline(folder: Path, args) -> list[Entry]:
     n, K = args.interval, args.clusters
     ours = PipelineSampler(folder, args)
     clusca_trt.enable(ours.pipe, interval=n, clusters=K, order=2, propagation=args.gamma)
+    like = PipelineSampler(folder, args, context=diffusers_taylorseer_steps)  # the hook's full steps: equal PSNR
+    clusca_trt.enable(like.pipe, interval=n, clusters=K, order=2, propagation=args.gamma)
 
     theirs = PipelineSampler(folder, args)
     model = theirs.pipe.transformer
@@ -385,6 +387,8 @@ def ours_through_pipeline(folder: Path, args) -> list[Entry]:
     return [
         Entry("ours_pipeline_clusca", "ours, through the diffusers pipeline", "ours-torch",
               f"DiTPipeline + clusca_trt.enable: N={n}, K={K}, O=2, gamma={args.gamma}; our step modules", ours),
+        Entry("ours_pipeline_clusca_dsteps", "ours, through the diffusers pipeline, on diffusers TaylorSeer's full steps",
+              "ours-torch", "as above; full at 0, 1, 3, 8, ...", like),
         Entry("ts_pipeline", "diffusers TaylorSeer, through the DiTPipeline", "diffusers",
               f"attn1 + ff cached, interval {n}, O=2, warm-up 2, fp32; DiTPipeline", theirs),
     ]

@@ -83,7 +83,7 @@ from .families import FAMILIES, Family
 from .fields import check_finite, check_int
 from .hashing import tree_sha256
 from .runtime.pipeline import Pipeline
-from .schedule import StepKind, count_kinds
+from .schedule import count_kinds
 from .spec import BuildOptions
 
 log = logging.getLogger(__name__)
@@ -309,16 +309,20 @@ class TorchEngines:
             if self.built[0] > side * side:
                 raise ConfigError(f"clusters must be <= the {side * side} image tokens, got {self.built[0]}")
         self.current: Served | None = None
+        self.adapter: tuple[tuple, object] | None = None  # (shape, adapter) of the latest engine
 
     def get(self, call) -> tuple[Served, bool]:
         """(the engine for ``call``, whether it was made now)."""
         o = self.owner
         batch = samples(call.rows, call.guided, o.binding.adapter_class.cfg_multiplier)
-        key = (tuple(sorted(call.shape.items())), batch)
+        shape = tuple(sorted(call.shape.items()))
+        key = (shape, batch)
         if self.current is not None and self.current.key == key:
             return self.current, False
         self.close()
-        adapter = o.binding.adapter(o.transformer, call.shape, o.pipe)
+        if self.adapter is None or self.adapter[0] != shape:  # another batch of one shape: the same adapter
+            self.adapter = (shape, o.binding.adapter(o.transformer, call.shape, o.pipe))
+        adapter = self.adapter[1]
         k, order = self.built
         text = o.settings.text_clusters
         if text is None and "text_length" in call.shape:
@@ -664,7 +668,8 @@ class Enabled:
         self.fingerprint = fingerprint
         params = inspect.signature(pipe.transformer.forward).parameters.values()
         self._positional = [p.name for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
-        self._names = {p.name for p in params if p.kind is not p.VAR_POSITIONAL}
+        self._names = {p.name for p in params if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)}
+        self._any_keyword = any(p.kind is p.VAR_KEYWORD for p in params)
         self._defaults = {p.name: p.default for p in params if p.default is not p.empty}
         from diffusers.models.modeling_outputs import Transformer2DModelOutput
 
@@ -678,7 +683,8 @@ class Enabled:
         """A forward call's arguments by name, defaults filled (``inspect.Signature.bind`` without its cost);
         None where the forward does not take them."""
         named = self._positional[: len(args)]
-        if len(args) > len(self._positional) or not kwargs.keys() <= self._names or any(n in kwargs for n in named):
+        unknown = not self._any_keyword and not kwargs.keys() <= self._names
+        if len(args) > len(self._positional) or unknown or any(n in kwargs for n in named):
             return None
         given = dict(self._defaults)
         given.update(zip(named, args))

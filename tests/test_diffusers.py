@@ -17,7 +17,7 @@ import torch
 import clusca_trt
 from clusca_trt import diffusers as cd
 from clusca_trt.errors import ConfigError, EngineMismatchError
-from clusca_trt.models import dit, flux, hunyuan_video as hv, load_model
+from clusca_trt.models import dit, flux, load_model
 from clusca_trt.runtime import dit as dit_runtime
 from clusca_trt.runtime.pipeline import Pipeline
 from clusca_trt.schedule import count_kinds, plan
