@@ -300,6 +300,26 @@ def test_callback_on_step_end(flux_pipe, enable):
     assert rel_err(changed, run_flux(flux_pipe)) > 1e-2  # the callback's changes took effect
 
 
+def test_img2img_plans_from_its_first_timestep(flux_base, enable):
+    """FluxImg2ImgPipeline at strength 0.5 runs the last 4 of 8 timesteps: ClusCa plans those 4 (found
+    from the first call's timestep), and method full equals the untouched pipeline."""
+    from diffusers import FluxImg2ImgPipeline
+    from PIL import Image
+
+    pipe = FluxImg2ImgPipeline(**flux_base.components)
+    pipe.set_progress_bar_config(disable=True)
+    image = Image.fromarray(np.random.default_rng(1).integers(0, 255, (128, 128, 3), np.uint8))
+    kw = dict(image=image, strength=0.5)
+    want = run_flux(pipe, **kw)
+    handle = enable(pipe, method="full")
+    assert rel_err(run_flux(pipe, **kw), want) < TOL
+    assert handle.last_call.steps == handle.last_call.served == STEPS // 2
+    clusca_trt.disable(pipe)
+    handle = enable(pipe, interval=2, warmup=1, clusters=4)
+    run_flux(pipe, **kw)
+    assert handle.last_call.step_counts == {"full": 2, "partial": 2, "forecast": 0}  # steps 0, 2 of the 4
+
+
 @pytest.mark.parametrize("output_type", ["np", "pil", "pt"])
 def test_output_types(flux_pipe, enable, output_type):
     want = run_flux(flux_pipe, output_type=output_type)
