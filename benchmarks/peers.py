@@ -302,6 +302,99 @@ def ours(folder: Path, engines: Path, args) -> list[Entry]:
 
 
 # ------------------------------------------------------------------------------------------
+# ours, through the diffusers pipeline (clusca_trt.enable), beside diffusers' TaylorSeer in the same pipeline
+
+
+@contextlib.contextmanager
+def pipeline_noise(seed: int):
+    """DiTPipeline's initial noise as every other row draws it (sample key (seed, j)), not its generator's."""
+    import diffusers.pipelines.dit.pipeline_dit as pd
+
+    original = pd.randn_tensor
+
+    def draw(shape, generator=None, device=None, dtype=None, layout=None):
+        noise = dit_runtime.initial_noise(dit_runtime.sample_keys(seed, shape[0]), tuple(shape[1:]))
+        return torch.from_numpy(noise).to(device=device, dtype=dtype)
+
+    pd.randn_tensor = draw
+    try:
+        yield
+    finally:
+        pd.randn_tensor = original
+
+
+class PipelineSampler:
+    """A diffusers ``DiTPipeline`` over the same weights: diffusers' DDIM set up as DiT samples, the same
+    noise and guidance as every row; the final latent caught where the pipeline hands it to its (tiny)
+    VAE. ``before``: called before each pipeline call (a hook's reset); ``context``: around it."""
+
+    def __init__(self, folder: Path, args, before=None, context=contextlib.nullcontext):
+        from diffusers import AutoencoderKL, DDIMScheduler, DiTPipeline
+
+        vae = AutoencoderKL(latent_channels=4, block_out_channels=(8, 8), down_block_types=("DownEncoderBlock2D",) * 2,
+                            up_block_types=("UpDecoderBlock2D",) * 2, layers_per_block=1, norm_num_groups=2).eval()
+        scheduler = DDIMScheduler(beta_schedule="linear", beta_start=0.0001, beta_end=0.02, clip_sample=False,
+                                  set_alpha_to_one=True, steps_offset=0)
+        self.pipe = DiTPipeline(transformer=load_diffusers(folder), vae=vae, scheduler=scheduler)
+        self.pipe.set_progress_bar_config(disable=True)
+        self.args, self.before, self.context = args, before, context
+
+    def __call__(self, steps: int) -> np.ndarray:
+        pipe, caught = self.pipe, []
+        decode = pipe.vae.decode
+
+        def catch(z, *a, **kw):
+            caught.append(z * pipe.vae.config.scaling_factor)
+            return decode(z, *a, **kw)
+
+        pipe.vae.decode = catch
+        try:
+            if self.before:
+                self.before()
+            with pipeline_noise(self.args.seed), self.context():
+                pipe(class_labels=[self.args.label], guidance_scale=self.args.cfg_scale, num_inference_steps=steps,
+                     output_type="pt")
+        finally:
+            del pipe.vae.decode
+        return caught[-1].float().numpy()
+
+
+def ours_through_pipeline(folder: Path, args) -> list[Entry]:
+    """(f) our ClusCa inside a diffusers ``DiTPipeline`` (``clusca_trt.enable``: our PyTorch step modules
+    over the pipeline's transformer), and (b) diffusers' TaylorSeer hook in the same pipeline: the
+    issue-22 target compares the two (the pipeline's own scheduler loop, guidance and VAE hand-off)."""
+    import clusca_trt
+    from diffusers import hooks as H
+    from diffusers.hooks.hooks import CacheContext, HookRegistry, _set_cache_context
+
+    n, K = args.interval, args.clusters
+    ours = PipelineSampler(folder, args)
+    clusca_trt.enable(ours.pipe, interval=n, clusters=K, order=2, propagation=args.gamma)
+    like = PipelineSampler(folder, args, context=diffusers_taylorseer_steps)  # the hook's full steps: equal PSNR
+    clusca_trt.enable(like.pipe, interval=n, clusters=K, order=2, propagation=args.gamma)
+
+    theirs = PipelineSampler(folder, args)
+    model = theirs.pipe.transformer
+    H.apply_taylorseer_cache(model, H.TaylorSeerCacheConfig(
+        cache_interval=n, disable_cache_before_step=2, max_order=2, taylor_factors_dtype=torch.float32,
+        cache_identifiers=[BLOCK + "attn1", BLOCK + "ff"]))
+
+    def reset():  # DiTTransformer2DModel is no CacheMixin: the context a FLUX pipeline would set, set here
+        HookRegistry.check_if_exists_or_initialize(model).reset_stateful_hooks()
+        _set_cache_context(model, CacheContext("cond"))
+
+    theirs.before = reset
+    return [
+        Entry("ours_pipeline_clusca", "ours, through the diffusers pipeline", "ours-torch",
+              f"DiTPipeline + clusca_trt.enable: N={n}, K={K}, O=2, gamma={args.gamma}; our step modules", ours),
+        Entry("ours_pipeline_clusca_dsteps", "ours, through the diffusers pipeline, on diffusers TaylorSeer's full steps",
+              "ours-torch", "as above; full at 0, 1, 3, 8, ...", like),
+        Entry("ts_pipeline", "diffusers TaylorSeer, through the DiTPipeline", "diffusers",
+              f"attn1 + ff cached, interval {n}, O=2, warm-up 2, fp32; DiTPipeline", theirs),
+    ]
+
+
+# ------------------------------------------------------------------------------------------
 # run, measure, report
 
 
@@ -496,6 +589,7 @@ def main(argv=None) -> int:
                   DiffusersSampler(load_diffusers(folder), args))
     hooks, skipped = diffusers_hooks(folder, args)
     entries = [eager, *hooks, *ours(folder, args.work / f"engines-{args.size}-k{args.clusters}", args)]
+    entries += ours_through_pipeline(folder, args)
     measure(entries, args)
     summary = summarize(entries, skipped, args)
     args.out.mkdir(parents=True, exist_ok=True)

@@ -4,6 +4,10 @@ into static ONNX / TensorRT engines.
     from clusca_trt import Pipeline
     pipe = Pipeline.load("engines/dit")
     out = pipe.generate(class_labels=[207, 360], seed=0)
+
+    import clusca_trt
+    clusca_trt.enable(diffusers_pipe, interval=6)     # ClusCa inside a diffusers pipeline
+    clusca_trt.disable(diffusers_pipe)
 """
 
 from __future__ import annotations
@@ -36,13 +40,19 @@ __all__ = [
     "NonFiniteOutputError",
     "Pipeline",
     "__version__",
+    "disable",
+    "enable",
 ]
 
 
 def __getattr__(name: str):
-    # the runtime pulls in numpy and ONNX Runtime; keep ``import clusca_trt`` light
+    # the runtime pulls in numpy, torch and ONNX Runtime; keep ``import clusca_trt`` light
     if name == "Pipeline":
         from .runtime.pipeline import Pipeline
 
         return Pipeline
+    if name in ("enable", "disable"):  # clusca_trt.diffusers: ClusCa inside a diffusers pipeline
+        from . import diffusers
+
+        return getattr(diffusers, name)
     raise AttributeError(f"module 'clusca_trt' has no attribute {name!r}")

@@ -2,6 +2,7 @@
 
     cli -> analysis -> runtime -> engines -> the algorithm (config, schedule, ops, context, steps, spec)
     cli -> exporters -> models -> the algorithm;  digits -> models, runtime;  cli -> serve -> runtime, engines
+    diffusers (``enable(pipe)``: a top layer like cli) -> models, runtime, engines, families
 
 Read from the source with ``ast`` (every import, function-level ones included), so an import that
 breaks a rule fails here whether or not a test runs that code path."""
@@ -25,7 +26,12 @@ FORBIDDEN = {
     "analysis": {"digits", "serve", "cli"},
     "digits": {"exporters", "engines", "analysis", "serve", "cli"},
     "serve": {"models", "exporters", "digits", "analysis", "cli"},
+    "diffusers": {"exporters", "analysis", "digits", "serve", "cli"},
 }
+# the top layers: no other layer imports them
+for _layer, _forbidden in FORBIDDEN.items():
+    if _layer not in ("diffusers",):
+        _forbidden.add("diffusers")
 
 
 def layer_of(module: str) -> str:
@@ -62,8 +68,8 @@ def violations(source: str, module: str) -> list[str]:
     found = []
     for line, target in imports(source, module):
         top = target.split(".")[0]
-        if module == "__init__" and top == "runtime":
-            continue  # the package root's lazy ``Pipeline`` is the public entry point, not a layer
+        if module == "__init__" and top in ("runtime", "diffusers"):
+            continue  # the package root's lazy ``Pipeline``, ``enable``, ``disable``: public entry points, not layers
         if not target or (top not in {p.name for p in PACKAGE.iterdir()} and top + ".py" not in
                           {p.name for p in PACKAGE.iterdir()}):
             found.append(f"{module}:{line} imports the package root ({target or '.'})")
@@ -101,6 +107,10 @@ def test_imports_point_one_way(path):
     ("from ..runtime.pipeline import Pipeline\n", "serve.bad", False),
     ("from ..exporters.build import build_engines\n", "serve.bad", True),
     ("from ..serve.server import Server\n", "runtime.bad", True),
+    ("from .runtime.pipeline import Pipeline\n", "diffusers", False),
+    ("from .models.dit import DiTAdapter\n", "diffusers", False),
+    ("from .exporters.build import build_engines\n", "diffusers", True),
+    ("from ..diffusers import enable\n", "runtime.bad", True),
 ])
 def test_the_checker_finds_what_it_should(source, module, bad):
     assert bool(violations(source, module)) is bad

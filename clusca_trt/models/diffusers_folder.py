@@ -138,6 +138,12 @@ def architecture(folder: Path, defaults, names: tuple[str, ...]) -> tuple[dict, 
     ``defaults``; an unset or null ``out_channels`` is ``in_channels``."""
     path = folder / "config.json"
     raw = read_config(path, "transformer config")
+    return raw, architecture_from(raw, defaults, names, f"config {path}")
+
+
+def architecture_from(raw: dict, defaults, names: tuple[str, ...], where: str) -> dict:
+    """The architecture fields ``names`` of a transformer config ``raw`` (a folder's or a live
+    model's), unset ones from ``defaults``; an unset or null ``out_channels`` is ``in_channels``."""
     arch = {}
     for n in names:
         if n == "out_channels" and raw.get(n) is None:  # diffusers writes null for "as in_channels" (FLUX.1-dev)
@@ -146,10 +152,12 @@ def architecture(folder: Path, defaults, names: tuple[str, ...]) -> tuple[dict, 
         default = getattr(defaults, n)
         kind = bool if isinstance(default, bool) else int if isinstance(default, int) else \
             float if isinstance(default, float) else "ints" if isinstance(default, tuple) else type(default)
-        value = config_value(raw, n, kind, default, f"config {path}", low=0 if kind in (int, float) else None)
+        if kind == "ints" and isinstance(raw.get(n), tuple):  # a live model's config keeps tuples
+            raw = dict(raw, **{n: list(raw[n])})
+        value = config_value(raw, n, kind, default, where, low=0 if kind in (int, float) else None)
         arch[n] = tuple(value) if kind == "ints" else value
     arch["out_channels"] = arch["out_channels"] or arch["in_channels"]
-    return raw, arch
+    return arch
 
 
 def pipeline_configs(root: Path | None) -> tuple[dict | None, dict | None]:

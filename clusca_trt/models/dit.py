@@ -25,10 +25,12 @@ from ..errors import CheckpointError, ConfigError, describe
 from ..hashing import tree_sha256
 from ..spec import BuildOptions, CacheSlot, ExportSpec, TensorSpec, TokenGroup, make_spec
 from .checks import check_safetensors_dtypes, check_state_dict, config_value, read_config
+from .pipeline_call import PipelineBinding, TransformerCall, timestep_vector, unmodelled
 
 log = logging.getLogger(__name__)
 
 FAMILY = "dit"
+TRANSFORMER_CLASS = "DiTTransformer2DModel"  # diffusers' DiT, what DiTPipeline runs
 
 
 @dataclass(frozen=True)
@@ -435,9 +437,13 @@ def _diffusers_dir(path: Path) -> Path:
 def diffusers_config(path: Path) -> DiTConfig:
     folder = _diffusers_dir(path)
     raw = read_config(folder / "config.json", "DiT config")
-    if raw.get("_class_name") not in (None, "DiTTransformer2DModel", "Transformer2DModel"):
+    if raw.get("_class_name") not in (None, TRANSFORMER_CLASS, "Transformer2DModel"):
         raise CheckpointError(f"expected a DiTTransformer2DModel config in {folder}, got {raw.get('_class_name')}")
-    where = f"DiT config {folder / 'config.json'}"
+    return config_from_diffusers(raw, f"DiT config {folder / 'config.json'}", str(folder))
+
+
+def config_from_diffusers(raw: dict, where: str, folder: str) -> DiTConfig:
+    """Our config of a diffusers ``DiTTransformer2DModel`` config (``where``, ``folder``: for messages)."""
 
     def field(name, default, kind=int):
         return config_value(raw, name, kind, default, where, low=1 if kind is int else 0)
@@ -529,3 +535,60 @@ def load_diffusers(path: Path, expect: DiTConfig | None = None) -> DiT:
     _check_state_dict(model, sd, f"checkpoint {path}")
     model.load_state_dict(sd)
     return model.eval()
+
+
+def from_diffusers_module(transformer: nn.Module) -> DiT:
+    """Our DiT over a live diffusers ``DiTTransformer2DModel``'s weights: every tensor it does not
+    concatenate (attention q, k, v -> qkv) is shared with ``transformer``, on its device and in its dtype."""
+    cfg = config_from_diffusers(dict(transformer.config), "the DiT transformer's config", "the pipeline's transformer")
+    try:
+        sd = _from_diffusers_state_dict(transformer.state_dict(), cfg)
+    except KeyError as e:
+        raise CheckpointError(f"the pipeline's DiT transformer lacks tensor {e.args[0]}") from e
+    with torch.device("meta"):
+        model = DiT(cfg)  # no weights allocated: every one comes from ``sd``
+    pos = torch.from_numpy(sincos_pos_embed(cfg.hidden_size, cfg.input_size // cfg.patch_size)).unsqueeze(0)
+    sd["pos_embed"] = pos.to(sd["x_embedder.proj.weight"].device)
+    _check_state_dict(model, sd, "the pipeline's DiT transformer")
+    model.load_state_dict(sd, assign=True)
+    return model.eval()
+
+
+# --------------------------------------------------------------------------------------------
+# inside a diffusers DiTPipeline (``clusca_trt.diffusers``)
+
+
+def pipeline_call(transformer: nn.Module, args: dict, pipe=None):
+    """A ``DiTTransformer2DModel`` forward call (``hidden_states``, ``timestep``, ``class_labels``) as our
+    ``x``, ``t``, ``y``; guided where the second half of the rows has the null class (as DiTPipeline
+    batches classifier-free guidance). Another latent size than the transformer's ``sample_size``
+    (diffusers would interpolate its position embedding) is not modelled."""
+    reason = unmodelled(args, ("cross_attention_kwargs",))
+    if reason:
+        return reason
+    x, labels = args.get("hidden_states"), args.get("class_labels")
+    side = transformer.config.sample_size
+    if not isinstance(x, torch.Tensor) or x.ndim != 4 or tuple(x.shape[2:]) != (side, side):
+        got = list(x.shape[1:]) if isinstance(x, torch.Tensor) else type(x).__name__
+        return f"latents of shape {got}, not the transformer's sample size {side} x {side}"
+    rows = x.shape[0]
+    t = timestep_vector(args.get("timestep"), rows)
+    if t is None or not isinstance(labels, torch.Tensor) or labels.numel() != rows:
+        return "a call without one timestep and one class label per row"
+    y = labels.reshape(-1)
+    null, half, values = transformer.config.num_embeds_ada_norm, rows // 2, y.tolist()  # a few ints: the host's
+    guided = rows % 2 == 0 and all(v == null for v in values[half:]) and all(v < null for v in values[:half])
+    return TransformerCall(rows, {}, {"x": x}, {"t": t, "y": y}, "t", like=x, guided=guided)
+
+
+def pipeline_adapter(transformer: nn.Module, shape: dict, pipe=None) -> DiTAdapter:
+    """The adapter over the pipeline's transformer (``shape``: DiT has no build options)."""
+    return DiTAdapter(from_diffusers_module(transformer))
+
+
+def pipeline_timesteps(timesteps: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """DiTPipeline feeds the scheduler's timestep as it is (expanded to the rows)."""
+    return timesteps.to(like.dtype)
+
+
+PIPELINE = PipelineBinding(TRANSFORMER_CLASS, DiTAdapter, pipeline_call, pipeline_adapter, pipeline_timesteps)

@@ -34,6 +34,7 @@ from ..spec import BuildOptions, ExportSpec, TensorSpec
 from . import diffusers_folder
 from .checks import config_value
 from .diffusers_folder import DiffusersFamily, block_modulations, double_block, final_norm, single_block
+from .pipeline_call import PipelineBinding, TransformerCall, timestep_vector, unmodelled
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +42,8 @@ FAMILY = "flux"
 MAX_TEXT_LENGTH = 512  # T5's limit in the FLUX pipeline
 MAX_SIDE = 8192  # pixels (FLUX.1 is trained up to 2 MP)
 BUILD_OPTIONS = ("height", "width", "text_length")
-DIFFUSERS = DiffusersFamily(FAMILY, "FLUX", "FluxTransformer2DModel", BUILD_OPTIONS, decoder_kind="vae")
+TRANSFORMER_CLASS = "FluxTransformer2DModel"
+DIFFUSERS = DiffusersFamily(FAMILY, "FLUX", TRANSFORMER_CLASS, BUILD_OPTIONS, decoder_kind="vae")
 
 # FlowMatchEulerDiscreteScheduler configs of the released checkpoints (used where a folder has none)
 SCHEDULER_DEV = {
@@ -287,6 +289,87 @@ def folder_config(folder: Path, root: Path | None, expect: FluxConfig | None) ->
             vae, "block_out_channels", "ints", [0] * 4, f"VAE config of {root}")) - 1),
     }
     return diffusers_folder.checked_config(DIFFUSERS, folder, base, **arch, **extra)
+
+
+# --------------------------------------------------------------------------------------------
+# inside a diffusers FluxPipeline (``clusca_trt.diffusers``)
+
+
+def config_from_transformer(transformer: nn.Module, **changes) -> FluxConfig:
+    """Our config of a live ``FluxTransformer2DModel`` (its ``config``), with ``changes`` (the static shapes)."""
+    raw = dict(transformer.config)
+    if raw.get("patch_size", 1) != 1:
+        raise ConfigError(f"expected a FLUX transformer with patch_size 1, got {raw.get('patch_size')}")
+    arch = diffusers_folder.architecture_from(raw, FluxConfig(), _ARCH, "the FLUX transformer's config")
+    base = FluxConfig() if arch["guidance_embeds"] else NAMED_CONFIGS["flux-schnell"]
+    return diffusers_folder.checked_config(DIFFUSERS, "the pipeline's transformer", base, **arch, **changes)
+
+
+def image_grid(img_ids: torch.Tensor) -> tuple[int, int] | None:
+    """(rows, columns) of the image tokens where ``img_ids`` [N, 3] is FluxPipeline's grid
+    ``(0, row, column)`` in row-major order (``position_ids``), else None (reference images, another layout)."""
+    if img_ids.ndim != 2 or img_ids.shape[1] != 3 or img_ids.shape[0] < 1:
+        return None
+    ids = img_ids.detach().to("cpu", torch.float32)
+    rows, cols = int(ids[:, 1].max()) + 1, int(ids[:, 2].max()) + 1
+    if rows * cols != ids.shape[0]:
+        return None
+    grid = torch.zeros(rows, cols, 3)
+    grid[..., 1] += torch.arange(rows)[:, None]
+    grid[..., 2] += torch.arange(cols)[None, :]
+    return (rows, cols) if torch.equal(ids, grid.reshape(-1, 3)) else None
+
+
+def pipeline_call(transformer: nn.Module, args: dict, pipe=None):
+    """A ``FluxTransformer2DModel`` forward call as our inputs: the latents, the T5 and pooled CLIP
+    embeddings, the timestep (``t / 1000``, as FluxPipeline feeds it) and the distilled guidance. The
+    resolution comes from ``img_ids`` (FluxPipeline's grid; any other layout is not modelled, nor
+    are ControlNet residuals or attention kwargs)."""
+    reason = unmodelled(args, ("controlnet_block_samples", "controlnet_single_block_samples", "joint_attention_kwargs"))
+    if reason:
+        return reason
+    names = ("hidden_states", "encoder_hidden_states", "pooled_projections", "img_ids", "txt_ids")
+    x, text, pooled, img_ids, txt_ids = (args.get(n) for n in names)
+    if not all(isinstance(a, torch.Tensor) for a in (x, text, pooled, img_ids, txt_ids)):
+        return "a call without " + ", ".join(names)
+    rows = x.shape[0]
+    img_ids = img_ids[0] if img_ids.ndim == 3 else img_ids
+    txt_ids = txt_ids[0] if txt_ids.ndim == 3 else txt_ids
+    grid = image_grid(img_ids)
+    if grid is None or x.ndim != 3 or x.shape[1] != grid[0] * grid[1]:
+        return "image position ids other than FluxPipeline's grid of the latent tokens (reference images?)"
+    if text.ndim != 3 or text.shape[0] != rows or pooled.ndim != 2 or pooled.shape[0] != rows:
+        return "text embeddings without one row per latent row"
+    if tuple(txt_ids.shape) != (text.shape[1], 3) or bool(txt_ids.any()):
+        return "text position ids other than zeros"
+    cond = {"encoder_hidden_states": text, "pooled_projections": pooled,
+            "timestep": timestep_vector(args.get("timestep"), rows)}
+    if transformer.config.guidance_embeds:
+        cond["guidance"] = timestep_vector(args.get("guidance"), rows)
+    if any(v is None for v in cond.values()):
+        return "a call without one timestep (and guidance) per row"
+    f = 2 * _vae_scale_factor(pipe)
+    shape = {"height": grid[0] * f, "width": grid[1] * f, "text_length": text.shape[1]}
+    return TransformerCall(rows, shape, {"hidden_states": x}, cond, "timestep", like=x)
+
+
+def _vae_scale_factor(pipe) -> int:
+    f = getattr(pipe, "vae_scale_factor", 8)
+    return f if isinstance(f, int) and f >= 1 else 8
+
+
+def pipeline_adapter(transformer: nn.Module, shape: dict, pipe=None) -> FluxAdapter:
+    """The adapter over the pipeline's transformer (its modules, shared) for ``shape`` (height, width, text_length)."""
+    return FluxAdapter(transformer, config_from_transformer(transformer, vae_scale_factor=_vae_scale_factor(pipe),
+                                                            **shape))
+
+
+def pipeline_timesteps(timesteps: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """FluxPipeline feeds ``t.to(latents dtype) / 1000``."""
+    return timesteps.to(like.dtype) / 1000
+
+
+PIPELINE = PipelineBinding(TRANSFORMER_CLASS, FluxAdapter, pipeline_call, pipeline_adapter, pipeline_timesteps)
 
 
 # --------------------------------------------------------------------------------------------

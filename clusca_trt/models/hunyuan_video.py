@@ -41,6 +41,7 @@ from ..errors import CheckpointError, ConfigError
 from ..spec import BuildOptions, ExportSpec, TensorSpec
 from . import diffusers_folder
 from .diffusers_folder import DiffusersFamily, block_modulations, double_block, final_norm, single_block
+from .pipeline_call import PipelineBinding, TransformerCall, timestep_vector, unmodelled
 
 log = logging.getLogger(__name__)
 
@@ -342,3 +343,71 @@ def probe_adapter(cfg: HunyuanVideoConfig, heads: int, double: int, single: int,
     """``cfg`` with ``heads`` heads and the given block counts, random weights (for ``analysis.flops``)."""
     small = cfg.replace(num_attention_heads=heads, num_layers=double, num_single_layers=single)
     return HunyuanVideoAdapter(init_random(small, seed), small)
+
+
+# --------------------------------------------------------------------------------------------
+# inside a diffusers HunyuanVideoPipeline (``clusca_trt.diffusers``)
+
+
+def config_from_transformer(transformer: nn.Module, **changes) -> HunyuanVideoConfig:
+    """Our config of a live ``HunyuanVideoTransformer3DModel`` (its ``config``), with ``changes`` (the static shapes)."""
+    arch = diffusers_folder.architecture_from(dict(transformer.config), HunyuanVideoConfig(), _ARCH,
+                                              "the HunyuanVideo transformer's config")
+    return diffusers_folder.checked_config(DIFFUSERS, "the pipeline's transformer", NAMED_CONFIGS["hunyuan-video"],
+                                           **arch, **changes)
+
+
+def _vae_factors(pipe) -> tuple[int, int]:
+    out = []
+    for name, default in (("vae_scale_factor_spatial", 8), ("vae_scale_factor_temporal", 4)):
+        f = getattr(pipe, name, default)
+        out.append(f if isinstance(f, int) and f >= 1 else default)
+    return out[0], out[1]
+
+
+def pipeline_call(transformer: nn.Module, args: dict, pipe=None):
+    """A ``HunyuanVideoTransformer3DModel`` forward call as our inputs: the video latents, the Llama
+    embeddings and their mask, the pooled CLIP embedding, the timestep and the embedded guidance
+    (``guidance * 1000``, as HunyuanVideoPipeline feeds it). Attention kwargs and image-to-video
+    conditioning are not modelled."""
+    reason = unmodelled(args, ("attention_kwargs",))
+    if reason:
+        return reason
+    if transformer.config.get("image_condition_type") is not None:
+        return f"image-to-video conditioning ({transformer.config.image_condition_type})"
+    names = ("hidden_states", "encoder_hidden_states", "encoder_attention_mask", "pooled_projections")
+    x, text, mask, pooled = (args.get(n) for n in names)
+    if not all(isinstance(a, torch.Tensor) for a in (x, text, mask, pooled)):
+        return "a call without " + ", ".join(names)
+    rows = x.shape[0]
+    if x.ndim != 5 or text.ndim != 3 or tuple(mask.shape) != tuple(text.shape[:2]) or pooled.ndim != 2 \
+            or text.shape[0] != rows or pooled.shape[0] != rows:
+        return "latents, text embeddings and mask without one row per latent row"
+    c = transformer.config
+    frames, height, width = x.shape[2:]
+    if frames % c.patch_size_t or height % c.patch_size or width % c.patch_size:
+        return f"latents of {frames} x {height} x {width}, not multiples of the transformer's patch"
+    cond = {"encoder_hidden_states": text, "encoder_attention_mask": mask, "pooled_projections": pooled,
+            "timestep": timestep_vector(args.get("timestep"), rows)}
+    if c.guidance_embeds:
+        cond["guidance"] = timestep_vector(args.get("guidance"), rows)
+    if any(v is None for v in cond.values()):
+        return "a call without one timestep (and guidance) per row"
+    fs, ft = _vae_factors(pipe)
+    shape = {"height": height * fs, "width": width * fs, "frames": (frames - 1) * ft + 1, "text_length": text.shape[1]}
+    return TransformerCall(rows, shape, {"hidden_states": x}, cond, "timestep", like=x)
+
+
+def pipeline_adapter(transformer: nn.Module, shape: dict, pipe=None) -> HunyuanVideoAdapter:
+    """The adapter over the pipeline's transformer (its modules, shared) for ``shape``."""
+    fs, ft = _vae_factors(pipe)
+    return HunyuanVideoAdapter(transformer, config_from_transformer(
+        transformer, vae_scale_factor=fs, vae_temporal_factor=ft, **shape))
+
+
+def pipeline_timesteps(timesteps: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """HunyuanVideoPipeline feeds ``t.to(latents dtype)`` (float32 latents)."""
+    return timesteps.to(like.dtype)
+
+
+PIPELINE = PipelineBinding(TRANSFORMER_CLASS, HunyuanVideoAdapter, pipeline_call, pipeline_adapter, pipeline_timesteps)

@@ -108,6 +108,7 @@ class Pipeline:
         select: dict | None = None,
         device: str | None = None,
         precision: str | None = None,
+        load_adapter=None,
     ) -> "Pipeline":
         """Open the engine directory ``directory`` (what ``clusca-trt build`` wrote).
 
@@ -123,6 +124,9 @@ class Pipeline:
                    e.g. ``{"height": 768, "width": 1360}``.
         device:    ``cpu``, ``cuda`` or ``cuda:N`` (torch backend; TensorRT: its GPU).
         precision: ``fp32``, ``bf16`` or ``fp16`` of the torch backend (TensorRT: checked against its plans).
+        load_adapter: the torch backend's model where the caller has it (``manifest -> adapter``;
+                   ``clusca_trt.diffusers``: the pipeline's own transformer); default: loaded by the
+                   build's family from its recorded source.
 
         Returns a ``Pipeline``; raises ``EngineError`` (a missing, corrupt or mismatched build),
         ``ConfigError`` (an option out of range), ``BackendUnavailableError`` (a backend or device this
@@ -132,8 +136,9 @@ class Pipeline:
         def open_checked(manifest: Manifest):
             manifest.check(hashes=verify)
             fam = family(manifest.model["family"])
+            load = (lambda: load_adapter(manifest)) if load_adapter else (lambda: fam.load_model(manifest.model).adapter)
             engine = open_engine(manifest, backend, provider=provider, threads=threads, device=device,
-                                 precision=precision, load_adapter=lambda: fam.load_model(manifest.model).adapter)
+                                 precision=precision, load_adapter=load)
             return manifest, engine
 
         manifest, engine = read_build(Path(directory), open_checked, select)
