@@ -18,7 +18,7 @@ Within a call, the transformer's ``n``-th forward is step ``n`` of ClusCa's stat
 (``schedule.plan``) for the number of timesteps the pipeline's scheduler holds at the first forward
 (``num_inference_steps``; img2img's later start is found from the first timestep); the caches,
 k-means state and conditioning tables are reset at every call. Every step runs the planned step
-graphs (``runtime.driver.ScheduledDenoiser``) on:
+graphs (``runtime.denoiser.ScheduledDenoiser``) on:
 
 * our PyTorch step modules over the transformer's own weights (no ``engines``: the torch backend,
   on the transformer's device, in its dtype, with CUDA graphs on a GPU; made for each call's batch
