@@ -39,6 +39,8 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
+import os
 import platform
 import time
 from dataclasses import dataclass
@@ -50,7 +52,7 @@ from ..errors import EngineError, EngineMismatchError
 from ..files import file_lock, read_json, write_text_atomic
 from ..hashing import file_sha256
 from ..spec import ExportSpec
-from .schema import BUILDS, check_manifest
+from .schema import check_manifest
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +77,20 @@ def library_versions() -> dict[str, str]:
         except metadata.PackageNotFoundError:
             pass
     return out
+
+
+def state_bytes(spec: ExportSpec) -> int:
+    """Bytes of a spec's engine state (module caches, hidden states, centroids: what an engine
+    allocates from the spec before its first run), float32."""
+    return sum(4 * math.prod(int(d) for d in t.shape) for t in spec.state_tensors().values())
+
+
+def physical_memory() -> int | None:
+    """This machine's physical memory in bytes (None where the platform does not say)."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return None
 
 
 def build_lock(directory: Path):
@@ -240,6 +256,10 @@ class Manifest:
 
         self.verify(hashes=hashes)
         spec = self.spec
+        need, have = state_bytes(spec), physical_memory()
+        if have is not None and need > have:  # a forged spec (and graphs to match) must not allocate it
+            raise EngineError(f"the engines in {self.directory} need {need / 2**30:.1f} GiB of engine state, expected "
+                              f"at most this machine's {have / 2**30:.1f} GiB; rebuild with a smaller --batch")
         num_classes = self.model["sampling"].get("num_classes")
         for name, path in self.graph_paths().items():
             try:

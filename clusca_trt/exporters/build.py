@@ -20,8 +20,6 @@ same key reuses what is there (after the full check ``Pipeline.load`` runs); any
 from __future__ import annotations
 
 import logging
-import math
-import os
 import shutil
 import tempfile
 import time
@@ -35,7 +33,7 @@ from ..hashing import value_sha256
 from ..models import LoadedModel
 from ..spec import BuildOptions, ExportSpec
 from ..engines.manifest import (FORMAT, LOCK, MANIFEST, Manifest, build_lock, describe_files, library_versions, now,
-                                read_manifest_json, replace_manifest)
+                                physical_memory, read_manifest_json, replace_manifest, state_bytes)
 from ..engines.schema import BUILDS, LEGACY_BUILDS, is_build_dir
 
 log = logging.getLogger(__name__)
@@ -94,10 +92,8 @@ def _user_files(out: Path) -> list[str]:
 def check_memory(spec: ExportSpec, what: str = "this build") -> None:
     """Refuse a build whose engine state (module caches, hidden states; allocated twice while
     exporting) cannot fit in this machine's memory, before anything is allocated."""
-    state = sum(4 * math.prod(int(d) for d in t.shape) for t in spec.state_tensors().values())
-    try:
-        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (ValueError, OSError, AttributeError):
+    state, total = state_bytes(spec), physical_memory()
+    if total is None:
         return
     if 2 * state > total:
         raise ConfigError(

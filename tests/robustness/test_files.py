@@ -4,7 +4,6 @@ a decoder path that is not a local folder never reaches diffusers (no network, e
 
 from __future__ import annotations
 
-import json
 import os
 import stat
 

@@ -278,3 +278,14 @@ def test_inspect_prints_the_path_of_every_graph_file(micro):
     assert sorted(files) == sorted(want) and all(shutil.os.path.isfile(f) for f in files)
     info = json.loads(CliRunner().invoke(main, ["-q", "inspect", str(m.directory), "--json"]).output)
     assert {n: g["path"] for n, g in info["graphs"].items()} == {n: str(p) for n, p in m.graph_paths().items()}
+
+
+def test_a_spec_whose_engine_state_cannot_fit_is_refused_before_allocating(micro, monkeypatch):
+    """A forger can make the spec and the graphs agree on any size: the engine state the spec
+    declares must fit this machine's memory before an engine allocates it (here: a machine of 64 KiB)."""
+    from clusca_trt.engines import manifest as manifest_module
+
+    monkeypatch.setattr(manifest_module, "physical_memory", lambda: 64 * 1024)
+    with pytest.raises(EngineError) as e:
+        Pipeline.load(micro[2].directory)
+    assert "GiB of engine state, expected at most this machine's 0.0 GiB" in one_line(e)
