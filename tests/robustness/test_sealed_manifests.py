@@ -162,6 +162,7 @@ def test_build_rebuilds_over_a_forged_manifest(micro, fake_export, tmp_path, cas
 def flux_manifest():
     """A FLUX manifest as a build writes it (flux-tiny, random weights; no graphs exported: the
     schema and the claims are what is checked here)."""
+    from clusca_trt.engines.schema import BUILDS
     from clusca_trt.models import load_model
     from clusca_trt.spec import BuildOptions
 
@@ -170,7 +171,7 @@ def flux_manifest():
     spec = model.adapter.export_spec(options)
     entry = lambda n: {"file": f"{n}.onnx", "files": [{"file": f"{n}.onnx", "bytes": 1, "sha256": "0" * 64}]}  # noqa: E731
     data = {
-        "format": FORMAT, "key": "0" * 64, "build_dir": "builds/x", "previous": None,
+        "format": FORMAT, "key": "0" * 64, "build_dir": f"{BUILDS}/x", "previous": None,
         "model": {"name": model.name, "family": model.family, "config": model.model_config, "options": model.options,
                   "source": model.source, "sampling": model.adapter.sampling_info()},
         "decoder": None, "build": asdict(options), "spec": spec.to_dict(),
