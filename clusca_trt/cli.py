@@ -81,7 +81,7 @@ def _labels(value: str | None) -> list[int] | None:
 @click.option("--width", type=int, default=None, help="FLUX: image width in pixels, a multiple of 16 [default: 1024].")
 @click.option("--text-length", type=int, default=None, help="FLUX: T5 tokens per prompt [default: 512; schnell 256].")
 @click.option("--frames", type=int, default=None, help="HunyuanVideo: video frames, 4 k + 1 [default: 65].")
-@click.option("--text-clusters", type=int, default=None, help="FLUX: K of the text tokens [default: --clusters].")
+@click.option("--text-clusters", type=int, default=None, help="FLUX: K of the text tokens [default: --clusters, at most the text tokens].")
 @click.option("--out", type=click.Path(path_type=Path), default=None, help="Engine directory (default engines/<model>).")
 @click.option("--force", is_flag=True, help="Rebuild even if the engines are up to date.")
 @click.option("--backend", type=click.Choice(["onnxruntime", "tensorrt"]), default="onnxruntime", show_default=True,
@@ -305,6 +305,7 @@ def _format(info: dict) -> str:
     ]
     for name, g in info["graphs"].items():
         lines.append(f"  {name:<12} {g['bytes'] / 1e6:9.2f} MB  sha256 {g['sha256'][:16]}")
+        lines += [f"    file: {p}" for p in g["paths"]]
         lines.append(f"    in : {g['inputs']}")
         lines.append(f"    out: {g['outputs']}")
     lines.append("versions     " + ", ".join(f"{k} {v}" for k, v in sorted(info["versions"].items())))
@@ -406,31 +407,39 @@ def flops(engine_dir, model_name, clusters, order, batch, interval, warmup, step
 
     if (engine_dir is None) == (model_name is None):
         raise click.UsageError("give either ENGINE_DIR or --model")
+    run_order = order if engine_dir is not None else None
     if engine_dir is not None:
         from .engines.manifest import Manifest
 
         manifest = Manifest.read(engine_dir)
+        built = manifest.spec.options
+        defaults = ClusCaConfig(**manifest.defaults) if manifest.defaults else ClusCaConfig()
+    else:
+        built = BuildOptions(batch=batch, clusters=clusters, order=2 if order is None else order)
+        defaults = DiTAdapter.default_run
+    # the run settings are checked for every method (interval 0 is no method's) before anything is counted
+    ClusCaConfig.for_method("fora", built_clusters=0, built_order=built.order, defaults=defaults,
+                            interval=interval, order=run_order, warmup=warmup)
+    if engine_dir is not None:
         spec = manifest.spec
         graphs = fl.count_engine_dir(manifest)
-        defaults = ClusCaConfig(**manifest.defaults) if manifest.defaults else ClusCaConfig()
         what = f"{engine_dir} ({manifest.model.get('name')})"
     else:
         logging.getLogger("onnx_ir").setLevel(logging.WARNING)
-        options = BuildOptions(batch=batch, clusters=clusters, order=2 if order is None else order)
-        ex = fl.dit_flops(model_name, options)
+        ex = fl.dit_flops(model_name, built)
         spec, graphs = ex.spec, ex.per_graph
-        defaults = DiTAdapter.default_run
         what = f"{model_name} (counted at depths {ex.probe_depths[0]} and {ex.probe_depths[1]}, scaled to {ex.depth})"
     per_call = {n: g.total for n, g in graphs.items()}
     built_k = spec.options.clusters if spec.clustered_groups else 0
     rows = {}
     for method in ("full", "clusca", "taylorseer", "fora"):
-        try:
-            config = ClusCaConfig.for_method(method, built_clusters=built_k, built_order=spec.options.order,
-                                             defaults=defaults, interval=interval if method != "full" else None,
-                                             order=order if engine_dir is not None else None, warmup=warmup)
-        except ClusCaError:
-            continue
+        if (method == "clusca" and built_k == 0) or (method == "taylorseer" and spec.options.order < 1):
+            continue  # what these engines cannot run at all
+        if method == "taylorseer" and run_order == 0:
+            continue  # --order 0 is FORA's
+        config = ClusCaConfig.for_method(method, built_clusters=built_k, built_order=spec.options.order,
+                                         defaults=defaults, interval=interval if method != "full" else None,
+                                         order=run_order, warmup=warmup)
         sched = fl.schedule_flops(per_call, spec, fl.plan(steps, config, spec.options.order), config.clusters > 0)
         rows[method] = {"config": {"interval": config.interval, "clusters": config.clusters, "order": config.order,
                                    "warmup": config.warmup},

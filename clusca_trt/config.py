@@ -130,6 +130,8 @@ class ClusCaConfig:
         method = Method.parse(method)
         base = defaults or cls()
         order = min(base.order, built_order) if order is None else order
+        if not is_int(order) or order < 0:  # before comparing: a string would not compare
+            raise ConfigError(f"order must be an integer >= 0, got {order!r}")
         if order > built_order:
             raise ConfigError(
                 f"order must be <= the built Taylor order {built_order}, got {order}; "

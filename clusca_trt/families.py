@@ -43,6 +43,7 @@ class Family:
     default_steps:  sampling steps when none are given; ``steps_fact``: the sampling fact that
                     says it instead where the model knows (FLUX: 50 for dev, 4 for schnell).
     sampling_facts: what its manifests' ``model.sampling`` must hold: (key, JSON type name).
+    decoders:       the decoder kinds its builds may name (``runtime/decode.py``); none: latents only.
     servable:       whether ``clusca-trt serve`` runs its builds.
     """
 
@@ -54,6 +55,7 @@ class Family:
     default_steps: int = 50
     steps_fact: str | None = None
     sampling_facts: tuple[tuple[str, str], ...] = ()
+    decoders: tuple[str, ...] = ()
     servable: bool = True
 
     @property
@@ -147,6 +149,7 @@ DIT = Family(
         Field("cfg_scale", "number", "Classifier-free guidance scale.", default=1.5, cli=("--cfg-scale",)),
     ),
     sampling_facts=(("num_classes", "int"), ("latent_shape", "list")),
+    decoders=("pixels", "vae"),
 )
 
 FLUX = Family(
@@ -166,7 +169,9 @@ FLUX = Family(
         _ENCODERS,
     ),
     steps_fact="default_steps",
-    sampling_facts=_TEXT_FACTS,
+    sampling_facts=(("height", "int"), ("width", "int"), ("vae_scale_factor", "int"), ("latent_channels", "int"),
+                    ("latent_size", "list"), ("image_tokens", "int"), ("default_steps", "int"), *_TEXT_FACTS),
+    decoders=("vae",),
 )
 
 HUNYUAN_VIDEO = Family(
@@ -188,6 +193,7 @@ HUNYUAN_VIDEO = Family(
         _ENCODERS,
     ),
     sampling_facts=(("latent_shape", "list"), *_TEXT_FACTS),
+    decoders=("video-vae",),
     servable=False,
 )
 

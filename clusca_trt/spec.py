@@ -101,7 +101,8 @@ class TokenGroup:
 class BuildOptions:
     """What a build is static in. ``batch`` counts samples per engine call; with classifier-free
     guidance the graphs run ``2 * batch`` rows. ``clusters`` is K of the image tokens;
-    ``text_clusters`` K of the text tokens where a family has them (FLUX), None: the same as K."""
+    ``text_clusters`` K of the text tokens where a family has them (FLUX, HunyuanVideo), None: the same as
+    K, at most the text tokens."""
 
     batch: int = 1
     clusters: int = 16

@@ -42,6 +42,7 @@ from ..engines.base import EngineInfo, cpu_name
 from .flops import KINDS, count_engine_dir, graph_kind, schedule_flops
 from ..engines.manifest import library_versions
 from ..errors import ClusCaError, ConfigError, one_line
+from ..files import read_json
 
 log = logging.getLogger(__name__)
 
@@ -493,7 +494,7 @@ def write_json(result: dict, path: Path) -> None:
 def load_baseline(path: "str | Path") -> dict:
     path = Path(path)
     try:
-        data = json.loads(path.read_text())
+        data = read_json(path)  # bounded: size and nesting
     except (OSError, ValueError) as e:
         raise ConfigError(f"expected a benchmark JSON written by clusca-trt bench --json at {path}: {one_line(e)}") from None
     if not isinstance(data, dict) or data.get("format") != FORMAT or "run_ms" not in data:

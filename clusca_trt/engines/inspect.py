@@ -49,8 +49,12 @@ def describe(manifest: Manifest) -> dict:
     graphs = {}
     for name, entry in d["graphs"].items():
         g = spec.graphs[name]
+        path = manifest.graph_path(name)
         graphs[name] = {
             "file": entry["file"],
+            "path": str(path),  # where it is: the build folder the manifest names
+            "paths": [str(path.parent / f["file"]) for f in entry["files"]],  # with its external data
+            "build_dir": str(manifest.build_dir),
             "bytes": sum(f["bytes"] for f in entry["files"]),
             "sha256": entry["files"][0]["sha256"],
             "inputs": ", ".join(f"{t.name}{list(t.shape)}" for t in g.inputs),

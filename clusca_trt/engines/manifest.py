@@ -2,9 +2,10 @@
 
     DIR/manifest.json          model (name, family, config, source + content hash), build options,
                                the ExportSpec, every graph file with its size and sha256, library
-                               versions, the cache key, the family's default run settings, and
-                               ``build_dir``: the build folder below
-    DIR/.builds/<id>/          one build's graph files (<graph>.onnx, <graph>.onnx.data); written
+                               versions, the cache key, the family's default run settings,
+                               ``build_dir``: the build folder below, and ``digest``: the sha256 of
+                               all the rest (``replace_manifest`` writes it, ``Manifest.read`` checks it)
+    DIR/builds/<id>/           one build's graph files (<graph>.onnx, <graph>.onnx.data); written
                                once, never changed (immutable), removed two builds later
     DIR/<graph>.<key>.plan     TensorRT plans, where built (``exporters.trt_build``), named in the manifest
     DIR/.lock                  the build lock (``build_lock``)
@@ -14,8 +15,20 @@ rename is the switch, so there is no moment without an engine and a reader never
 A reader reads the manifest once and opens every file from the build folder it names
 (``read_build`` retries once from a fresh manifest where a rebuild removed that folder meanwhile).
 Two builds of one directory take turns (``build_lock``); files a user put in the directory are
-never touched. The manifest is schema-checked when read (``engines.schema``), and ``check``
-holds every graph file to the spec: size, sha256, and its inputs and outputs (``engines.signature``).
+never touched.
+
+An engine directory is data: nothing in it names code, and what it says is checked before use.
+``Manifest.read`` reads at most ``files.MAX_JSON_BYTES`` nested at most ``files.MAX_JSON_DEPTH``
+deep, refuses a manifest whose ``digest`` is not the sha256 of the rest (edited after it was
+written: rebuild), and checks the schema and the claims of ``model.sampling`` and ``decoder``
+against the spec (``engines.schema``). ``check`` holds every graph file to the spec: size,
+sha256, its inputs and outputs (``engines.signature``), external data only in files of its own
+entry, and the label embedding's rows against the class count. The digest is unkeyed: it catches
+edits, not a forger who recomputes it; the checks against the graph files are what bound what a
+forged manifest can do (see the README, "Robustness").
+
+Our own code writes manifests through ``replace_manifest`` alone (a build, ``Manifest.write`` for
+TensorRT plans, new run defaults), which seals each with its digest.
 
 A model with several builds (FLUX: one per resolution) keeps each in ``DIR/<build name>/``;
 ``find_build`` picks the one whose model options match a selection (e.g. height and width).
@@ -23,8 +36,11 @@ A model with several builds (FLUX: one per resolution) keeps each in ``DIR/<buil
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
+import math
+import os
 import platform
 import time
 from dataclasses import dataclass
@@ -33,18 +49,20 @@ from pathlib import Path
 from typing import Callable, TypeVar
 
 from ..errors import EngineError, EngineMismatchError
-from ..files import file_lock, write_text_atomic
+from ..files import file_lock, read_json, write_text_atomic
 from ..hashing import file_sha256
 from ..spec import ExportSpec
-from .schema import BUILDS, check_manifest
+from .schema import check_manifest
 
 log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
 LOCK = ".lock"
+# 4: build folders in builds/ (were .builds/), the manifest sealed by its digest, no model loader;
 # 3: cond and plain graphs, sampling facts and the model loader in the manifest; 2: graph files in an
 # immutable build folder named by the manifest (1: beside it)
-FORMAT = 3
+FORMAT = 4
+DIGEST = "digest"
 
 T = TypeVar("T")
 
@@ -61,6 +79,20 @@ def library_versions() -> dict[str, str]:
     return out
 
 
+def state_bytes(spec: ExportSpec) -> int:
+    """Bytes of a spec's engine state (module caches, hidden states, centroids: what an engine
+    allocates from the spec before its first run), float32."""
+    return sum(4 * math.prod(int(d) for d in t.shape) for t in spec.state_tensors().values())
+
+
+def physical_memory() -> int | None:
+    """This machine's physical memory in bytes (None where the platform does not say)."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
 def build_lock(directory: Path):
     """An exclusive lock on the engine directory ``directory`` (``DIR/.lock``) for the time of a
     build or a manifest update: two builds of one directory take turns, never interleave."""
@@ -68,17 +100,52 @@ def build_lock(directory: Path):
 
 
 def read_manifest_json(directory: Path) -> dict | None:
-    """The raw JSON of ``DIR/manifest.json`` (None where there is none or it cannot be parsed)."""
+    """The raw JSON of ``DIR/manifest.json`` (None where there is none or it cannot be parsed),
+    read with bounds (``files.read_json``); neither its digest nor its schema is checked."""
     try:
-        data = json.loads((Path(directory) / MANIFEST).read_text())
+        data = read_json(Path(directory) / MANIFEST)
     except (OSError, ValueError):
         return None
     return data if isinstance(data, dict) else None
 
 
-def replace_manifest(directory: Path, data: dict) -> None:
-    """Write ``DIR/manifest.json`` by one atomic rename (the caller holds the build lock)."""
-    write_text_atomic(Path(directory) / MANIFEST, json.dumps(data, indent=2, sort_keys=True))
+def manifest_digest(data: dict) -> str:
+    """The sha256 of a manifest's canonical JSON (sorted keys, no spaces), its ``digest`` left out."""
+    body = {k: v for k, v in data.items() if k != DIGEST}
+    text = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def replace_manifest(directory: Path, data: dict) -> dict:
+    """Write ``DIR/manifest.json`` by one atomic rename (the caller holds the build lock), sealed
+    with its ``digest``: the one writer of manifests (a build, TensorRT plans, run defaults), so
+    that what our code wrote is what ``Manifest.read`` accepts, and an edit by hand is refused.
+    Returns the data as written (with its digest)."""
+    sealed = {k: v for k, v in data.items() if k != DIGEST}
+    sealed[DIGEST] = manifest_digest(sealed)
+    write_text_atomic(Path(directory) / MANIFEST, json.dumps(sealed, indent=2, sort_keys=True))
+    return sealed
+
+
+def _refuse_unsealed(data, path: Path) -> None:
+    """A one-line ``EngineError`` unless ``data`` is a JSON object of this format whose digest is
+    the sha256 of the rest (what ``replace_manifest`` wrote, unedited)."""
+    if not isinstance(data, dict):
+        check_manifest(data, path, FORMAT)  # raises: expected a JSON object, got ...
+    if data.get("format") != FORMAT:
+        raise EngineError(f"expected engine format {FORMAT} in {path}, got {data.get('format')!r}; "
+                          f"rebuild with clusca-trt build")
+    digest = data.get(DIGEST)
+    if not isinstance(digest, str):
+        raise EngineError(f"{path} is not sealed: expected its digest, got none (written by hand?); "
+                          f"rebuild with clusca-trt build")
+    try:
+        actual = manifest_digest(data)
+    except (TypeError, ValueError) as e:  # NaN or inf: json allows them on reading, never writes them here
+        raise EngineError(f"{path} is not a valid manifest: {e}".splitlines()[0] + "; rebuild with clusca-trt build")
+    if actual != digest:
+        raise EngineError(f"{path} was changed after clusca-trt wrote it: expected digest {digest[:16]}..., "
+                          f"got {actual[:16]}... for its content; rebuild with clusca-trt build")
 
 
 @dataclass(frozen=True)
@@ -124,10 +191,8 @@ class Manifest:
         path = directory / MANIFEST
         if not path.is_file():
             raise EngineError(f"expected an engine directory with {MANIFEST} at {directory}, got none; run clusca-trt build")
-        try:
-            data = json.loads(path.read_text())
-        except (OSError, ValueError) as e:
-            raise EngineError(f"{path} is not a readable manifest: {e}".splitlines()[0]) from e
+        data = _read(path)
+        _refuse_unsealed(data, path)
         check_manifest(data, path, FORMAT)
         return cls(data, directory)
 
@@ -182,20 +247,30 @@ class Manifest:
 
     def check(self, hashes: bool = True) -> None:
         """The full check before use (``Pipeline.load``, ``inspect --verify``, build reuse): ``verify``,
-        then every graph file's inputs and outputs (names, static shapes, dtypes) against the spec,
-        so a swapped or foreign graph file is refused here, not part-way through sampling."""
-        from .signature import signature_mismatch
+        then every graph file against the spec and the manifest (``engines.signature.graph_problem``):
+        its inputs and outputs (names, static shapes, dtypes), its external data only in the files of
+        its own entry (nothing outside the build folder), and the label embedding's rows against
+        the class count. A swapped, foreign or forged graph file is refused here, not part-way
+        through sampling."""
+        from .signature import graph_problem, read_graph
 
         self.verify(hashes=hashes)
         spec = self.spec
+        need, have = state_bytes(spec), physical_memory()
+        if have is not None and need > have:  # a forged spec (and graphs to match) must not allocate it
+            raise EngineError(f"the engines in {self.directory} need {need / 2**30:.1f} GiB of engine state, expected "
+                              f"at most this machine's {have / 2**30:.1f} GiB; rebuild with a smaller --batch")
+        num_classes = self.model["sampling"].get("num_classes")
         for name, path in self.graph_paths().items():
             try:
-                mismatch = signature_mismatch(path, spec.graphs[name])
+                graph = read_graph(path)
             except Exception as e:  # onnx raises protobuf's DecodeError and others for a file that is not ONNX
                 raise EngineError(f"engine file {path.name} cannot be read as ONNX ({type(e).__name__}); "
                                   f"rebuild with clusca-trt build") from e
-            if mismatch is not None:
-                raise EngineError(f"{mismatch}; rebuild with clusca-trt build")
+            data_files = [f["file"] for f in self.data["graphs"][name]["files"][1:]]
+            problem = graph_problem(graph, path.name, spec.graphs[name], data_files, num_classes)
+            if problem is not None:
+                raise EngineError(f"{problem}; rebuild with clusca-trt build")
 
 
 def read_build(directory: Path, use: Callable[[Manifest], T], select: dict | None = None) -> T:
@@ -248,13 +323,18 @@ def list_builds(directory: Path) -> list[Path]:
     return builds
 
 
+def _read(path: Path):
+    """The JSON of a manifest file, read with bounds, or a one-line ``EngineError``."""
+    try:
+        return read_json(path)
+    except (OSError, ValueError) as e:
+        raise EngineError(f"{path} is not a readable manifest: {e}".splitlines()[0] + "; rebuild with clusca-trt build") from e
+
+
 def _built_options(directory: Path) -> dict:
     """The model options a build was made for (all ``find_build`` needs; ``Manifest.read`` checks the rest)."""
     path = Path(directory) / MANIFEST
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError) as e:
-        raise EngineError(f"{path} is not a readable manifest: {e}".splitlines()[0]) from e
+    data = _read(path)
     if not isinstance(data, dict):
         check_manifest(data, path, FORMAT)  # raises: expected a JSON object, got ...
     if data.get("format") != FORMAT:

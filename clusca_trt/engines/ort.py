@@ -120,6 +120,11 @@ def choose_provider(requested: str = "auto") -> str:
     return requested
 
 
+def _first_line(e: Exception, limit: int = 200) -> str:
+    text = str(e).strip().splitlines()
+    return (text[0] if text else "")[:limit]
+
+
 class OrtEngine(StepEngine):
     backend = "onnxruntime"
 
@@ -229,7 +234,13 @@ class OrtEngine(StepEngine):
                 written.append(t.state_name)
             else:  # no input of this graph is this buffer: in place
                 binding.bind_ortvalue_output(t.name, self._state[t.state_name])
-        session.run_with_iobinding(binding, self._run_options(graph, g))
+        try:
+            session.run_with_iobinding(binding, self._run_options(graph, g))
+        except Exception as e:  # onnxruntime's Fail / RuntimeException / InvalidArgument: not RuntimeError
+            raise EngineError(
+                f"graph {graph} failed in ONNX Runtime: expected it to compute the shapes its signature declares, "
+                f"got {type(e).__name__}: {_first_line(e)}; rebuild with clusca-trt build"
+            ) from e
         for n in written:
             self._state[n], self._spare[n] = self._spare[n], self._state[n]
         if graph not in self._out:

@@ -8,6 +8,13 @@ equal to the spec's); the spec (every field present and well-typed, and equal to
 options make again); one graph entry per graph of the spec; the run defaults (``ClusCaConfig``
 fields with valid values); and every path (the build folder, graph files, TensorRT plans) a plain
 name inside the engine directory: no absolute paths, no ``..``.
+
+And what the manifest says of the model against the spec its graphs are held to (``claims``): the
+latent shape is the model input's, FLUX's image tokens, latent size and channels are its packed
+input's, the text length and widths are the conditioning inputs', guidance is an input where the
+model embeds it, the class count is the model config's, and the decoder is one the family has and
+fits the latent channels (pixels: 1 or 3). What needs the graph files themselves (the label
+embedding's rows, external data) is ``Manifest.check``'s.
 """
 
 from __future__ import annotations
@@ -20,9 +27,11 @@ from pathlib import PurePosixPath
 from ..config import ClusCaConfig
 from ..errors import ClusCaError, EngineError
 from ..families import FAMILIES
+from ..fields import MAX_STEPS
 from ..spec import BuildOptions, ExportSpec
 
-BUILDS = ".builds"  # the folder of immutable build folders inside an engine directory
+BUILDS = "builds"  # the folder of immutable build folders inside an engine directory
+LEGACY_BUILDS = ".builds"  # where format 3 kept them (hidden); only ever a ``previous`` build now
 _JSON_TYPES = {"int": int, "bool": bool, "list": list, "object": dict, "str": str}
 DECODERS = ("pixels", "vae", "video-vae")
 _SHA256 = re.compile(r"[0-9a-f]{64}")
@@ -85,19 +94,20 @@ def plain_name(name, where: str) -> str:
     return name
 
 
-def build_dir_name(value, where: str = "build_dir") -> str:
-    """``.builds/<name>``: a build folder inside the engine directory."""
+def build_dir_name(value, where: str = "build_dir", folders: tuple[str, ...] = (BUILDS,)) -> str:
+    """``builds/<name>``: a build folder inside the engine directory (``folders``: the parents allowed)."""
     parts = PurePosixPath(value).parts if isinstance(value, str) else ()
-    if len(parts) != 2 or parts[0] != BUILDS or value != f"{BUILDS}/{parts[1]}":
+    if len(parts) != 2 or parts[0] not in folders or value != f"{parts[0]}/{parts[1]}":
         raise _Bad(f"expected {where} to be {BUILDS}/<name> inside the engine directory, got {_short(value)}")
     plain_name(parts[1], where)
     return value
 
 
-def is_build_dir(value) -> bool:
-    """Whether ``value`` is a valid ``build_dir``: ``.builds/<name>``, nothing outside."""
+def is_build_dir(value, legacy: bool = False) -> bool:
+    """Whether ``value`` is a valid ``build_dir``: ``builds/<name>`` (``legacy``: or format 3's
+    ``.builds/<name>``), nothing outside."""
     try:
-        build_dir_name(value)
+        build_dir_name(value, folders=(BUILDS, LEGACY_BUILDS) if legacy else (BUILDS,))
     except _Bad:
         return False
     return True
@@ -209,9 +219,17 @@ def _model(m) -> None:
         shape = _ints(info["latent_shape"], "model.sampling.latent_shape")
         if family == "dit" and len(shape) != 3:
             raise _Bad(f"expected model.sampling.latent_shape [C, H, W], got {shape}")
+    if "latent_size" in info:
+        _ints(info["latent_size"], "model.sampling.latent_size")
+    if "default_steps" in info and not 1 <= info["default_steps"] <= MAX_STEPS:
+        raise _Bad(f"expected model.sampling.default_steps in 1..{MAX_STEPS}, got {info['default_steps']}")
+    for key, value in info.items():  # a fact the model config states too must say the same
+        if key in m["config"] and m["config"][key] != value:
+            raise _Bad(f"expected model.sampling.{key} to equal model.config.{key} {_text(m['config'][key])}, "
+                       f"got {_text(value)}")
 
 
-def _decoder(d) -> None:
+def _decoder(d, family: str) -> None:
     if d is None:
         return
     if not isinstance(d, dict):
@@ -219,6 +237,10 @@ def _decoder(d) -> None:
     kind = _get(d, "kind", str, "decoder")
     if kind not in DECODERS:
         raise _Bad(f"expected decoder.kind to be one of {', '.join(DECODERS)}, got {kind!r}")
+    allowed = FAMILIES[family].decoders
+    if kind not in allowed:
+        raise _Bad(f"expected decoder.kind of a {family} build to be "
+                   f"{' or '.join(allowed) if allowed else 'none (latents only)'}, got {kind!r}")
     if kind != "pixels":
         path = _get(d, "path", str, "decoder")
         if not PurePosixPath(path).is_absolute() or ".." in PurePosixPath(path).parts:
@@ -227,6 +249,65 @@ def _decoder(d) -> None:
 
 def _defaults(d) -> None:
     _fields(ClusCaConfig, d, "defaults")
+
+
+def _tensor(spec: ExportSpec, name: str):
+    """The model or conditioning input ``name`` of the spec, or None."""
+    for t in (*spec.model_inputs, *spec.cond_inputs):
+        if t.name == name:
+            return t
+    return None
+
+
+def _text(value) -> str:
+    text = json.dumps(value, default=str)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _claim(info: dict, key: str, want, what: str) -> None:
+    if key in info and info[key] != want:
+        raise _Bad(f"expected model.sampling.{key} to be {_text(want)} ({what}), got {_text(info[key])}")
+
+
+def claims(data: dict, spec: ExportSpec) -> None:
+    """What the manifest says of the model (``model.sampling``, ``decoder``) against the spec, whose
+    inputs and outputs every graph file is held to: a fact that disagrees with the graphs would
+    make the runtime allocate, feed or decode something else than the graphs compute."""
+    info = data["model"]["sampling"]
+    facts = dict(FAMILIES[data["model"]["family"]].sampling_facts)
+    info = {k: v for k, v in info.items() if k in facts}  # only facts the family's runtime reads
+    if not spec.model_inputs:
+        raise _Bad("expected spec.model_inputs to name the model input, got none")
+    x = spec.model_inputs[0]
+    if "latent_shape" in info:  # DiT [C, H, W], HunyuanVideo [C, F, H, W]: the model input's per sample
+        _claim(info, "latent_shape", list(x.shape[1:]), f"the {x.name} input's shape per sample")
+    if "image_tokens" in info:  # FLUX: x is the packed latent [B, tokens, 4 C]
+        if len(x.shape) != 3:
+            raise _Bad(f"expected the {x.name} input [batch, tokens, channels] of packed latents, got {list(x.shape)}")
+        _claim(info, "image_tokens", x.shape[1], f"the {x.name} input's tokens")
+        _claim(info, "latent_channels", x.shape[2] // 4, f"a quarter of the {x.name} input's {x.shape[2]} channels")
+        lh, lw = (info["latent_size"] + [0, 0])[:2]
+        if len(info["latent_size"]) != 2 or lh % 2 or lw % 2 or (lh // 2) * (lw // 2) != x.shape[1]:
+            raise _Bad(f"expected model.sampling.latent_size [h, w] (even) with h w / 4 = the {x.shape[1]} image "
+                       f"tokens, got {_text(info['latent_size'])}")
+        f = info["vae_scale_factor"]
+        _claim(info, "height", lh * f, "latent height x vae_scale_factor")
+        _claim(info, "width", lw * f, "latent width x vae_scale_factor")
+    text = _tensor(spec, "encoder_hidden_states")
+    if text is not None:
+        _claim(info, "text_length", text.shape[1], "the encoder_hidden_states input's tokens")
+        _claim(info, "text_dim", text.shape[2], "the encoder_hidden_states input's width")
+    pooled = _tensor(spec, "pooled_projections")
+    if pooled is not None:
+        _claim(info, "pooled_dim", pooled.shape[1], "the pooled_projections input's width")
+    if "guidance_embeds" in info:
+        _claim(info, "guidance_embeds", _tensor(spec, "guidance") is not None, "whether the graphs take guidance")
+    decoder = data.get("decoder")
+    if isinstance(decoder, dict) and decoder.get("kind") == "pixels":
+        channels = info.get("latent_shape", [0])[0]
+        if channels not in (1, 3):
+            raise _Bad(f"expected a pixels decoder on a model of 1 or 3 channels (grey, RGB), got {channels} "
+                       f"channels (latents that a VAE decodes)")
 
 
 def _tensorrt(t) -> None:
@@ -250,11 +331,14 @@ def check_manifest(data, path, fmt: int) -> ExportSpec:
         _get(data, "key", str, "manifest")
         _get(data, "created", str, "manifest", required=False)
         build_dir_name(_get(data, "build_dir", str, "manifest"))
-        if data.get("previous") is not None:
-            build_dir_name(data["previous"], "previous")
+        if data.get("previous") is not None:  # a format-3 build this one replaced may still be in .builds
+            build_dir_name(data["previous"], "previous", folders=(BUILDS, LEGACY_BUILDS))
+        digest = _get(data, "digest", str, "manifest", required=False)  # Manifest.read compares it
+        if digest is not None and not _SHA256.fullmatch(digest):
+            raise _Bad(f"expected manifest.digest to be 64 hex digits, got {_short(digest)}")
         _model(_get(data, "model", dict, "manifest"))
         if "decoder" in data:
-            _decoder(data["decoder"])
+            _decoder(data["decoder"], data["model"]["family"])
         build = _get(data, "build", dict, "manifest")
         _options(build, "build")
         spec = _spec(_get(data, "spec", dict, "manifest"))
@@ -276,6 +360,7 @@ def check_manifest(data, path, fmt: int) -> ExportSpec:
         _defaults(_get(data, "defaults", dict, "manifest", required=False) or {})
         if "tensorrt" in data:
             _tensorrt(data["tensorrt"])
+        claims(data, spec)
         return spec
     except _Bad as e:
         raise EngineError(f"{path} is not a valid manifest: {e}; rebuild with clusca-trt build") from None

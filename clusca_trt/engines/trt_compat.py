@@ -44,6 +44,7 @@ import onnx.shape_inference
 from onnx import TensorProto, numpy_helper
 
 from ..errors import ClusCaError, one_line
+from ..files import read_json
 
 log = logging.getLogger(__name__)
 
@@ -111,7 +112,7 @@ class SupportMatrix:
     def load(cls, path: Path | None = None) -> SupportMatrix:
         if path is None:
             return _packaged()
-        return cls.from_dict(json.loads(Path(path).read_text()))
+        return cls.from_dict(read_json(path))
 
     def op(self, op_type: str) -> dict | None:
         return self.ops.get(op_type)

@@ -2,13 +2,15 @@
 the manifest to it by one atomic rename. A failed or killed build leaves the previous engines
 in use and untouched; its folder is removed by the next build.
 
-    DIR/.builds/<key>-<time>-<id>/   the new build's graph files (immutable once written)
-    DIR/manifest.json                replaced by one rename: names the build folder in use
+    DIR/builds/<key>-<time>-<id>/    the new build's graph files (immutable once written)
+    DIR/manifest.json                replaced by one rename: names the build folder in use, sealed
+                                     with its digest (``replace_manifest``)
 
 Two builds of one directory take turns (``build_lock``). The build before the current one stays
 until the next build (a reader that read the old manifest can finish loading it); anything older,
 and the folders of killed builds, are removed under the lock. Files a user put in the directory
-are never touched.
+are never touched. A directory of format 3 (build folders in the hidden ``.builds/``) is rebuilt:
+its build stays as the previous one, and the next build removes ``.builds/`` with it.
 
 The directory is content-keyed: the key hashes the model (config + checkpoint content or
 random-init seed), the build options and the library versions. Building again with the
@@ -18,8 +20,6 @@ same key reuses what is there (after the full check ``Pipeline.load`` runs); any
 from __future__ import annotations
 
 import logging
-import math
-import os
 import shutil
 import tempfile
 import time
@@ -33,8 +33,8 @@ from ..hashing import value_sha256
 from ..models import LoadedModel
 from ..spec import BuildOptions, ExportSpec
 from ..engines.manifest import (FORMAT, LOCK, MANIFEST, Manifest, build_lock, describe_files, library_versions, now,
-                                read_manifest_json, replace_manifest)
-from ..engines.schema import BUILDS, is_build_dir
+                                physical_memory, read_manifest_json, replace_manifest, state_bytes)
+from ..engines.schema import BUILDS, LEGACY_BUILDS, is_build_dir
 
 log = logging.getLogger(__name__)
 
@@ -80,7 +80,8 @@ def _reusable(out: Path, key: str) -> Manifest | None:
         return None
 
 
-_OURS = {MANIFEST, LOCK, BUILDS}
+_OURS = {MANIFEST, LOCK, BUILDS, LEGACY_BUILDS}
+_BUILD_FOLDERS = (BUILDS, LEGACY_BUILDS)
 
 
 def _user_files(out: Path) -> list[str]:
@@ -91,10 +92,8 @@ def _user_files(out: Path) -> list[str]:
 def check_memory(spec: ExportSpec, what: str = "this build") -> None:
     """Refuse a build whose engine state (module caches, hidden states; allocated twice while
     exporting) cannot fit in this machine's memory, before anything is allocated."""
-    state = sum(4 * math.prod(int(d) for d in t.shape) for t in spec.state_tensors().values())
-    try:
-        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (ValueError, OSError, AttributeError):
+    state, total = state_bytes(spec), physical_memory()
+    if total is None:
         return
     if 2 * state > total:
         raise ConfigError(
@@ -192,32 +191,40 @@ def _build_locked(model, options, out, spec, key, versions, force, check) -> Bui
         }
         manifest = Manifest(data, out)
         manifest.check(hashes=False)  # the files and every graph against the spec, as a load checks them (the hashes were just taken), before anyone reads it
-        replace_manifest(out, data)  # the switch: one atomic rename
+        data = replace_manifest(out, data)  # the switch: one atomic rename (sealed with its digest)
+        manifest = Manifest(data, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    _retire(out, current, keep={tmp.name, Path(previous).name if previous else None})
+    _retire(out, current, keep={f"{BUILDS}/{tmp.name}", previous})
     log.info("engines written to %s (key %s)", out, key[:12])
     return BuildResult(manifest, reused=False)
 
 
 def _previous_build(out: Path, current: dict | None) -> str | None:
-    """The build folder the manifest being replaced names, where it is a valid one that exists."""
-    name = current.get("build_dir") if current and current.get("format") == FORMAT else None
-    return name if is_build_dir(name) and (out / name).is_dir() else None
+    """The build folder the manifest being replaced names, where it is a valid one that exists
+    (format 3's ``.builds/<name>`` too: a reader of that manifest may still be loading it)."""
+    name = current.get("build_dir") if current and current.get("format") in (3, FORMAT) else None
+    return name if is_build_dir(name, legacy=True) and (out / name).is_dir() else None
+
+
+def _build_folders(out: Path):
+    """(``builds/<name>``, path) of every build folder in ``out``, format 3's ``.builds/`` included."""
+    for folder in _BUILD_FOLDERS:
+        if (out / folder).is_dir():
+            for p in (out / folder).iterdir():
+                yield f"{folder}/{p.name}", p
 
 
 def _remove_debris(out: Path, keep: set) -> None:
     """Folders of killed builds: build folders the manifest does not name (as its build or the
     previous one), and the temporary siblings of the earlier layout (``.NAME.building-*``,
     ``.NAME.old-*``). Called under the lock, so no live build owns them."""
-    keep_names = {Path(k).name for k in keep if isinstance(k, str) and k}
-    builds = out / BUILDS
-    if builds.is_dir():
-        for p in builds.iterdir():
-            if p.name not in keep_names:
-                log.info("removing %s (left by an interrupted or superseded build)", p)
-                _remove(p)
+    for rel, p in list(_build_folders(out)):
+        if rel not in keep:
+            log.info("removing %s (left by an interrupted or superseded build)", p)
+            _remove(p)
+    _remove_empty_legacy(out)
     for pattern in (f".{out.name}.building-*", f".{out.name}.old-*"):
         for p in out.parent.glob(pattern):
             if p.is_dir():
@@ -231,18 +238,26 @@ def _retire(out: Path, replaced: dict | None, keep: set) -> None:
     """After the switch: remove build folders older than the one just replaced, the TensorRT plans
     of the replaced manifest (built from its graphs), and the graph files of a replaced manifest of
     the earlier format (they lay beside it). Nothing the manifests do not name is touched."""
-    builds = out / BUILDS
-    for p in builds.iterdir():
-        if p.name not in keep:
+    for rel, p in list(_build_folders(out)):
+        if rel not in keep:
             _remove(p)
+    _remove_empty_legacy(out)
     if not replaced:
         return
     named = [f.get("file") for e in (replaced.get("tensorrt") or {}).get("plans", {}).values() for f in e.get("files", [])]
-    if replaced.get("format") != FORMAT:  # the earlier layout: graph files beside the manifest
+    if "build_dir" not in replaced:  # format 1: graph files beside the manifest
         named += [f.get("file") for e in (replaced.get("graphs") or {}).values() for f in e.get("files", [])]
     for name in named:
         if isinstance(name, str) and name and "/" not in name and name not in (".", "..") and name not in _OURS:
             (out / name).unlink(missing_ok=True)
+
+
+def _remove_empty_legacy(out: Path) -> None:
+    """Format 3's hidden ``.builds/`` goes once no build in it is kept."""
+    try:
+        (out / LEGACY_BUILDS).rmdir()
+    except OSError:  # absent, or still holds the previous build
+        pass
 
 
 def _remove(p: Path) -> None:
@@ -255,9 +270,10 @@ def _remove(p: Path) -> None:
 def _remove_if_empty(out: Path) -> None:
     """A directory this build created and that holds nothing of use goes again (under the lock)."""
     try:
-        builds = out / BUILDS
-        if builds.is_dir() and not any(builds.iterdir()):
-            builds.rmdir()
+        for folder in _BUILD_FOLDERS:
+            builds = out / folder
+            if builds.is_dir() and not any(builds.iterdir()):
+                builds.rmdir()
         if {p.name for p in out.iterdir()} <= {LOCK}:
             (out / LOCK).unlink(missing_ok=True)
             out.rmdir()

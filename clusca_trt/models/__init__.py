@@ -8,6 +8,7 @@ The families are ``clusca_trt.families.FAMILIES``; each family's model module he
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass, field
 
@@ -93,10 +94,25 @@ def load_model(
 
 def load_from_manifest(model: dict) -> LoadedModel:
     """The model a manifest's ``model`` entry was built from, by its name's family loader (the
-    manifest names no code), checked against the recorded sha256 (the torch backend's model)."""
+    manifest names no code), checked against the recorded sha256 and architecture (the torch
+    backend's model: one that differs from the one the graphs were exported from is refused)."""
     if family_of(model["name"]) != model["family"]:
         raise EngineMismatchError(f"expected model {model['name']!r} to be of family {model['family']!r}, "
                                   f"got family {family_of(model['name'])!r}; rebuild")
+    loaded = _load_recorded(model)
+    got = json.loads(json.dumps(loaded.model_config, default=str))
+    want = model.get("config")
+    if got != want:
+        keys = sorted(set(got) | set(want if isinstance(want, dict) else {}))
+        key = next((k for k in keys if not isinstance(want, dict) or got.get(k) != want.get(k)), "?")
+        raise EngineMismatchError(
+            f"expected model {model['name']} with the architecture the engines were built from ({key} "
+            f"{(want or {}).get(key) if isinstance(want, dict) else want!r}), got {key} {got.get(key)!r} where it "
+            f"loads now; rebuild with clusca-trt build")
+    return loaded
+
+
+def _load_recorded(model: dict) -> LoadedModel:
     src = model["source"]
     options = model.get("options", {})
     if src["kind"] == "random-init":

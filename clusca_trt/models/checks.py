@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from ..errors import CheckpointError, one_line
+from ..files import loads_json, read_json
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +34,7 @@ _ST_CAST = {"F16", "BF16", "F64"}
 def read_config(path: Path, what: str) -> dict:
     """The JSON object in ``path`` (a diffusers ``config.json`` and the like)."""
     try:
-        raw = json.loads(Path(path).read_text())
+        raw = read_json(path)  # bounded: size and nesting
     except (OSError, ValueError) as e:
         raise CheckpointError(f"{what} {path} is not readable JSON: {one_line(e)}") from e
     if not isinstance(raw, dict):
@@ -94,7 +95,7 @@ def check_safetensors_dtypes(folder: Path, what: str) -> None:
                 (n,) = struct.unpack("<Q", fh.read(8))
                 if n > 100 * 2**20:
                     raise ValueError(f"header of {n} bytes")
-                header = json.loads(fh.read(n))
+                header = loads_json(fh.read(n))
         except (OSError, ValueError, struct.error) as e:
             raise CheckpointError(f"{what}: {f.name} is not a readable safetensors file: {one_line(e)}") from e
         if not isinstance(header, dict):

@@ -222,7 +222,8 @@ def export_spec(
         slots.append(CacheSlot("single", L1, T_img + T_txt, D))
         cond.append(TensorSpec("mod_single", (B, L1, 3 * D)))
     cond += [TensorSpec("mod_out", (B, 2 * D)), TensorSpec("context", (B, T_txt, D)), *extra_cond]
-    k_txt = options.clusters if options.text_clusters is None else options.text_clusters
+    # unset: K of the image tokens, at most every text token (HunyuanVideo's K=32 of a 16-token tiny text)
+    k_txt = min(options.clusters, T_txt) if options.text_clusters is None else options.text_clusters
     groups = [TokenGroup("img", T_img, D, options.clusters), TokenGroup("txt", T_txt, D, k_txt)]
     return make_spec(family, options, inputs, slots, groups, B, output_shape, cond_inputs=cond_inputs,
                      cond_tensors=cond)

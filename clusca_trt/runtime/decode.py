@@ -62,6 +62,7 @@ def decode(decoder: dict | None, latents: np.ndarray) -> np.ndarray | None:
         import torch
 
         vae = _vae(decoder["path"])
+        _check_channels(vae, latents, decoder)
         scale = float(getattr(vae.config, "scaling_factor", 0.18215))
         shift = float(getattr(vae.config, "shift_factor", None) or 0.0)  # FLUX's VAE has one; SD's has none
         with torch.no_grad():
@@ -71,11 +72,21 @@ def decode(decoder: dict | None, latents: np.ndarray) -> np.ndarray | None:
         import torch
 
         vae = _video_vae(decoder["path"])
+        _check_channels(vae, latents, decoder)
         with torch.no_grad():
             x = vae.decode(torch.from_numpy(latents) / float(vae.config.scaling_factor)).sample.numpy()
         n, c, f, h, w = x.shape
         return to_images(x.transpose(0, 2, 1, 3, 4).reshape(n * f, c, h, w)).reshape(n, f, h, w, c)
     raise ConfigError(f"decoder kind must be 'pixels', 'vae' or 'video-vae', got {decoder['kind']!r}")
+
+
+def _check_channels(vae, latents: np.ndarray, decoder: dict) -> None:
+    """The VAE decodes latents of its own channel count: anything else is a one-line error, not a
+    convolution's traceback part-way through decoding."""
+    want = getattr(vae.config, "latent_channels", None)
+    if isinstance(want, int) and latents.ndim >= 2 and latents.shape[1] != want:
+        raise CheckpointError(f"the {decoder['kind']} at {decoder['path']} decodes {want} latent channels, expected "
+                              f"the model's {latents.shape[1]}; rebuild the engines with the model's own VAE")
 
 
 @functools.lru_cache(maxsize=1)

@@ -16,6 +16,7 @@ for a host draw, and a device loop can take the whole plan in one upload.
 
 from __future__ import annotations
 
+import math
 import time
 from collections import defaultdict
 from dataclasses import dataclass
@@ -24,7 +25,7 @@ import numpy as np
 
 from ..config import ClusCaConfig, FreshPolicy
 from ..engines.base import StepEngine
-from ..errors import ConfigError, NonFiniteOutputError
+from ..errors import ConfigError, InputError, NonFiniteOutputError
 from ..schedule import PlannedStep, StepKind
 from ..spec import COND_ROW, GRAPH_COND, GRAPH_FORECAST, GRAPH_FULL, GRAPH_PARTIAL, GRAPH_PLAIN, ExportSpec
 
@@ -48,10 +49,40 @@ def stream(key: SampleKey, which: int) -> np.random.Generator:
     return np.random.default_rng([seed, index, which])
 
 
+# noise values a call may draw beyond its samples' own (a key (seed, j) draws the j rows before its
+# own): 2**24 float32 values, 64 MiB and a fraction of a second
+NOISE_BUDGET = 2**24
+
+
+def check_noise_cost(keys: list[SampleKey], shape: tuple[int, ...]) -> None:
+    """Refuse keys whose noise costs more than the samples': sample ``(seed, j)`` is row ``j`` of its
+    seed's draws, so the rows below ``j`` that no key asks for are drawn for nothing. At most
+    ``NOISE_BUDGET`` such values per call (an ``InputError`` naming the largest index otherwise),
+    whatever the sample size: index 99999 of a 1024-value sample is 100 M values, of a FLUX
+    1024 px latent 26 G."""
+    per_sample = math.prod(int(d) for d in shape)
+    wasted, worst = 0, None
+    for seed in {k[0] for k in keys}:
+        indices = {k[1] for k in keys if k[0] == seed}
+        top = max(indices)
+        wasted += (top + 1 - len(indices)) * per_sample
+        if worst is None or top > worst[1]:
+            worst = (seed, top)
+    if wasted > NOISE_BUDGET:
+        seed, top = worst
+        raise InputError(
+            f"keys: sample index {top} of seed {seed} needs the noise of the {top} samples before it drawn first; "
+            f"expected at most {NOISE_BUDGET} noise values ({NOISE_BUDGET // per_sample} samples of "
+            f"{per_sample} values) drawn beyond the requested samples' own, got {wasted}; use smaller indices"
+        )
+
+
 def initial_noise(keys: list[SampleKey], shape: tuple[int, ...]) -> np.ndarray:
     """Standard normal noise [n, *shape], one sample per key: sample ``(seed, j)`` is row ``j`` of
     ``default_rng(seed).standard_normal((m, *shape))`` for any ``m > j`` (numpy fills row by
-    row), so ``n`` samples of one seed alone are ``standard_normal((n, *shape))``."""
+    row), so ``n`` samples of one seed alone are ``standard_normal((n, *shape))``. The cost of
+    keys with large indices is bounded first (``check_noise_cost``)."""
+    check_noise_cost(keys, shape)
     out = np.empty((len(keys), *shape), np.float32)
     by_seed: dict[int, list[int]] = defaultdict(list)
     for i, (seed, _) in enumerate(keys):

@@ -28,7 +28,7 @@ from ..errors import CheckpointError, InputError, one_line
 from ..families import Family
 from ..fields import row_shape
 from . import device_loop
-from .denoiser import PAD_KEY, Denoiser, SampleKey, as_denoiser, sample_keys
+from .denoiser import PAD_KEY, Denoiser, SampleKey, as_denoiser, check_noise_cost, sample_keys
 
 log = logging.getLogger(__name__)
 
@@ -190,6 +190,7 @@ class FlowMatchingRuntime:
         ``n`` samples (and row ``j`` does not depend on ``m`` where a sample's size is a multiple
         of 16, as every real latent's is: torch fills normal noise 16 values at a time)."""
         shape = self.noise_shape(cfg)
+        check_noise_cost(keys, shape)  # the rows below a key's index are drawn too: bounded
         out = torch.empty((len(keys), *shape))
         for seed in {k[0] for k in keys}:
             rows = [i for i, k in enumerate(keys) if k[0] == seed]

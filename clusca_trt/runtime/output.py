@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import InputError
-from ..files import write_atomic
+from ..files import temp_prefix, write_atomic
 
 SUFFIXES = (".npz", ".png", ".mp4")
 
@@ -36,7 +36,7 @@ def check_output(path: Path, has_decoder: bool) -> None:
         raise InputError(f"expected an output file at {path}, got a folder")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, probe = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".probe", dir=path.parent)
+        fd, probe = tempfile.mkstemp(prefix=temp_prefix(path), suffix=".probe", dir=path.parent)
         os.close(fd)
         os.unlink(probe)
     except OSError as e:

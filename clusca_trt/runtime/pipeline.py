@@ -17,21 +17,22 @@ alone. For throughput, use one ``Pipeline`` per thread (or the engine batch).
 from __future__ import annotations
 
 import logging
+import os
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from ..config import ClusCaConfig, Method
+from ..config import ClusCaConfig, Method, is_int
 from ..engines.base import EngineInfo, StepEngine
 from ..engines.manifest import Manifest, read_build
 from ..engines.open import open_engine
-from ..errors import EngineError, EngineMismatchError
+from ..errors import ConfigError, EngineError, EngineMismatchError
 from ..families import Family, family
 from ..schedule import PlannedStep, count_kinds, plan
 from ..spec import ExportSpec
-from .denoiser import SampleKey, ScheduledDenoiser
+from .denoiser import SampleKey, ScheduledDenoiser, check_noise_cost
 from .inputs import check_finite_output
 
 log = logging.getLogger(__name__)
@@ -133,6 +134,8 @@ class Pipeline:
         machine cannot run). Every file comes from the one build the manifest names (never a mix of
         two, even during a rebuild)."""
 
+        _check_load_options(directory, verify, threads, select)
+
         def open_checked(manifest: Manifest):
             manifest.check(hashes=verify)
             fam = family(manifest.model["family"])
@@ -168,6 +171,8 @@ class Pipeline:
         clusters: int | None = None,
     ) -> ClusCaConfig:
         built_k = self.spec.options.clusters
+        if clusters is not None and (not is_int(clusters) or clusters < 0):
+            raise ConfigError(f"clusters must be an integer >= 0, got {clusters!r}")
         if clusters is not None and clusters != built_k:
             raise EngineMismatchError(
                 f"engines were built with --clusters {built_k}, requested {clusters}; "
@@ -221,6 +226,8 @@ class Pipeline:
         one-line ``InputError`` / ``ConfigError``); calls from several threads run one at a time.
         Returns a ``GenerateResult``."""
         family_inputs = self.family.resolve(args, inputs, self.model.get("sampling") or {})
+        if family_inputs.get("keys"):  # what their noise costs, by the sample size (the runtimes check it too)
+            check_noise_cost(family_inputs["keys"], self.spec.model_inputs[0].shape[1:])
         config = self.resolve_config(method, interval, propagation, order, warmup, fresh, clusters)
         with self._lock:
             if self._closed:
@@ -314,6 +321,34 @@ class DenoiserFactory:
             for k, v in d.timings.items():
                 out.setdefault(k, []).extend(v)
         return out
+
+
+MAX_THREADS = 4096
+
+
+def _check_load_options(directory, verify, threads, select) -> None:
+    """``Pipeline.load``'s own arguments, each of its type and range, before anything is read (the
+    provider, backend, device and precision are checked where they are used, also before loading)."""
+    if not isinstance(directory, (str, os.PathLike)):
+        raise ConfigError(f"directory must be a path (str or os.PathLike), got {type(directory).__name__} "
+                          f"{_shown(directory)}")
+    if not isinstance(verify, bool):
+        raise ConfigError(f"verify must be True or False, got {_shown(verify)}")
+    if threads is not None and (not is_int(threads) or not 1 <= threads <= MAX_THREADS):
+        raise ConfigError(f"threads must be None or an integer in 1..{MAX_THREADS}, got {_shown(threads)}")
+    if select is not None:
+        if not isinstance(select, dict):
+            raise ConfigError(f"select must be a dict of build options (e.g. {{'height': 768}}), got "
+                              f"{type(select).__name__} {_shown(select)}")
+        for k, v in select.items():
+            if not isinstance(k, str) or not (v is None or is_int(v)):
+                raise ConfigError(f"select must map option names to integers (e.g. {{'height': 768}}), got "
+                                  f"{_shown(k)}: {_shown(v)}")
+
+
+def _shown(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def _defaults(d: dict) -> ClusCaConfig:

@@ -5,6 +5,7 @@ export is the real one)."""
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -15,6 +16,9 @@ from clusca_trt.models.dit import DiT, DiTAdapter, DiTConfig, init_random
 from clusca_trt.spec import BuildOptions
 
 MICRO = DiTConfig(input_size=8, patch_size=2, in_channels=4, hidden_size=32, depth=2, num_heads=4, num_classes=10)
+# the same in pixel space: one grey channel, decoded by {"kind": "pixels"} (a .png can be written)
+MICRO_PIXELS = DiTConfig(input_size=8, patch_size=2, in_channels=1, hidden_size=32, depth=2, num_heads=4,
+                         num_classes=10, learn_sigma=False)
 OPTIONS = {k: BuildOptions(batch=1, clusters=k, order=1, kmeans_iterations=2) for k in (2, 3)}
 
 
@@ -22,6 +26,31 @@ def micro_model(seed: int = 0) -> LoadedModel:
     """The micro DiT with random weights (seed), as ``load_model`` would return it."""
     return LoadedModel("dit-tiny", "dit", DiTAdapter(init_random(DiT(MICRO), seed)), MICRO.to_dict(),
                        {"kind": "random-init", "seed": seed})
+
+
+TINY_OPTIONS = BuildOptions(batch=1, clusters=2, order=1, kmeans_iterations=2)
+TINY_BUILD_FLAGS = ["--model", "dit-tiny", "--random-init", "-K", "2", "-O", "1", "--kmeans-iterations", "2"]
+
+
+@pytest.fixture(scope="session")
+def tiny(tmp_path_factory):
+    """The Manifest of the named ``dit-tiny`` (random weights, seed 0) built for K=2, O=1: a model the
+    torch backend loads by its name (``clusca-trt build`` with ``TINY_BUILD_FLAGS`` makes the same)."""
+    from clusca_trt.exporters.build import build_engines
+    from clusca_trt.models import load_model
+
+    model = load_model("dit-tiny", random_init=True, seed=0)
+    return build_engines(model, TINY_OPTIONS, tmp_path_factory.mktemp("tiny") / "eng").manifest
+
+
+@pytest.fixture(scope="session")
+def micro_pixels(tmp_path_factory):
+    """The Manifest of the pixel-space micro DiT's engines (K=2), with a pixels decoder."""
+    from clusca_trt.exporters.build import build_engines
+
+    model = LoadedModel("dit-digits", "dit", DiTAdapter(init_random(DiT(MICRO_PIXELS), 0)), MICRO_PIXELS.to_dict(),
+                        {"kind": "random-init", "seed": 0}, decoder={"kind": "pixels"})
+    return build_engines(model, OPTIONS[2], tmp_path_factory.mktemp("micro-pixels") / "k2").manifest
 
 
 @pytest.fixture(scope="session")
@@ -32,6 +61,28 @@ def micro(tmp_path_factory):
     root = tmp_path_factory.mktemp("micro")
     model = micro_model()
     return {k: build_engines(model, o, root / f"k{k}").manifest for k, o in OPTIONS.items()}
+
+
+def write_sealed(directory: Path, data) -> None:
+    """Write ``data`` as ``DIR/manifest.json`` the way a careful forger would: with its digest
+    recomputed (the digest is unkeyed), so that the checks behind it are what must refuse it. A
+    value that is not an object is written as it is."""
+    try:
+        from clusca_trt.engines.manifest import DIGEST, manifest_digest
+    except ImportError:  # the code before manifests were sealed (measuring what failed before)
+        DIGEST, manifest_digest = "digest", None
+    if isinstance(data, dict) and manifest_digest is not None:
+        data = dict({k: v for k, v in data.items() if k != DIGEST}, **{DIGEST: manifest_digest(data)})
+    (Path(directory) / "manifest.json").write_text(json.dumps(data))
+
+
+def edit_manifest(directory: Path, edit, seal: bool = True) -> None:
+    """``edit(data)`` (returning the new data) on ``DIR/manifest.json``; resealed unless ``seal`` is False."""
+    data = edit(json.loads((Path(directory) / "manifest.json").read_text()))
+    if seal:
+        write_sealed(directory, data)
+    else:
+        (Path(directory) / "manifest.json").write_text(json.dumps(data))
 
 
 def copy_engine(manifest, dst: Path) -> Path:

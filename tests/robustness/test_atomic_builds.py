@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 import clusca_trt
-from clusca_trt.engines.manifest import Manifest
+from clusca_trt.engines.manifest import FORMAT, Manifest
 from clusca_trt.errors import EngineError
 from clusca_trt.exporters.build import build_engines
 from clusca_trt.runtime.pipeline import Pipeline
@@ -72,7 +72,7 @@ def test_a_reader_whose_build_was_removed_retries_from_a_fresh_manifest(micro, t
             data = json.loads((d / "manifest.json").read_text())
             new = manifest.build_dir.with_name(manifest.build_dir.name + "-next")
             shutil.copytree(manifest.build_dir, new)
-            data["build_dir"] = f".builds/{new.name}"
+            data["build_dir"] = f"builds/{new.name}"
             replace_manifest(d, data)
             shutil.rmtree(manifest.build_dir)
         manifest.check(hashes=True)
@@ -158,7 +158,7 @@ def test_a_killed_build_leaves_an_engine_and_the_next_build_removes_its_debris(m
     assert [p.name for p in tmp_path.iterdir()] == ["eng"]  # no temporary siblings
     manifest = Manifest.read(d)
     named = {Path(manifest.data["build_dir"]).name, Path(manifest.data.get("previous") or "-").name}
-    left = {p.name for p in (d / ".builds").iterdir()}
+    left = {p.name for p in (d / "builds").iterdir()}
     assert left <= named, f"unreferenced build folders left: {left - named}"
     assert not list(d.glob(".manifest.json.*"))
 
@@ -178,7 +178,7 @@ def test_builds_beyond_the_previous_one_are_removed(micro, fake_export, tmp_path
     for k in (3, 2, 3):
         build_engines(micro_model(), OPTIONS[k], d, force=True)
     manifest = Manifest.read(d)
-    assert len(list((d / ".builds").iterdir())) == 2  # the current build and the one before it
+    assert len(list((d / "builds").iterdir())) == 2  # the current build and the one before it
     assert manifest.build_dir.is_dir() and (d / manifest.data["previous"]).is_dir()
 
 
@@ -194,11 +194,11 @@ def test_an_engine_directory_of_the_earlier_layout_is_refused_and_rebuilt(micro,
     (d / "notes.txt").write_text("mine")
     with pytest.raises(EngineError) as e:
         Pipeline.load(d)
-    assert "expected engine format 3" in one_line(e) and "rebuild" in str(e.value)
+    assert f"expected engine format {FORMAT}" in one_line(e) and "rebuild" in str(e.value)
     r = build_engines(micro_model(), OPTIONS[2], d)
     assert not r.reused
     Pipeline.load(d)
-    assert sorted(p.name for p in d.iterdir()) == [".builds", ".lock", "manifest.json", "notes.txt"]
+    assert sorted(p.name for p in d.iterdir()) == [".lock", "builds", "manifest.json", "notes.txt"]
 
 
 def test_a_failed_first_build_leaves_no_directory(micro, tmp_path, monkeypatch):

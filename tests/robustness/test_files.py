@@ -4,7 +4,6 @@ a decoder path that is not a local folder never reaches diffusers (no network, e
 
 from __future__ import annotations
 
-import json
 import os
 import stat
 
@@ -18,7 +17,7 @@ from clusca_trt.errors import CheckpointError
 from clusca_trt.exporters.build import build_engines
 from clusca_trt.runtime.pipeline import Pipeline
 
-from .conftest import OPTIONS, cli_error, copy_engine, micro_model, one_line
+from .conftest import OPTIONS, cli_error, copy_engine, edit_manifest, micro_model, one_line
 
 
 def _mode(p) -> int:
@@ -72,9 +71,7 @@ def test_png_output_without_a_decoder_fails_before_sampling(micro, tmp_path, no_
 
 def _with_decoder(micro, tmp_path, decoder):
     d = copy_engine(micro[2], tmp_path / "eng")
-    data = json.loads((d / "manifest.json").read_text())
-    data["decoder"] = decoder
-    (d / "manifest.json").write_text(json.dumps(data))
+    edit_manifest(d, lambda data: dict(data, decoder=decoder))
     return d
 
 

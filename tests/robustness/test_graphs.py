@@ -17,7 +17,7 @@ from clusca_trt.exporters.build import build_engines
 from clusca_trt.hashing import file_sha256
 from clusca_trt.runtime.pipeline import Pipeline
 
-from .conftest import OPTIONS, cli_error, copy_engine, micro_model, one_line
+from .conftest import OPTIONS, cli_error, copy_engine, micro_model, one_line, write_sealed
 
 
 def _rehash(d):
@@ -28,7 +28,7 @@ def _rehash(d):
         for f in entry["files"]:
             p = m.graph_path(name).parent / f["file"]
             f["bytes"], f["sha256"] = p.stat().st_size, file_sha256(p)
-    (d / "manifest.json").write_text(json.dumps(data))
+    write_sealed(d, data)
 
 
 def _swap(d, a, b):

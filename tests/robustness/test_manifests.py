@@ -14,7 +14,9 @@ from clusca_trt.errors import EngineError
 from clusca_trt.exporters.build import build_engines
 from clusca_trt.runtime.pipeline import Pipeline
 
-from .conftest import OPTIONS, cli_error, copy_engine, micro_model, one_line
+from clusca_trt.engines.manifest import FORMAT
+
+from .conftest import OPTIONS, cli_error, copy_engine, micro_model, one_line, write_sealed
 
 
 def _drop(*keys):
@@ -48,7 +50,7 @@ CASES = {
     "json-list": (lambda d: [d], "expected a JSON object, got a list"),
     "json-null": (lambda d: None, "expected a JSON object, got null"),
     "json-number": (lambda d: 3, "expected a JSON object, got an integer"),
-    "old-format": (_set(1, "format"), "expected engine format 3"),
+    "old-format": (_set(1, "format"), f"expected engine format {FORMAT}"),
     "unknown-default": (_set(9, "defaults", "speed"), "expected defaults keys among interval, clusters"),
     "bad-default": (_set(0, "defaults", "interval"), "defaults: interval must be an integer >= 1, got 0"),
     "graph-removed": (_drop("graphs", "partial"), "expected graphs cond, plain, full, forecast, partial"),
@@ -65,8 +67,8 @@ CASES = {
     "bytes-wrong-type": (_set("10", "graphs", "full", "files", 0, "bytes"), "bytes to be an integer"),
     "absolute-graph-path": (_set("/etc/passwd", "graphs", "full", "file"), "graphs.full.file to be a file name inside"),
     "parent-graph-path": (_set("../../x.onnx", "graphs", "full", "files", 0, "file"), "to be a file name inside"),
-    "absolute-build-dir": (_set("/tmp", "build_dir"), "expected build_dir to be .builds/<name>"),
-    "parent-build-dir": (_set(".builds/../..", "build_dir"), "expected build_dir to be .builds/<name>"),
+    "absolute-build-dir": (_set("/tmp", "build_dir"), "expected build_dir to be builds/<name>"),
+    "parent-build-dir": (_set(".builds/../..", "build_dir"), "expected build_dir to be builds/<name>"),
     "relative-decoder": (_set({"kind": "vae", "path": "vae"}, "decoder"), "expected decoder.path to be an absolute"),
     "decoder-kind": (_set({"kind": "gan"}, "decoder"), "expected decoder.kind to be one of pixels, vae, video-vae"),
     "plan-outside": (_set({"key": "k", "platform": {}, "options": {}, "plans": {"full": {
@@ -80,7 +82,7 @@ def _damaged(micro, tmp_path, case):
     d = copy_engine(micro[2], tmp_path / "eng")
     edit, message = CASES[case]
     data = json.loads((d / "manifest.json").read_text())
-    (d / "manifest.json").write_text(json.dumps(edit(data)))
+    write_sealed(d, edit(data))  # resealed: the schema, not the digest, must refuse these
     return d, message
 
 
