@@ -7,6 +7,7 @@ are relative to the largest value (``rel_err``); seeds are named in each test.""
 from __future__ import annotations
 
 import copy
+import json
 import logging
 import threading
 
@@ -448,9 +449,13 @@ def test_build_weights_are_compared_where_there_is_no_folder():
     from clusca_trt.engines.manifest import Manifest
     from clusca_trt.families import FLUX
 
+    from clusca_trt.models import load_model
+
     cfg = flux.NAMED_CONFIGS["flux-tiny"]
+    options = {"height": 128, "width": 128, "text_length": 16}
+    built = load_model("flux-tiny", random_init=True, seed=3, **options)  # the architecture a build records
     model = {"name": "flux-tiny", "family": "flux", "source": {"kind": "random-init", "seed": 3},
-             "options": {"height": 128, "width": 128, "text_length": 16}}
+             "options": options, "config": json.loads(json.dumps(built.model_config, default=str))}
     manifest = Manifest({"model": model}, directory="engines/flux-tiny")
     for seed, ok in ((3, True), (4, False)):
         t = flux.init_random(cfg, seed)
