@@ -125,7 +125,10 @@ class ClusCaConfig:
         """
         method = Method.parse(method)
         base = defaults or cls()
-        order = min(base.order, built_order) if order is None else order
+        if order is None:
+            order = min(base.order, built_order)
+            if method is Method.TAYLORSEER and order < 1:  # defaults of FORA (O = 0, e.g. chosen by tune)
+                order = built_order
         if order > built_order:
             raise ConfigError(
                 f"order must be <= the built Taylor order {built_order}, got {order}; "

@@ -172,7 +172,7 @@ def candidate_space(build: Build, dimensions: Sequence[Dimension] = DIMENSIONS) 
     lines: dict[tuple, list[ClusCaConfig]] = {}
     for method in methods:
         base = ClusCaConfig.for_method(method, built_clusters=build.clusters, built_order=build.order,
-                                       defaults=build.defaults, order=0 if method == "fora" else None)
+                                       defaults=build.defaults, order={"fora": 0, "taylorseer": build.order}.get(method))
         dims = [d for d in dimensions if method in d.methods and d.field in fields]
         names = [d.field for d in dims]
         for values in product(*(d.values_for(build) for d in dims)):
