@@ -139,7 +139,7 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=None, help="seed of the check samples [default: the tune's + 1000]")
     p.add_argument("--threads", type=int, default=None, help="ONNX Runtime threads of the check's runs")
     p.add_argument("--rows", type=int, default=3, help="comparison rows (the fastest that meet the floor)")
-    p.add_argument("--screen", type=int, default=20, help="screening samples for a model without a quality table")
+    p.add_argument("--screen", type=int, default=8, help="screening samples for a model without a quality table")
     p.add_argument("--rounds", type=int, default=1, help="repeats of the measured sequence (timings: medians)")
     p.add_argument("--table", type=Path, default=ROOT / "benchmarks" / "results" / "quality.json")
     p.add_argument("--tune-json", type=Path, default=None, help="check this tune's result instead of tuning now")

@@ -123,7 +123,10 @@ DIMENSIONS: tuple[Dimension, ...] = (
     Dimension("order", ("clusca",), lambda b: tuple(range(0, b.order + 1))),
     Dimension("propagation", ("clusca",), _with_default("propagation", (0.0, 0.02))),
     Dimension("fresh", ("clusca",), ("random", "nearest")),
-    Dimension("update", ("clusca",), ("paper", "residual", "step")),  # issue 25: searched once ClusCaConfig has it
+    # issue 25's update rules (searched once ClusCaConfig has these fields; ClusCaConfig drops the
+    # combinations it refuses, e.g. a correction other than 1 with the paper's rule)
+    Dimension("update", ("clusca",), ("paper", "residual", "step")),
+    Dimension("correction", ("clusca",), (1.0, 0.5)),
 )
 
 

@@ -370,3 +370,29 @@ def test_calibration_inputs(pipe):
     assert T.calibration_inputs(pipe, 5, {"class_labels": [7, 8]})["class_labels"] == [7, 8, 7, 8, 7]
     with pytest.raises(ConfigError):
         T.calibration_inputs(pipe, 0, {})
+
+
+def test_an_ssim_floor_is_met_on_the_whole_set(pipe):
+    r = _tune(pipe, min_ssim=0.9999)
+    assert r.chosen is not None and r.chosen.samples == 4
+    ssim = r.chosen.ssim
+    assert len(ssim) == 4 and np.mean(ssim) - T.standard_error(ssim, 0.0) >= 0.9999 - 1e-12
+
+
+# -- prompt families ---------------------------------------------------------------------------
+
+
+def test_flux_tunes_on_embeddings_and_refuses_none_for_trained_weights(flux_engines):
+    from clusca_trt.runtime.pipeline import Pipeline
+
+    with Pipeline.load(flux_engines.directory, threads=1) as p:
+        with pytest.raises(InputError, match="expected calibration prompts"):
+            T.calibration_inputs(p, 2, {})  # weights from a folder: random embeddings would tune for noise
+        s = p.model["sampling"]
+        rng = np.random.default_rng(0)
+        given = {"prompt_embeds": rng.standard_normal((1, s["text_length"], s["text_dim"]), np.float32),
+                 "pooled_prompt_embeds": rng.standard_normal((1, s["pooled_dim"]), np.float32)}
+        inputs = T.calibration_inputs(p, 2, given)  # one embedding, cycled to two samples
+        assert inputs["prompt_embeds"].shape[0] == 2
+        r = T.tune(p, T.TuneSettings(min_psnr=20.0, budget_seconds=60.0, max_interval=3), inputs, steps=4)
+    assert r.chosen is not None and r.scored_on == "images" and r.chosen.samples == 2
