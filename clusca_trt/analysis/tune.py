@@ -477,6 +477,7 @@ class TuneResult:
     stopped_early: bool
     scored_on: str  # "images" or "latents"
     error: str | None = None
+    runs: list = field(default_factory=list)  # every run: (seconds since the start, setting, samples, steps, seconds)
 
     def to_dict(self) -> dict:
         return {
@@ -491,6 +492,7 @@ class TuneResult:
             "full_seconds_per_call": _num(self.full_seconds), "full_measured_seconds_per_call": _num(self.full_measured_seconds),
             "chosen": self.chosen.to_dict() if self.chosen else None, "error": self.error,
             "front": [c.to_dict() for c in self.front], "candidates": [c.to_dict() for c in self.candidates],
+            "runs": [dict(zip(("at", "setting", "samples", "steps", "seconds"), r)) for r in self.runs],
         }
 
 
@@ -612,10 +614,12 @@ class Tuner:
         self.inputs.pop("steps", None)
         self.inputs.pop("seed", None)
         self.inputs.pop("keys", None)
-        primary = pipe.family.primary.name
-        first = self.inputs.get(primary)
+        first = self.inputs.get(pipe.family.primary.name)
         if first is None:
-            first = next(v for k, v in self.inputs.items() if k in ("prompt_embeds",))
+            first = self.inputs.get("prompt_embeds")
+        if first is None or len(first) < 1:
+            raise InputError(f"expected calibration inputs ({pipe.family.primary.name} or prompt_embeds), got none; "
+                             f"see calibration_inputs")
         self.n = len(first)
         self.batch = pipe.spec.options.batch
         self.chunks = math.ceil(self.n / self.batch)
@@ -955,7 +959,7 @@ class Tuner:
             calibration={"samples": self.n, "seed": self.seed, "steps": self.steps, "batch": self.batch,
                          "inputs": _describe_inputs(self.inputs)},
             machine=_machine(self.pipe), space=space, elapsed=self.budget.elapsed,
-            stopped_early=self.stopped_early, scored_on=self.scored_on,
+            stopped_early=self.stopped_early, scored_on=self.scored_on, runs=list(self.log),
         )
         if chosen is None:
             result.error = self._failure(cands)
