@@ -657,21 +657,30 @@ class Tuner:
     def _status(self, text: str) -> None:
         self.progress(min(1.0, self.budget.elapsed / self.settings.budget_seconds), text)
 
-    def _warm_up(self) -> float:
-        """Every graph once (first calls allocate), then a short timed full run of one engine batch:
-        the estimate of full compute's time per step and engine call."""
+    def _warm_up(self) -> None:
+        """Full compute on one engine batch and a short schedule, twice (the first calls allocate):
+        the estimate of full compute on the calibration set, refused at once where the budget cannot
+        pay it; then every method's graphs, twice (the second round timed)."""
         short = min(self.steps, 8)
+        one = min(self.batch, self.n)
+        self._run(self.full, 0, one, steps=short, observe=False)
+        per_step = self._run(self.full, 0, one, steps=short).seconds / short
+        estimate = per_step * self.steps * self.chunks
+        if estimate > self.budget.left:
+            s = self.settings
+            raise TuneError(
+                f"--budget-minutes {s.budget_seconds / 60:g} is too small to run full compute once on the calibration "
+                f"set: expected about {estimate / 60:.2f} min for {self.n} samples x {self.steps} steps, got "
+                f"{max(self.budget.left, 0) / 60:.2f} min left; raise --budget-minutes or lower --samples")
         warm = []
         for method in SEARCHED:
             try:
                 warm.append(self.pipe.resolve_config(method, interval=2))
             except ClusCaError:
                 continue
-        warm.append(self.full)
-        for observe in (False, True):  # the first calls allocate: only the second round is timed
+        for observe in (False, True):
             for config in warm:
-                res = self._run(config, 0, min(self.batch, self.n), steps=short, observe=observe)
-        return res.seconds / short  # warm[-1] is full
+                self._run(config, 0, one, steps=short, observe=observe)
 
     def _reference(self) -> None:
         res = self._run(self.full, 0, self.n, observe=False)  # its time: by _keep_full_timed, as the others
@@ -923,13 +932,7 @@ class Tuner:
     def run(self) -> TuneResult:
         s = self.settings
         self._status("warming up")
-        per_step = self._warm_up()
-        full_estimate = per_step * self.steps * self.chunks
-        if full_estimate > self.budget.left:
-            raise TuneError(
-                f"--budget-minutes {s.budget_seconds / 60:g} is too small to run full compute once on the calibration "
-                f"set: expected about {max(full_estimate, 0) / 60:.2f} min for {self.n} samples x {self.steps} steps, "
-                f"got {max(self.budget.left, 0) / 60:.2f} min left; raise --budget-minutes or lower --samples")
+        self._warm_up()
         self._status(f"full compute on {self.n} calibration samples")
         self._reference()
         self._full_timed_at = -math.inf
