@@ -469,6 +469,10 @@ def tune(engine_dir, min_psnr, min_ssim, max_seconds, samples, prompts_file, emb
                 raise InputError(f"expected inputs of a {pipe.family.name} model, got {name}")
         count = samples or (16 if pipe.family.primary.kind == "labels" else 4)
         inputs = calibration_inputs(pipe, count, given, rng_seed=seed)
+        runs_log = logging.getLogger("clusca_trt.runtime.pipeline")
+        level = runs_log.level
+        if not logging.getLogger("clusca_trt").isEnabledFor(logging.DEBUG):  # a line per run: with -v only
+            runs_log.setLevel(logging.WARNING)
         with _progress(1000, "tuning") as bar:
             bar.item_show_func = lambda status: status
             done = [0]
@@ -478,7 +482,10 @@ def tune(engine_dir, min_psnr, min_ssim, max_seconds, samples, prompts_file, emb
                 done[0] += step
                 bar.update(step, current_item=status)
 
-            result = run_tune(pipe, settings, inputs, seed=seed, steps=steps, progress=progress)
+            try:
+                result = run_tune(pipe, settings, inputs, seed=seed, steps=steps, progress=progress)
+            finally:
+                runs_log.setLevel(level)
         build_dir = pipe.manifest.data["build_dir"]
         directory = pipe.manifest.directory
     click.echo(format_front(result))

@@ -171,11 +171,13 @@ def candidate_space(build: Build, dimensions: Sequence[Dimension] = DIMENSIONS) 
     combination of its dimensions' values. Dropped: fields ``ClusCaConfig`` lacks, combinations it
     refuses, orders above the built one, schedules without a cached step."""
     fields = {f.name for f in dataclasses.fields(ClusCaConfig)}
-    methods = [m for m in SEARCHED if not (m == "clusca" and build.clusters < 1) and not (m == "taylorseer" and build.order < 1)]
+    methods = [m for m in SEARCHED
+               if not (m == "clusca" and build.clusters < 1) and not (m == "taylorseer" and build.order < 1)]
     lines: dict[tuple, list[ClusCaConfig]] = {}
     for method in methods:
+        order = {"fora": 0, "taylorseer": build.order}.get(method)  # searched anyway; valid to start from
         base = ClusCaConfig.for_method(method, built_clusters=build.clusters, built_order=build.order,
-                                       defaults=build.defaults, order={"fora": 0, "taylorseer": build.order}.get(method))
+                                       defaults=build.defaults, order=order)
         dims = [d for d in dimensions if method in d.methods and d.field in fields]
         names = [d.field for d in dims]
         for values in product(*(d.values_for(build) for d in dims)):
@@ -195,7 +197,7 @@ def candidate_space(build: Build, dimensions: Sequence[Dimension] = DIMENSIONS) 
     return out
 
 
-def label(config: ClusCaConfig, defaults: ClusCaConfig | None = None) -> str:
+def label(config: ClusCaConfig) -> str:
     """The method and the settings it uses, in a few words: "taylorseer N=6 O=2 W=1"."""
     m = config.method.value
     if m == "full":
@@ -489,7 +491,8 @@ class TuneResult:
             "settings": {k: _plain(v) for k, v in dataclasses.asdict(self.settings).items()},
             "calibration": self.calibration, "machine": self.machine, "scored_on": self.scored_on,
             "space": self.space, "elapsed_seconds": round(self.elapsed, 2), "stopped_early": self.stopped_early,
-            "full_seconds_per_call": _num(self.full_seconds), "full_measured_seconds_per_call": _num(self.full_measured_seconds),
+            "full_seconds_per_call": _num(self.full_seconds),
+            "full_measured_seconds_per_call": _num(self.full_measured_seconds),
             "chosen": self.chosen.to_dict() if self.chosen else None, "error": self.error,
             "front": [c.to_dict() for c in self.front], "candidates": [c.to_dict() for c in self.candidates],
             "runs": [dict(zip(("at", "setting", "samples", "steps", "seconds"), r)) for r in self.runs],
@@ -725,7 +728,8 @@ class Tuner:
 
     def _update_prior(self) -> None:
         for metric in self.floors:
-            sds = [statistics.stdev(getattr(c, metric)) for c in self.candidates.values() if len(getattr(c, metric)) >= 4]
+            sds = [statistics.stdev(getattr(c, metric)) for c in self.candidates.values()
+                   if len(getattr(c, metric)) >= 4]
             if sds:
                 self.sd_prior[metric] = max(statistics.median(sds), 1e-6)
 
@@ -758,7 +762,8 @@ class Tuner:
     def _bound(self) -> float:
         """The predicted speed-up to beat: the best candidate that passed so far (by the current cost
         model), at least what ``max_seconds`` needs and at least full compute's 1.0."""
-        passed = [self.model.speedup(c.config, self.full) for c in self.candidates.values() if c.verdict is Verdict.PASS]
+        passed = [self.model.speedup(c.config, self.full) for c in self.candidates.values()
+                  if c.verdict is Verdict.PASS]
         return max([self._time_bound(), *passed])
 
     def _anchors(self, lines: list[Line]) -> bool:
@@ -840,7 +845,8 @@ class Tuner:
             tried = [self.candidates[c] for c in picks if c in self.candidates]
             lead = max(tried, key=lambda c: c.mean_psnr)
             se = lambda c: standard_error(c.psnr, self.sd_prior["psnr"])  # noqa: E731
-            close = [c for c in tried if c.samples < self.n and c.mean_psnr + 2 * se(c) >= lead.mean_psnr - 2 * se(lead)]
+            close = [c for c in tried
+                     if c.samples < self.n and c.mean_psnr + 2 * se(c) >= lead.mean_psnr - 2 * se(lead)]
             if not close:
                 break
             c = max(close, key=lambda c: c.mean_psnr)

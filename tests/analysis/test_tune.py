@@ -4,9 +4,7 @@ random-weight DiT on ONNX Runtime (the front is non-dominated; the chosen one me
 
 from __future__ import annotations
 
-import dataclasses
 import json
-import math
 
 import numpy as np
 import pytest
