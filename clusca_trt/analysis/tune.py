@@ -663,8 +663,9 @@ class Tuner:
     def _warm_up(self) -> None:
         """Full compute on one engine batch and a short schedule, twice (the first calls allocate):
         the estimate of full compute on the calibration set, refused at once where the budget cannot
-        pay it; then every method's graphs, twice (the second round timed)."""
-        short = min(self.steps, 8)
+        pay it; then every method's graphs once (N = 2 on 4 steps runs each graph: plain, full,
+        cluster, select, partial, forecast), timed: the cost model's first figures."""
+        short = min(self.steps, 4)
         one = min(self.batch, self.n)
         self._run(self.full, 0, one, steps=short, observe=False)
         per_step = self._run(self.full, 0, one, steps=short).seconds / short
@@ -675,15 +676,12 @@ class Tuner:
                 f"--budget-minutes {s.budget_seconds / 60:g} is too small to run full compute once on the calibration "
                 f"set: expected about {estimate / 60:.2f} min for {self.n} samples x {self.steps} steps, got "
                 f"{max(self.budget.left, 0) / 60:.2f} min left; raise --budget-minutes or lower --samples")
-        warm = []
         for method in SEARCHED:
             try:
-                warm.append(self.pipe.resolve_config(method, interval=2))
+                config = self.pipe.resolve_config(method, interval=2)
             except ClusCaError:
                 continue
-        for observe in (False, True):
-            for config in warm:
-                self._run(config, 0, one, steps=short, observe=observe)
+            self._run(config, 0, one, steps=short)
 
     def _reference(self) -> None:
         res = self._run(self.full, 0, self.n, observe=False)  # its time: by _keep_full_timed, as the others
