@@ -19,7 +19,7 @@ from click.testing import CliRunner
 
 from clusca_trt.cli import main
 from clusca_trt.config import ClusCaConfig
-from clusca_trt.engines.manifest import MANIFEST, Manifest, write_defaults
+from clusca_trt.engines.manifest import MANIFEST, Manifest, replace_manifest, write_defaults
 from clusca_trt.errors import EngineError
 from clusca_trt.runtime.pipeline import Pipeline
 
@@ -160,7 +160,7 @@ def test_a_bad_defaults_source_is_refused_when_read(fresh, source, message):
     out = fresh
     data = json.loads((out / MANIFEST).read_text())
     data["defaults_source"] = source
-    (out / MANIFEST).write_text(json.dumps(data))
+    replace_manifest(out, data)  # sealed: what is refused is the source itself
     with pytest.raises(EngineError, match=message):
         Manifest.read(out)
 
