@@ -198,7 +198,8 @@ def _family_inputs(pipe, values: dict) -> dict:
 
 @main.command()
 @click.argument("engine_dir", type=click.Path(path_type=Path))
-@click.option("--method", type=click.Choice(METHODS), default="clusca", show_default=True)
+@click.option("--method", type=click.Choice(METHODS), default=None,
+              help="[default: the build's (inspect shows it; clusca unless tune --write chose another)]")
 @click.option("--interval", "-N", type=int, default=None, help="Cycle length N (default: the model's).")
 @click.option("--propagation", "-G", type=float, default=None, help="Propagation ratio gamma.")
 @click.option("--order", "-O", type=int, default=None, help="Taylor order (<= the built order).")
@@ -384,6 +385,118 @@ def bench(engine_dir, methods, interval, propagation, order, warmup, fresh, step
             raise click.ClickException(
                 f"latency regression beyond {max_regression}: " + "; ".join(str(r) for r in regressions))
         click.echo(f"no latency regression beyond {max_regression} against {baseline}")
+
+
+@main.command()
+@click.argument("engine_dir", type=click.Path(path_type=Path))
+@click.option("--min-psnr", type=float, default=None, help="Quality floor: mean PSNR (dB) vs full compute, same seeds.")
+@click.option("--min-ssim", type=float, default=None, help="Quality floor: mean SSIM vs full compute, same seeds.")
+@click.option("--max-seconds", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="At most these seconds of sampling per engine call (one engine batch); alone: the best PSNR within it.")
+@click.option("--samples", type=click.IntRange(min=1), default=None,
+              help="Calibration samples [default: DiT 16, FLUX/HunyuanVideo 4].")
+@click.option("--prompts", "prompts_file", type=click.Path(path_type=Path, dir_okay=False), default=None,
+              help="FLUX/HunyuanVideo: a text file of calibration prompts, one per line.")
+@click.option("--embeddings", "embeddings_file", type=click.Path(path_type=Path, dir_okay=False), default=None,
+              help="FLUX/HunyuanVideo: an .npz of prompt_embeds, pooled_prompt_embeds (HunyuanVideo: and "
+                   "prompt_attention_mask) [default for random-weight builds: random embeddings].")
+@_family_options
+@click.option("--budget-minutes", type=click.FloatRange(min=0, min_open=True), default=3.0, show_default=True,
+              help="The whole tune, full compute on the calibration set included.")
+@click.option("--max-interval", type=click.IntRange(min=2), default=12, show_default=True, help="Largest N tried.")
+@click.option("--height", type=int, default=None, help="FLUX: choose the build of this height (several in ENGINE_DIR).")
+@click.option("--width", type=int, default=None, help="FLUX: choose the build of this width.")
+@click.option("--frames", type=int, default=None, help="HunyuanVideo: choose the build of this frame count.")
+@click.option("--provider", type=click.Choice(["auto", "cpu", "cuda", "tensorrt"]), default="auto", show_default=True)
+@click.option("--backend", type=click.Choice(["onnxruntime", "torch", "tensorrt"]), default="onnxruntime",
+              show_default=True, help="The backend you will run: every candidate is timed on it.")
+@_device_options
+@click.option("--threads", type=click.IntRange(min=1), default=None, help="Intra-op threads of a CPU backend.")
+@click.option("--json", "json_file", type=click.Path(path_type=Path), default=None,
+              help="Write the front, every candidate tried and the chosen one as JSON.")
+@click.option("--plot", "plot_file", type=click.Path(path_type=Path), default=None,
+              help="Plot speed-up vs PSNR (.png; needs matplotlib).")
+@click.option("--write", "write", is_flag=True,
+              help="Store the chosen settings as the build's defaults (generate, bench, serve and Pipeline.generate "
+                   "use them unless told otherwise; inspect shows them).")
+@_errors
+def tune(engine_dir, min_psnr, min_ssim, max_seconds, samples, prompts_file, embeddings_file, budget_minutes,
+         max_interval, height, width, frames, provider, backend, device, precision, threads, json_file, plot_file,
+         write, **family_values):
+    """The fastest ClusCa / TaylorSeer / FORA settings of ENGINE_DIR that keep a quality floor.
+
+    Runs full compute on a small calibration set, then searches the settings the build allows,
+    timed on this machine with the chosen backend and scored by PSNR / SSIM of the final images
+    against full compute on the same seeds; prints the Pareto front (speed-up vs PSNR)."""
+    from .analysis.tune import (TuneError, TuneSettings, calibration_inputs, format_front, plot_front,
+                                source_record, write_json)
+    from .analysis.tune import tune as run_tune
+    from .engines.manifest import write_defaults
+    from .runtime.pipeline import Pipeline
+
+    settings = TuneSettings(min_psnr=min_psnr, min_ssim=min_ssim, max_seconds=max_seconds,
+                            budget_seconds=60.0 * budget_minutes, max_interval=max_interval)
+    if plot_file is not None and plot_file.suffix != ".png":
+        raise click.BadParameter(f"expected a .png file, got {plot_file.name}", param_hint="--plot")
+    if prompts_file is not None and embeddings_file is not None:
+        raise click.UsageError("give either --prompts or --embeddings")
+    given = {k: v for k, v in family_values.items() if v is not None and v != ()}
+    seed = given.pop("seed", 0)
+    steps = given.pop("steps", None)
+    if "class_labels" in given:
+        given["class_labels"] = _labels(given["class_labels"])
+    if "prompt" in given:
+        given["prompt"] = list(given["prompt"])
+    if prompts_file is not None:
+        prompts = [line.strip() for line in prompts_file.read_text().splitlines() if line.strip()]
+        if not prompts:
+            raise InputError(f"expected prompts in {prompts_file}, one per line, got none")
+        given["prompt"] = prompts
+    if embeddings_file is not None:
+        import numpy as np
+
+        with np.load(embeddings_file) as data:
+            given.update({k: data[k] for k in data.files})
+    select = {"height": height, "width": width, "frames": frames}
+    with Pipeline.load(engine_dir, provider=provider, backend=backend, select=select, device=device,
+                       precision=precision, threads=threads) as pipe:
+        own = {f.name for f in pipe.family.fields}
+        for name in given:
+            if name not in own:
+                raise InputError(f"expected inputs of a {pipe.family.name} model, got {name}")
+        count = samples or (16 if pipe.family.primary.kind == "labels" else 4)
+        inputs = calibration_inputs(pipe, count, given, rng_seed=seed)
+        runs_log = logging.getLogger("clusca_trt.runtime.pipeline")
+        level = runs_log.level
+        if not logging.getLogger("clusca_trt").isEnabledFor(logging.DEBUG):  # a line per run: with -v only
+            runs_log.setLevel(logging.WARNING)
+        with _progress(1000, "tuning") as bar:
+            bar.item_show_func = lambda status: status
+            done = [0]
+
+            def progress(fraction: float, status: str) -> None:
+                step = max(0, int(1000 * fraction) - done[0])
+                done[0] += step
+                bar.update(step, current_item=status)
+
+            try:
+                result = run_tune(pipe, settings, inputs, seed=seed, steps=steps, progress=progress)
+            finally:
+                runs_log.setLevel(level)
+        build_dir = pipe.manifest.data["build_dir"]
+        directory = pipe.manifest.directory
+    click.echo(format_front(result))
+    if json_file is not None:
+        write_json(result, json_file)
+        click.echo(f"{json_file}: written")
+    if plot_file is not None:
+        plot_front(result, plot_file)
+        click.echo(f"{plot_file}: written")
+    if result.chosen is None:
+        raise TuneError(result.error)
+    if write:
+        write_defaults(directory, result.chosen.config, source_record(result), build_dir=build_dir)
+        click.echo(f"{directory}: defaults set to {result.chosen.label} (inspect shows them)")
 
 
 @main.command()

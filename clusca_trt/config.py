@@ -129,7 +129,10 @@ class ClusCaConfig:
         """
         method = Method.parse(method)
         base = defaults or cls()
-        order = min(base.order, built_order) if order is None else order
+        if order is None:
+            order = min(base.order, built_order)
+            if method is Method.TAYLORSEER and order < 1:  # defaults of FORA (O = 0, e.g. chosen by tune)
+                order = built_order
         if not is_int(order) or order < 0:  # before comparing: a string would not compare
             raise ConfigError(f"order must be an integer >= 0, got {order!r}")
         if order > built_order:

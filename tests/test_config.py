@@ -39,6 +39,9 @@ def test_method_of_config(interval, clusters, order, method):
         ("taylorseer", {}, dict(clusters=0, order=2)),
         ("fora", {}, dict(clusters=0, order=0)),
         ("full", {}, dict(interval=1, clusters=0)),
+        # defaults of FORA (order 0, e.g. chosen by clusca-trt tune): TaylorSeer takes the built order
+        ("taylorseer", {"defaults": ClusCaConfig(interval=4, clusters=0, order=0)}, dict(interval=4, order=2)),
+        ("clusca", {"defaults": ClusCaConfig(interval=4, clusters=0, order=0)}, dict(clusters=8, order=0)),
     ],
 )
 def test_for_method(method, kwargs, expect):

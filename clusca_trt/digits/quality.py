@@ -5,7 +5,7 @@
     fid_digits(images)               Frechet distance of the classifier's penultimate features to
                                      the held-out real digits ("reference" split, stats shipped)
     psnr(a, b), ssim(a, b)           per-image fidelity to a reference output (e.g. full compute,
-                                     same seed), averaged over images
+                                     same seed), averaged over images (``runtime.metrics``)
 
 The classifier (``DigitsClassifier``) was trained on the "classifier" split of
 ``clusca_trt.digits`` (``benchmarks/train_digits.py``); its weights and the reference feature
@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from ..errors import CheckpointError, InputError, describe, one_line
+from ..runtime.metrics import _gaussian_window, psnr, ssim  # noqa: F401  (the one implementation; re-exported)
 
 log = logging.getLogger(__name__)
 
@@ -176,51 +177,6 @@ def fid_digits(images: np.ndarray, evaluator: Evaluator | None = None) -> float:
     _, feats = ev.logits_and_features(images)
     mu, sigma = feature_stats(feats)
     return frechet_distance(mu, sigma, ev.ref_mu, ev.ref_sigma)
-
-
-def _pair(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    if a.shape != b.shape or a.ndim != 4:
-        raise InputError(f"expected two image stacks of one shape [n, H, W, C], got {list(a.shape)} and {list(b.shape)}")
-    return a, b
-
-
-def psnr(a: np.ndarray, b: np.ndarray, data_range: float = 1.0) -> float:
-    """Mean over images of ``10 log10(data_range^2 / MSE)`` (inf where an image is identical)."""
-    a, b = _pair(a, b)
-    mse = ((a - b) ** 2).reshape(len(a), -1).mean(axis=1)
-    with np.errstate(divide="ignore"):
-        per = 10.0 * np.log10(data_range**2 / mse)
-    return float(np.mean(per))
-
-
-def _gaussian_window(size: int = 11, sigma: float = 1.5) -> np.ndarray:
-    g = np.exp(-((np.arange(size) - (size - 1) / 2.0) ** 2) / (2 * sigma**2))
-    g /= g.sum()
-    return np.outer(g, g)
-
-
-def ssim(a: np.ndarray, b: np.ndarray, data_range: float = 1.0, window: int = 11, sigma: float = 1.5) -> float:
-    """Mean SSIM (Wang et al. 2004: 11x11 Gaussian window, sigma 1.5, K1 0.01, K2 0.03, valid
-    positions only), per channel and image, averaged."""
-    a, b = _pair(a, b)
-    n, h, w, c = a.shape
-    if h < window or w < window:
-        raise InputError(f"expected images of at least {window}x{window} for SSIM, got {h}x{w}")
-    k = torch.from_numpy(_gaussian_window(window, sigma)).view(1, 1, window, window)
-    x = torch.from_numpy(a.transpose(0, 3, 1, 2).reshape(n * c, 1, h, w))
-    y = torch.from_numpy(b.transpose(0, 3, 1, 2).reshape(n * c, 1, h, w))
-
-    def blur(t):
-        return torch.nn.functional.conv2d(t, k)
-
-    c1, c2 = (0.01 * data_range) ** 2, (0.03 * data_range) ** 2
-    mx, my = blur(x), blur(y)
-    vx = blur(x * x) - mx * mx
-    vy = blur(y * y) - my * my
-    cxy = blur(x * y) - mx * my
-    s = ((2 * mx * my + c1) * (2 * cxy + c2)) / ((mx * mx + my * my + c1) * (vx + vy + c2))
-    return float(s.mean())
 
 
 @dataclass(frozen=True)

@@ -38,6 +38,29 @@ def spec_cache_bytes(spec: ExportSpec, bytes_per_value: int = 4) -> dict:
     return {"tensors": rows, "slots": slots, "bytes": total, "summary": summary}
 
 
+def defaults_summary(defaults: dict, source: dict | None) -> str:
+    """The run defaults in one line, with their method and where they came from."""
+    from ..config import ClusCaConfig
+
+    try:
+        method = ClusCaConfig(**defaults).method.value if defaults else ClusCaConfig().method.value
+    except Exception:  # the schema checked them; a newer field this version lacks must not break inspect
+        method = "?"
+    text = f"{method}: " + ", ".join(f"{k}={v}" for k, v in defaults.items())
+    if not source:
+        return text + " (the model family's, set by the build)"
+    floors = [f"{label} {source[key]:g}{unit}" for key, label, unit in (
+        ("min_psnr", "PSNR >=", " dB"), ("min_ssim", "SSIM >=", ""), ("max_seconds", "<=", " s per call"))
+        if isinstance(source.get(key), (int, float))]
+    measured = [f"{label} {source[key]:{fmt}}{unit}" for key, label, fmt, unit in (
+        ("psnr", "PSNR", ".2f", " dB"), ("ssim", "SSIM", ".4f", ""), ("speedup", "speed-up", ".2f", "x"))
+        if isinstance(source.get(key), (int, float))]
+    where = ", ".join(str(source[k]) for k in ("backend", "device") if source.get(k))
+    parts = [f"from clusca-trt {source.get('tool')}", source.get("created")]
+    detail = "; ".join(x for x in (", ".join(floors), ", ".join(measured), where) if x)
+    return text + f" ({' '.join(p for p in parts if p)}{': ' + detail if detail else ''})"
+
+
 def describe(manifest: Manifest) -> dict:
     d = manifest.data
     spec = manifest.spec
@@ -71,7 +94,8 @@ def describe(manifest: Manifest) -> dict:
         "build_summary": f"batch {b['batch']} (graph batch {spec.graph_batch}), K={b['clusters']}, O={b['order']}, "
         f"k-means {b['kmeans_iterations']} it. {b['distance']}, {b['dtype']}, opset {b['opset']}",
         "defaults": defaults,
-        "defaults_summary": ", ".join(f"{k}={v}" for k, v in defaults.items()),
+        "defaults_source": manifest.defaults_source,
+        "defaults_summary": defaults_summary(defaults, manifest.defaults_source),
         "graphs": graphs,
         "cache": cache_bytes(manifest),
         "versions": d["versions"],

@@ -2,9 +2,10 @@
 
     DIR/manifest.json          model (name, family, config, source + content hash), build options,
                                the ExportSpec, every graph file with its size and sha256, library
-                               versions, the cache key, the family's default run settings,
-                               ``build_dir``: the build folder below, and ``digest``: the sha256 of
-                               all the rest (``replace_manifest`` writes it, ``Manifest.read`` checks it)
+                               versions, the cache key, the run defaults (the family's, or those
+                               ``write_defaults`` stored, with ``defaults_source`` saying where they
+                               came from), ``build_dir``: the build folder below, and ``digest``: the
+                               sha256 of all the rest (``replace_manifest`` writes it, ``Manifest.read`` checks it)
     DIR/builds/<id>/           one build's graph files (<graph>.onnx, <graph>.onnx.data); written
                                once, never changed (immutable), removed two builds later
     DIR/<graph>.<key>.plan     TensorRT plans, where built (``exporters.trt_build``), named in the manifest
@@ -36,6 +37,7 @@ A model with several builds (FLUX: one per resolution) keeps each in ``DIR/<buil
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -44,11 +46,13 @@ import os
 import platform
 import time
 from dataclasses import dataclass
+from enum import Enum
 from importlib import metadata
 from pathlib import Path
 from typing import Callable, TypeVar
 
-from ..errors import EngineError, EngineMismatchError
+from ..config import ClusCaConfig
+from ..errors import EngineError, EngineMismatchError, one_line
 from ..files import file_lock, read_json, write_text_atomic
 from ..hashing import file_sha256
 from ..spec import ExportSpec
@@ -142,10 +146,45 @@ def _refuse_unsealed(data, path: Path) -> None:
     try:
         actual = manifest_digest(data)
     except (TypeError, ValueError) as e:  # NaN or inf: json allows them on reading, never writes them here
-        raise EngineError(f"{path} is not a valid manifest: {e}".splitlines()[0] + "; rebuild with clusca-trt build")
+        raise EngineError(f"{path} is not a valid manifest: {one_line(e)}; rebuild with clusca-trt build")
     if actual != digest:
         raise EngineError(f"{path} was changed after clusca-trt wrote it: expected digest {digest[:16]}..., "
                           f"got {actual[:16]}... for its content; rebuild with clusca-trt build")
+
+
+def config_dict(config: ClusCaConfig) -> dict:
+    """A ``ClusCaConfig`` as the manifest's ``defaults`` hold it: every field, enums as their values."""
+    return {f.name: (v.value if isinstance(v, Enum) else v)
+            for f in dataclasses.fields(config) for v in [getattr(config, f.name)]}
+
+
+def write_defaults(directory: Path, config: ClusCaConfig, source: dict, build_dir: str | None = None) -> "Manifest":
+    """Store ``config`` as the run defaults of the build in ``directory`` (what ``generate``, ``bench``,
+    ``serve`` and ``Pipeline.generate`` use unless told otherwise), and ``source`` (where they came
+    from, e.g. ``{"tool": "tune", "min_psnr": 38.0, "created": ...}``) as ``defaults_source``.
+
+    The one writer of run defaults after a build. The manifest is rewritten whole, under the build
+    lock, by the build's own mechanism (a temporary file, fsync, one ``os.replace``): a reader, or a
+    process killed at any moment, sees the old manifest or the new one, never a part; the new one is
+    schema-checked before it replaces the old. ``build_dir``: the build the settings were measured on;
+    where the directory was rebuilt meanwhile, nothing is written (an ``EngineError``)."""
+    directory = Path(directory)
+    try:
+        text = json.dumps(source, sort_keys=True, allow_nan=False)
+    except (TypeError, ValueError) as e:
+        raise EngineError(f"expected defaults_source to be plain JSON, got {type(e).__name__}: {e}") from None
+    with build_lock(directory):
+        current = Manifest.read(directory)  # schema-checked
+        if build_dir is not None and current.data.get("build_dir") != build_dir:
+            raise EngineError(
+                f"the engines in {directory} were rebuilt meanwhile (build {current.data.get('build_dir')}, "
+                f"expected {build_dir}); run clusca-trt tune again"
+            )
+        data = dict(current.data, defaults=config_dict(config), defaults_source=json.loads(text))
+        check_manifest(data, directory / MANIFEST, FORMAT)
+        data = replace_manifest(directory, data)  # sealed with its new digest
+    log.info("run defaults of %s set to %s (from %s)", directory, data["defaults"], source.get("tool"))
+    return Manifest(data, directory)
 
 
 @dataclass(frozen=True)
@@ -168,6 +207,11 @@ class Manifest:
     @property
     def defaults(self) -> dict:
         return self.data.get("defaults", {})
+
+    @property
+    def defaults_source(self) -> dict | None:
+        """Where the run defaults came from (``write_defaults``); None: the model family's, set by the build."""
+        return self.data.get("defaults_source")
 
     @property
     def build_dir(self) -> Path:
@@ -287,7 +331,7 @@ def read_build(directory: Path, use: Callable[[Manifest], T], select: dict | Non
             if attempt == 2 or manifest.is_current():
                 raise
             log.info("engines in %s were rebuilt while loading (%s): loading the new build", manifest.directory,
-                     str(e).splitlines()[0] if str(e) else type(e).__name__)
+                     one_line(e))
     raise AssertionError("unreachable")
 
 
@@ -328,7 +372,7 @@ def _read(path: Path):
     try:
         return read_json(path)
     except (OSError, ValueError) as e:
-        raise EngineError(f"{path} is not a readable manifest: {e}".splitlines()[0] + "; rebuild with clusca-trt build") from e
+        raise EngineError(f"{path} is not a readable manifest: {one_line(e)}; rebuild with clusca-trt build") from e
 
 
 def _built_options(directory: Path) -> dict:

@@ -6,7 +6,8 @@ Checked: a JSON object of this format; the required keys and their types; the mo
 family, config, source, sampling facts); the decoder; the build options (``BuildOptions`` fields,
 equal to the spec's); the spec (every field present and well-typed, and equal to the spec its
 options make again); one graph entry per graph of the spec; the run defaults (``ClusCaConfig``
-fields with valid values); and every path (the build folder, graph files, TensorRT plans) a plain
+fields with valid values) and where they came from (``defaults_source``: an object naming the
+tool); and every path (the build folder, graph files, TensorRT plans) a plain
 name inside the engine directory: no absolute paths, no ``..``.
 
 And what the manifest says of the model against the spec its graphs are held to (``claims``): the
@@ -358,6 +359,9 @@ def check_manifest(data, path, fmt: int) -> ExportSpec:
         if not all(isinstance(v, str) for v in versions.values()):
             raise _Bad("expected versions to map names to version strings, got others")
         _defaults(_get(data, "defaults", dict, "manifest", required=False) or {})
+        source = _get(data, "defaults_source", (dict, None), "manifest", required=False)
+        if source is not None:
+            _get(source, "tool", str, "defaults_source")
         if "tensorrt" in data:
             _tensorrt(data["tensorrt"])
         claims(data, spec)

@@ -162,7 +162,7 @@ class Pipeline:
     # -- settings -------------------------------------------------------------------------
     def resolve_config(
         self,
-        method: str = "clusca",
+        method: str | None = None,
         interval: int | None = None,
         propagation: float | None = None,
         order: int | None = None,
@@ -170,9 +170,14 @@ class Pipeline:
         fresh: str | None = None,
         clusters: int | None = None,
     ) -> ClusCaConfig:
+        """The settings a run uses: ``method`` None is the build's default method (the method of its
+        ``defaults``: clusca unless ``clusca-trt tune --write`` chose another); unset options take
+        the build's defaults."""
         built_k = self.spec.options.clusters
         if clusters is not None and (not is_int(clusters) or clusters < 0):
             raise ConfigError(f"clusters must be an integer >= 0, got {clusters!r}")
+        if method is None:
+            method = self.defaults.method
         if clusters is not None and clusters != built_k:
             raise EngineMismatchError(
                 f"engines were built with --clusters {built_k}, requested {clusters}; "
@@ -190,24 +195,39 @@ class Pipeline:
             fresh=fresh,
         )
 
+    def check_config(self, config: ClusCaConfig) -> None:
+        """Refuse a ``ClusCaConfig`` these engines cannot run: K other than 0 or the built K (K is
+        static in the graphs), K > 0 on engines that cluster nothing, O above the built order."""
+        if not isinstance(config, ClusCaConfig):
+            raise ConfigError(f"expected config to be a ClusCaConfig, got {type(config).__name__}")
+        built_k = self.spec.options.clusters if self.spec.clustered_groups else 0
+        if config.clusters not in (0, built_k):
+            raise EngineMismatchError(f"engines were built with --clusters {built_k}, requested {config.clusters}; "
+                                      f"expected 0 or {built_k}")
+        if config.order > self.spec.options.order:
+            raise ConfigError(f"order must be <= the built Taylor order {self.spec.options.order}, got {config.order}")
+
     # -- sampling -------------------------------------------------------------------------
     def generate(
         self,
         *args,
-        method: str = "clusca",
+        method: str | None = None,
         interval: int | None = None,
         propagation: float | None = None,
         order: int | None = None,
         warmup: int | None = None,
         fresh: str | None = None,
         clusters: int | None = None,
+        config: ClusCaConfig | None = None,
         **inputs,
     ) -> GenerateResult:
         """Sample with the engines, and decode where the build has a decoder.
 
-        ClusCa settings (None: the build's defaults, ``inspect`` shows them): ``method`` (clusca,
-        taylorseer, fora, full), ``interval`` N, ``propagation`` gamma, ``order`` O (<= built),
-        ``warmup`` W, ``fresh`` (random, nearest), ``clusters`` (must equal the built K).
+        ClusCa settings (None: the build's defaults, ``inspect`` shows them, ``clusca-trt tune
+        --write`` chooses them): ``method`` (clusca, taylorseer, fora, full; None: the defaults'),
+        ``interval`` N, ``propagation`` gamma, ``order`` O (<= built), ``warmup`` W, ``fresh``
+        (random, nearest), ``clusters`` (must equal the built K); or ``config``, a whole
+        ``ClusCaConfig`` run as given (checked against the build; no other setting with it).
 
         The family's inputs, by keyword (the first may also be given positionally), as
         ``clusca_trt.families`` declares them:
@@ -228,7 +248,13 @@ class Pipeline:
         family_inputs = self.family.resolve(args, inputs, self.model.get("sampling") or {})
         if family_inputs.get("keys"):  # what their noise costs, by the sample size (the runtimes check it too)
             check_noise_cost(family_inputs["keys"], self.spec.model_inputs[0].shape[1:])
-        config = self.resolve_config(method, interval, propagation, order, warmup, fresh, clusters)
+        settings = (method, interval, propagation, order, warmup, fresh, clusters)
+        if config is None:
+            config = self.resolve_config(*settings)
+        elif any(v is not None for v in settings):
+            raise ConfigError("expected either config or method and settings, got both")
+        else:
+            self.check_config(config)
         with self._lock:
             if self._closed:
                 raise EngineError("this Pipeline is closed: expected an open one, got a closed one; load it again")

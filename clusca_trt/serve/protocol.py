@@ -180,7 +180,7 @@ def _request(body: dict, model: ModelInfo, max_samples: int) -> GenerateRequest:
     get = _Fields(body)
     steps = get.integer("steps", model.default_steps, 1, MAX_STEPS)
     config = ClusCaConfig.for_method(
-        get.choice("method", "clusca", [m.value for m in Method]),
+        get.choice("method", model.defaults.method.value, [m.value for m in Method]),  # the build's default
         built_clusters=model.built_clusters,
         built_order=model.built_order,
         defaults=model.defaults,
