@@ -15,6 +15,7 @@ from pathlib import Path
 
 import click
 
+from .config import UpdateRule
 from .errors import ClusCaError, InputError
 
 log = logging.getLogger("clusca_trt.cli")
@@ -151,6 +152,30 @@ def _device_options(fn):
                         help="torch backend: where it runs [default: cpu]; tensorrt: the GPU [default: cuda:0].")(fn)
 
 
+def _parse_correction(ctx, param, value):
+    if value is None:
+        return None
+    try:
+        values = [float(v) for v in value.split(",")]
+    except ValueError:
+        raise click.BadParameter(f"expected a number or comma-separated numbers, got {value!r}") from None
+    return values[0] if len(values) == 1 else tuple(values)
+
+
+def _update_options(fn):
+    """--update, --correction, --pair: how a partial step's fresh tokens update the caches (generate, bench)."""
+    fn = click.option("--pair/--no-pair", default=None,
+                      help="The cond and uncond rows of a sample share one clustering and its fresh tokens "
+                           "[default: the model's].")(fn)
+    fn = click.option("--correction", default=None, callback=_parse_correction, metavar="S|S0,S1,...",
+                      help="Share of the fresh tokens' correction applied, in [0, 1] (update residual, step); "
+                           "one number, or one per block with fresh rows.")(fn)
+    return click.option("--update", type=click.Choice([u.value for u in UpdateRule]), default=None,
+                        help="How fresh tokens update the MLP cache: paper (the reference), residual (by the "
+                             "forecast's error, kept), step (by the forecast's error, this step only) "
+                             "[default: the model's].")(fn)
+
+
 def _progress(total: int, label: str):
     """A progress bar on stderr for interactive use; silent when stderr is not a terminal or with -q."""
     quiet = not logging.getLogger("clusca_trt").isEnabledFor(logging.INFO)
@@ -166,6 +191,7 @@ def _progress(total: int, label: str):
 @click.option("--clusters", "-K", type=int, default=None, help="Must equal the built K (checked).")
 @click.option("--warmup", "-W", type=int, default=None, help="Leading full steps.")
 @click.option("--fresh", type=click.Choice(["random", "nearest"]), default=None, help="Fresh-token policy.")
+@_update_options
 @click.option("--steps", "-S", type=int, default=None, help="Sampling steps [default: 50; FLUX-schnell 4].")
 @click.option("--sampler", type=click.Choice(["ddim", "ddpm"]), default="ddim", show_default=True)
 @click.option("--cfg-scale", default=1.5, show_default=True)
@@ -188,9 +214,9 @@ def _progress(total: int, label: str):
               help="Run full, clusca, fora and taylorseer on the same inputs and seed; write a .png grid with one "
                    "row per method and print each one's measured speed-up vs full.")
 @_errors
-def generate(engine_dir, method, interval, propagation, order, clusters, warmup, fresh, steps, sampler, cfg_scale,
-             seed, class_labels, provider, backend, device, precision, out_file, prompts, guidance, text_propagation,
-             height, width, frames, compare):
+def generate(engine_dir, method, interval, propagation, order, clusters, warmup, fresh, update, correction, pair, steps,
+             sampler, cfg_scale, seed, class_labels, provider, backend, device, precision, out_file, prompts, guidance,
+             text_propagation, height, width, frames, compare):
     """Sample with the engines in ENGINE_DIR and write latents (.npz), an image grid (.png) or videos (.mp4)."""
     from .runtime.output import SUFFIXES, check_output, write_result
     from .runtime.pipeline import Pipeline
@@ -232,13 +258,15 @@ def generate(engine_dir, method, interval, propagation, order, clusters, warmup,
             count = len(labels)
         if compare:
             _compare(pipe, inputs, out_file, seed, dict(interval=interval, propagation=propagation, order=order,
-                                                        warmup=warmup, fresh=fresh, clusters=clusters))
+                                                        warmup=warmup, fresh=fresh, clusters=clusters, update=update,
+                                                        correction=correction, pair=pair))
             return
         chunks = -(-count // pipe.spec.options.batch)
         with _progress(steps * chunks, "sampling") as bar:
             result = pipe.generate(
                 **inputs, seed=seed, method=method, interval=interval, propagation=propagation, order=order,
-                warmup=warmup, fresh=fresh, clusters=clusters, progress=lambda _step: bar.update(1),
+                warmup=warmup, fresh=fresh, clusters=clusters, update=update, correction=correction, pair=pair,
+                progress=lambda _step: bar.update(1),
             )
     write_result(result, out_file)
     c = result.config
@@ -323,6 +351,7 @@ class _BaselineRefused(click.ClickException):
 @click.option("--order", "-O", type=int, default=None, help="Taylor order (<= the built order).")
 @click.option("--warmup", "-W", type=int, default=None, help="Leading full steps.")
 @click.option("--fresh", type=click.Choice(["random", "nearest"]), default=None, help="Fresh-token policy.")
+@_update_options
 @click.option("--steps", "-S", default=50, show_default=True)
 @click.option("--sampler", type=click.Choice(["ddim", "ddpm"]), default="ddim", show_default=True)
 @click.option("--cfg-scale", default=1.5, show_default=True)
@@ -343,8 +372,8 @@ class _BaselineRefused(click.ClickException):
 @click.option("--max-regression", default="10%", show_default=True,
               help="Tolerance against --baseline: exit 1 when a run is slower by more.")
 @_errors
-def bench(engine_dir, methods, interval, propagation, order, warmup, fresh, steps, sampler, cfg_scale, seed,
-          class_labels, repeats, warmup_runs, profile_calls, provider, backend, device, precision, threads, json_file,
+def bench(engine_dir, methods, interval, propagation, order, warmup, fresh, update, correction, pair, steps, sampler,
+          cfg_scale, seed, class_labels, repeats, warmup_runs, profile_calls, provider, backend, device, precision, threads, json_file,
           baseline, max_regression):
     """Latency of the engines in ENGINE_DIR: full vs ClusCa vs FORA / TaylorSeer, interleaved.
 
@@ -360,7 +389,8 @@ def bench(engine_dir, methods, interval, propagation, order, warmup, fresh, step
     settings = BenchSettings(
         steps=steps, sampler=sampler, cfg_scale=cfg_scale, seed=seed,
         methods=tuple(m.strip() for m in methods.split(",") if m.strip()), interval=interval,
-        propagation=propagation, order=order, warmup=warmup, fresh=fresh, repeats=repeats,
+        propagation=propagation, order=order, warmup=warmup, fresh=fresh, update=update, correction=correction,
+        pair=pair, repeats=repeats,
         warmup_runs=warmup_runs, profile_calls=profile_calls,
     )
     labels = _labels(class_labels)

@@ -4,8 +4,8 @@
     out = pipe.generate(class_labels=[207, 360], seed=0)
     out.latents, out.images, out.provider, out.timings
 
-The ClusCa settings (method, interval, propagation, order, warm-up, fresh policy) are the
-same for every model family; the family's runtime module (``runtime/<family>.py``) takes
+The ClusCa settings (method, interval, propagation, order, warm-up, fresh policy, update rule,
+correction, pairing) are the same for every model family; the family's runtime module (``runtime/<family>.py``) takes
 the rest (class labels or prompts, sampler, guidance) and drives the denoiser.
 
 A ``Pipeline`` may be shared by threads: it serialises its calls with a lock around the engine
@@ -133,6 +133,9 @@ class Pipeline:
         warmup: int | None = None,
         fresh: str | None = None,
         clusters: int | None = None,
+        update: str | None = None,
+        correction: float | None = None,
+        pair: bool | None = None,
     ) -> ClusCaConfig:
         built_k = self.spec.options.clusters
         if clusters is not None and clusters != built_k:
@@ -140,7 +143,7 @@ class Pipeline:
                 f"engines were built with --clusters {built_k}, requested {clusters}; "
                 f"rebuild with clusca-trt build --clusters {clusters}"
             )
-        return ClusCaConfig.for_method(
+        config = ClusCaConfig.for_method(
             method,
             built_clusters=built_k if self.spec.clustered_groups else 0,
             built_order=self.spec.options.order,
@@ -150,7 +153,13 @@ class Pipeline:
             order=order,
             warmup=warmup,
             fresh=fresh,
+            update=update,
+            correction=correction,
+            pair=pair,
         )
+        if config.clusters:
+            config.corrections(self.spec.update_blocks)  # one per block of these engines, if a list
+        return config
 
     # -- sampling -------------------------------------------------------------------------
     def generate(
@@ -163,13 +172,17 @@ class Pipeline:
         warmup: int | None = None,
         fresh: str | None = None,
         clusters: int | None = None,
+        update: str | None = None,
+        correction: float | None = None,
+        pair: bool | None = None,
         **kwargs,
     ) -> GenerateResult:
         """Sample. ClusCa settings here; the family's inputs (DiT: ``class_labels``, ``seed``,
         ``steps``, ``sampler``, ``cfg_scale``) in ``args``/``kwargs``. Every input is checked and the
         decoder loaded before sampling starts; calls from several threads run one at a time."""
         check_generate_inputs(self.model["family"], args, kwargs)
-        config = self.resolve_config(method, interval, propagation, order, warmup, fresh, clusters)
+        config = self.resolve_config(method, interval, propagation, order, warmup, fresh, clusters, update, correction,
+                                     pair)
         with self._lock:
             self.prepare_decoder()  # under the lock: threads' first calls load the decoder once
             return self.family.generate(self, config, *args, **kwargs)
