@@ -373,8 +373,8 @@ class _BaselineRefused(click.ClickException):
               help="Tolerance against --baseline: exit 1 when a run is slower by more.")
 @_errors
 def bench(engine_dir, methods, interval, propagation, order, warmup, fresh, update, correction, pair, steps, sampler,
-          cfg_scale, seed, class_labels, repeats, warmup_runs, profile_calls, provider, backend, device, precision, threads, json_file,
-          baseline, max_regression):
+          cfg_scale, seed, class_labels, repeats, warmup_runs, profile_calls, provider, backend, device, precision,
+          threads, json_file, baseline, max_regression):
     """Latency of the engines in ENGINE_DIR: full vs ClusCa vs FORA / TaylorSeer, interleaved.
 
     Prints median latency per step kind and per sampling run, wall and FLOPs speed-ups, their

@@ -120,9 +120,9 @@ class PartialContext(StepContext):
     With ``fresh`` empty (K = 0) this is the TaylorSeer / FORA forecast step. ``gamma`` is one
     ratio [1] for every token group, or a ratio per group (``{"img": [1], "txt": [1]}``).
     ``update`` [L, 3] is the update rule of every block (``ops.partial_update``: residual, keep,
-    correction); None: the paper's (propagate the fresh values into F_0 and keep them). What every block of a token group
-    shares (the flat indices of the cluster members, the per-token weights of every block) is
-    computed once, at the group's first block.
+    correction); None: the paper's (propagate the fresh values into F_0 and keep them). What every
+    block of a token group shares (the flat indices of the cluster members, the per-token weights
+    of every block) is computed once, at the group's first block.
     """
 
     def __init__(

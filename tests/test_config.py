@@ -110,7 +110,8 @@ def test_a_correction_per_block_must_match_the_blocks():
         (ClusCaConfig(update="step", correction=(0.0, 1.0), pair=True), {},
          dict(update=UpdateRule.STEP, correction=(0.0, 1.0), pair=True)),
         # back to the paper's rule: the family's correction does not come along
-        (ClusCaConfig(update="step", correction=0.5), {"update": "paper"}, dict(update=UpdateRule.PAPER, correction=1.0)),
+        (ClusCaConfig(update="step", correction=0.5), {"update": "paper"},
+         dict(update=UpdateRule.PAPER, correction=1.0)),
         (ClusCaConfig(update="step", correction=0.5), {"update": "residual"},
          dict(update=UpdateRule.RESIDUAL, correction=0.5)),
     ],

@@ -543,7 +543,8 @@ def comparable(result: dict, baseline: dict) -> None:
     names = TIMING_VERSIONS + (("torch",) if result.get("backend") == "torch" else ())
     checks += [(f"{n} version", bv.get(n), rv.get(n)) for n in names]
     bs, rs = baseline.get("settings") or {}, result.get("settings") or {}
-    for key in ("steps", "sampler", "interval", "propagation", "order", "warmup", "fresh", "update", "correction", "pair"):
+    for key in ("steps", "sampler", "interval", "propagation", "order", "warmup", "fresh", "update", "correction",
+                "pair"):
         checks.append((f"setting {key}", bs.get(key), rs.get(key)))
     for what, base, now in checks:
         if base != now:

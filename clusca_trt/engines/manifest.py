@@ -42,9 +42,10 @@ log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
 LOCK = ".lock"
-# 3: cond and plain graphs, sampling facts and the model loader in the manifest; 2: graph files in an
-# immutable build folder named by the manifest (1: beside it)
-FORMAT = 3
+# 4: the partial graph's update rule input and the cluster graphs' pair flag; 3: cond and plain graphs,
+# sampling facts and the model loader in the manifest; 2: graph files in an immutable build folder named
+# by the manifest (1: beside it)
+FORMAT = 4
 
 T = TypeVar("T")
 

@@ -26,7 +26,8 @@ from ..config import ClusCaConfig, FreshPolicy
 from ..engines.base import StepEngine
 from ..errors import ConfigError
 from ..schedule import PlannedStep, StepKind
-from ..spec import COND_ROW, GRAPH_COND, GRAPH_FORECAST, GRAPH_FULL, GRAPH_PARTIAL, GRAPH_PLAIN, PAIR, UPDATE, ExportSpec
+from ..spec import (COND_ROW, GRAPH_COND, GRAPH_FORECAST, GRAPH_FULL, GRAPH_PARTIAL, GRAPH_PLAIN, PAIR, UPDATE,
+                    ExportSpec)
 
 # stream numbers of a sample key: initial noise (drawn by the family runtime), the ClusCa cycle's
 # draws (this module), the sampler's own noise (DDPM)
@@ -101,10 +102,11 @@ class RandomPlan:
                             init[s][g.name][r] = rng.choice(g.tokens, g.clusters, replace=False)
                     elif draw_keys and s in fresh_keys and g.name in fresh_keys[s]:
                         for r in own:
-                            if pair and r != i:
-                                fresh_keys[s][g.name][:, r] = fresh_keys[s][g.name][:, i]
+                            into = fresh_keys[s][g.name]
+                            if pair and r != i:  # the sample's other rows: its first row's keys
+                                into[:, r] = into[:, i]
                             else:
-                                fresh_keys[s][g.name][:, r] = rng.random((spec.fresh_layers(g.name), g.tokens), np.float32)
+                                into[:, r] = rng.random((spec.fresh_layers(g.name), g.tokens), np.float32)
         return cls(dict(init), dict(fresh_keys))
 
 

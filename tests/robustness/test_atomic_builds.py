@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 import clusca_trt
-from clusca_trt.engines.manifest import Manifest
+from clusca_trt.engines.manifest import FORMAT, Manifest
 from clusca_trt.errors import EngineError
 from clusca_trt.exporters.build import build_engines
 from clusca_trt.runtime.pipeline import Pipeline
@@ -194,7 +194,7 @@ def test_an_engine_directory_of_the_earlier_layout_is_refused_and_rebuilt(micro,
     (d / "notes.txt").write_text("mine")
     with pytest.raises(EngineError) as e:
         Pipeline.load(d)
-    assert "expected engine format 3" in one_line(e) and "rebuild" in str(e.value)
+    assert f"expected engine format {FORMAT}" in one_line(e) and "rebuild" in str(e.value)
     r = build_engines(micro_model(), OPTIONS[2], d)
     assert not r.reused
     Pipeline.load(d)

@@ -10,6 +10,7 @@ import pytest
 from click.testing import CliRunner
 
 from clusca_trt.cli import main
+from clusca_trt.engines.manifest import FORMAT
 from clusca_trt.errors import EngineError
 from clusca_trt.exporters.build import build_engines
 from clusca_trt.runtime.pipeline import Pipeline
@@ -48,7 +49,7 @@ CASES = {
     "json-list": (lambda d: [d], "expected a JSON object, got a list"),
     "json-null": (lambda d: None, "expected a JSON object, got null"),
     "json-number": (lambda d: 3, "expected a JSON object, got an integer"),
-    "old-format": (_set(1, "format"), "expected engine format 3"),
+    "old-format": (_set(1, "format"), f"expected engine format {FORMAT}"),
     "unknown-default": (_set(9, "defaults", "speed"), "expected defaults keys among interval, clusters"),
     "bad-default": (_set(0, "defaults", "interval"), "defaults: interval must be an integer >= 1, got 0"),
     "graph-removed": (_drop("graphs", "partial"), "expected graphs cond, plain, full, forecast, partial"),

@@ -80,7 +80,8 @@ def test_clusca_engines_equal_reference(pipes, K, order, gamma):
 
 @pytest.mark.parametrize("kw", [
     dict(update="residual"), dict(update="step"), dict(update="step", correction=0.5, propagation=0.2),
-    dict(update="step", correction=(0.0, 1.0, 0.5, 0.0)), dict(update="residual", pair=True), dict(update="paper", pair=True),
+    dict(update="step", correction=(0.0, 1.0, 0.5, 0.0)), dict(update="residual", pair=True),
+    dict(update="paper", pair=True),
     dict(update="step", pair=True, fresh="nearest"),
 ])
 def test_update_rules_engines_equal_reference(pipes, kw):
