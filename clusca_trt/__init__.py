@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from ._version import __version__
 
-from .config import ClusCaConfig, FreshPolicy, Method
+from .config import ClusCaConfig, FreshPolicy, Method, UpdateRule
 from .errors import (
     BackendUnavailableError,
     CheckpointError,
@@ -35,6 +35,7 @@ __all__ = [
     "Method",
     "NonFiniteOutputError",
     "Pipeline",
+    "UpdateRule",
     "__version__",
 ]
 

@@ -93,8 +93,21 @@ def test_update_rules_engines_equal_reference(pipes, kw):
     got = engine.generate(LABELS, **run, **kw)
     want = reference.generate(LABELS, **run, **kw)
     assert rel_err(got.latents, want.latents) < 1e-4
-    paper = engine.generate(LABELS, **run, fresh=kw.get("fresh"), propagation=kw.get("propagation"))
+    paper = engine.generate(LABELS, **run, fresh=kw.get("fresh"), propagation=kw.get("propagation"), update="paper",
+                            pair=False)
     assert rel_err(got.latents, paper.latents) > 1e-5
+
+
+@pytest.mark.parametrize("update", ["step", "residual"])
+def test_a_residual_rule_with_no_correction_is_taylorseer(pipes, update):
+    """Correction 0: the fresh rows are computed and change nothing, so ClusCa is TaylorSeer (same full
+    steps, same forecasts) to float rounding (1e-6, seed 3)."""
+    engine, _ = pipes[4]
+    run = dict(seed=3, interval=4, order=2, steps=STEPS)
+    got = engine.generate(LABELS, method="clusca", update=update, correction=0.0, propagation=0.2, **run)
+    want = engine.generate(LABELS, method="taylorseer", **run)
+    assert got.step_counts["partial"] == want.step_counts["forecast"] == 14
+    assert rel_err(got.latents, want.latents) < 1e-6
 
 
 @pytest.mark.parametrize(
