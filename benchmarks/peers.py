@@ -5,7 +5,8 @@
       the ones that do not apply are listed with the reason)
   (c) our PyTorch reference ClusCa (``Pipeline.from_adapter``: the step modules, eager)
   (d) our engines (ONNX Runtime), full compute
-  (e) our engines, ClusCa (and TaylorSeer / FORA from the same engines)
+  (e) our engines, ClusCa (and TaylorSeer / FORA from the same engines), with each update rule of
+      ``--updates`` (the paper's, the residual rules, guidance rows paired; one engine directory)
 
     .venv/bin/python benchmarks/peers.py                                   # DiT-B/2 size, the defaults below
     .venv/bin/python benchmarks/peers.py --size tiny --steps 10 --repeats 1  # a quick check
@@ -269,6 +270,17 @@ def diffusers_taylorseer_steps(before: int = 2):
         schedule.step_kind = original
 
 
+# the update rules compared (``--updates``): name -> (label, generate keywords)
+UPDATE_VARIANTS = {
+    "paper": ("paper", dict(update="paper", pair=False)),
+    "residual": ("residual", dict(update="residual", correction=1.0, pair=False)),
+    "step": ("step", dict(update="step", correction=1.0, pair=False)),
+    "paper-paired": ("paper, paired", dict(update="paper", pair=True)),
+    "step-paired": ("step, paired", dict(update="step", correction=1.0, pair=True)),
+    "step-paired-half": ("step, paired, correction 0.5", dict(update="step", correction=0.5, pair=True)),
+}
+
+
 def ours(folder: Path, engines: Path, args) -> list[Entry]:
     loaded = load_model("dit", checkpoint=folder)
     options = BuildOptions(batch=1, clusters=args.clusters, order=2)
@@ -286,12 +298,17 @@ def ours(folder: Path, engines: Path, args) -> list[Entry]:
         return sample
 
     K, n = args.clusters, args.interval
-    return [
+    variants = [
+        Entry(f"ours_clusca_{name}", f"ours: engines, ClusCa, update {label}", "ours-engines",
+              f"N={n}, K={K}, O=2, gamma={args.gamma}, {label}", run(eng, "clusca", **cl, **rule))
+        for name, (label, rule) in UPDATE_VARIANTS.items() if name in args.updates
+    ]
+    base = [
         Entry("ours_torch_clusca", "ours: PyTorch reference ClusCa", "ours-torch", f"N={n}, K={K}, O=2, gamma={args.gamma}",
               run(ref, "clusca", **cl)),
         Entry("ours_full", "ours: engines, full", "ours-engines", "ONNX Runtime, every step full", run(eng, "full")),
-        Entry("ours_clusca", "ours: engines, ClusCa", "ours-engines", f"N={n}, K={K}, O=2, gamma={args.gamma}",
-              run(eng, "clusca", **cl)),
+        Entry("ours_clusca", "ours: engines, ClusCa (the family's default update rule)", "ours-engines",
+              f"N={n}, K={K}, O=2, gamma={args.gamma}", run(eng, "clusca", **cl)),
         Entry("ours_taylorseer", "ours: engines, TaylorSeer", "ours-engines", f"N={n}, O=2", run(eng, "taylorseer", interval=n)),
         Entry("ours_fora", "ours: engines, FORA", "ours-engines", f"N={n}", run(eng, "fora", interval=n)),
         Entry("ours_clusca_dsteps", "ours: engines, ClusCa on diffusers TaylorSeer's full steps", "ours-engines",
@@ -299,6 +316,7 @@ def ours(folder: Path, engines: Path, args) -> list[Entry]:
         Entry("ours_taylorseer_dsteps", "ours: engines, TaylorSeer on diffusers TaylorSeer's full steps", "ours-engines",
               f"N={n}, O=2; full at 0, 1, 3, 8, ...", run(eng, "taylorseer", True, interval=n)),
     ]
+    return base[:3] + variants + base[3:]  # the rules right after the default ClusCa row
 
 
 # ------------------------------------------------------------------------------------------
@@ -575,6 +593,8 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--fbc-thresholds", type=float, nargs="*", default=[0.05, 0.2])
+    p.add_argument("--updates", nargs="*", choices=sorted(UPDATE_VARIANTS), default=list(UPDATE_VARIANTS),
+                   help="ClusCa update rules to run beside the default one (each an engines row)")
     p.add_argument("--work", type=Path, default=ROOT / "engines" / "peers", help="model folder and engines (reused)")
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     args = p.parse_args(argv)

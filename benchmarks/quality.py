@@ -5,6 +5,8 @@ built-in trained model ``dit-digits`` (the paper's Table 3 and Table 4 in miniat
     python benchmarks/quality.py                      # 100 samples per row, 1 thread
     python benchmarks/quality.py --samples 500        # tighter FID
     python benchmarks/quality.py --quick              # a handful of rows, 20 samples: a smoke run
+    python benchmarks/quality.py --samples 200 --threads 2 --groups update-rules,update-grid
+                                                      # only the update rules' rows (quality-update.md)
 
 Every row samples the same class labels (0..9 repeated) from the same seed (so the same
 initial noise) with 50-step DDIM and classifier-free guidance 1.5, on ONNX Runtime engines
@@ -17,8 +19,12 @@ built here (one engine set per K; K is static in the graphs). Columns:
 * FID-digits and class accuracy by the shipped digits classifier (``clusca_trt.digits.quality``);
 * PSNR / SSIM of each sample against the full-compute sample with the same seed and label.
 
-Writes ``quality.md`` (the table, the gamma sweep, notes), ``quality.json`` and ``quality.png``
-(FID vs speed-up, one line per method) into ``--out`` (default ``benchmarks/results``).
+Row groups (``--groups``, default all): ``main`` (the table; ClusCa with the paper's update rule,
+unpaired), ``gamma-sweep``, ``update-rules`` (every update rule and pairing at K=16, N=5 and 8,
+gamma 0 and 0.2, TaylorSeer beside) and ``update-grid`` (the family's default update rule over
+the main table's N, K and gamma). Writes ``quality.md`` (the tables, notes), ``quality.json`` and
+``quality.png`` (FID vs speed-up, one line per method) into ``--out`` (default
+``benchmarks/results``); with some groups only, ``quality-<groups>.md`` / ``.json``.
 The numbers are whatever they are; nothing here is tuned to any method.
 """
 
@@ -27,7 +33,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import platform
 import sys
 import time
 from dataclasses import dataclass, field
@@ -41,6 +46,7 @@ sys.path.insert(0, str(ROOT))
 from clusca_trt.digits import quality  # noqa: E402
 from clusca_trt.config import ClusCaConfig  # noqa: E402
 from clusca_trt.analysis import flops as fl  # noqa: E402
+from clusca_trt.analysis.bench import device_name  # noqa: E402
 from clusca_trt.exporters.build import build_engines  # noqa: E402
 from clusca_trt.models import load_model  # noqa: E402
 from clusca_trt.runtime.pipeline import Pipeline  # noqa: E402
@@ -51,6 +57,19 @@ MODEL = "dit-digits"
 ORDER = 2  # built Taylor order; ClusCa rows use it (the adapter's default), TaylorSeer rows O = 1, 2
 WARMUP = 2  # W, the DiT reference's
 GAMMA_SWEEP = (0.0, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5)
+GROUPS = ("main", "gamma-sweep", "update-rules", "update-grid")
+# the update rules compared (``update-rules``): (label, update, correction, pair); "per-block"
+# corrects in block 1 only, the best single-block choice measured on this 4-block model
+UPDATE_RULES = (
+    ("paper", "paper", 1.0, False),
+    ("residual", "residual", 1.0, False),
+    ("step", "step", 1.0, False),
+    ("paper, paired", "paper", 1.0, True),
+    ("step, paired", "step", 1.0, True),
+    ("step, paired, correction 0.5", "step", 0.5, True),
+    ("step, paired, correction 0.25", "step", 0.25, True),
+    ("step, paired, per-block 0,1,0,0", "step", (0.0, 1.0, 0.0, 0.0), True),
+)
 
 
 @dataclass
@@ -61,8 +80,20 @@ class Row:
     clusters: int = 0
     order: int = 0
     propagation: float = 0.0
-    group: str = "main"  # main or gamma-sweep
+    group: str = "main"  # one of GROUPS
+    update: str = "paper"  # ClusCa: the update rule, its correction and pairing (ClusCaConfig)
+    correction: float | tuple = 1.0
+    pair: bool = False
     out: dict = field(default_factory=dict)
+
+    @property
+    def rule(self) -> str:
+        """The update rule in words ("paper" for the reference's: unpaired, correction 1)."""
+        c = self.correction
+        words = [self.update] + (["paired"] if self.pair else [])
+        if c != 1.0:
+            words.append(f"correction {','.join(f'{v:g}' for v in c)}" if isinstance(c, tuple) else f"correction {c:g}")
+        return ", ".join(words)
 
     @property
     def label(self) -> str:
@@ -74,28 +105,45 @@ class Row:
             return f"FORA N={self.interval}"
         if self.method == "taylorseer":
             return f"TaylorSeer N={self.interval} O={self.order}"
-        return f"ClusCa N={self.interval} K={self.clusters} gamma={self.propagation:g}"
+        rule = "" if self.rule == "paper" else f" [{self.rule}]"
+        return f"ClusCa N={self.interval} K={self.clusters} gamma={self.propagation:g}{rule}"
 
     @property
     def key(self) -> tuple:
-        return (self.method, self.steps, self.interval, self.clusters, self.order, self.propagation)
+        return (self.method, self.steps, self.interval, self.clusters, self.order, self.propagation, self.update,
+                self.correction, self.pair)
 
 
-def rows_for(steps: int, quick: bool) -> list[Row]:
+def rows_for(steps: int, quick: bool, groups=GROUPS, default=None) -> list[Row]:
+    """The rows of ``groups``; ``default``: the family's ClusCa config (its update rule, correction
+    and pairing run over the main grid in ``update-grid``)."""
     rows = [Row("full", steps)]
     if quick:
         return rows + [Row("ddim-steps", 10), Row("fora", steps, 4), Row("taylorseer", steps, 5, order=2),
-                       Row("clusca", steps, 5, 16, ORDER, 0.005), Row("clusca", steps, 5, 16, ORDER, 0.0)]
-    rows += [Row("ddim-steps", s) for s in (25, 20, 15, 12, 10)]
-    rows += [Row("fora", steps, n) for n in range(2, 8)]
-    rows += [Row("taylorseer", steps, n, order=o) for o in (1, 2) for n in range(4, 8)]
-    rows += [Row("clusca", steps, n, k, ORDER, g) for g in (0.0, 0.005) for k in (4, 8, 16, 32) for n in range(3, 8)]
-    main_keys = {r.key for r in rows}
-    for g in GAMMA_SWEEP:
-        r = Row("clusca", steps, 5, 16, ORDER, g, group="gamma-sweep")
-        if r.key not in main_keys:
-            rows.append(r)
-    return rows
+                       Row("clusca", steps, 5, 16, ORDER, 0.005), Row("clusca", steps, 5, 16, ORDER, 0.0),
+                       Row("clusca", steps, 5, 16, ORDER, 0.0, "update-rules", "step", 1.0, True)]
+    if "main" in groups:
+        rows += [Row("ddim-steps", s) for s in (25, 20, 15, 12, 10)]
+        rows += [Row("fora", steps, n) for n in range(2, 8)]
+        rows += [Row("taylorseer", steps, n, order=o) for o in (1, 2) for n in range(4, 8)]
+        rows += [Row("clusca", steps, n, k, ORDER, g)
+                 for g in (0.0, 0.005) for k in (4, 8, 16, 32) for n in range(3, 8)]
+    if "gamma-sweep" in groups:
+        rows += [Row("clusca", steps, 5, 16, ORDER, g, group="gamma-sweep") for g in GAMMA_SWEEP]
+    if "update-rules" in groups:
+        rows += [Row("taylorseer", steps, n, order=ORDER, group="update-rules") for n in (5, 8)]
+        rows += [Row("clusca", steps, n, 16, ORDER, g, "update-rules", update, correction, pair)
+                 for n in (5, 8) for g in (0.0, 0.2) for _, update, correction, pair in UPDATE_RULES]
+    if "update-grid" in groups and default is not None:
+        rule = (default.update.value, default.correction, default.pair)
+        rows += [Row("clusca", steps, n, k, ORDER, g, "update-grid", *rule)
+                 for g in (0.0, 0.005) for k in (4, 8, 16, 32) for n in range(3, 8)]
+    out, seen = [], set()
+    for r in rows:  # a row of two groups runs once (in the first)
+        if r.key not in seen:
+            out.append(r)
+            seen.add(r.key)
+    return out
 
 
 def build(k: int, batch: int, engines: Path, loaded) -> Path:
@@ -113,7 +161,8 @@ def run_row(pipe: Pipeline, row: Row, labels: list[int], seed: int, cfg_scale: f
     if row.method == "taylorseer":
         return pipe.generate(labels, method="taylorseer", interval=row.interval, order=row.order, **kwargs)
     return pipe.generate(labels, method="clusca", interval=row.interval, order=row.order,
-                         propagation=row.propagation, **kwargs)
+                         propagation=row.propagation, update=row.update, correction=row.correction, pair=row.pair,
+                         **kwargs)
 
 
 def row_flops(row: Row, per_graph: dict[str, int], spec, batch: int) -> int:
@@ -200,6 +249,64 @@ def plot(rows: list[Row], real_fid: float, path: Path) -> None:
     plt.close(fig)
 
 
+def paper_rows(rows: list[Row], path: Path | None, args) -> dict[tuple, dict]:
+    """The paper's-rule ClusCa results by (N, K, gamma): this run's main rows, else those of
+    ``path`` (an earlier quality.json; it must have the same samples, seed, steps and guidance)."""
+    out = {(r.interval, r.clusters, r.propagation): r.out for r in rows
+           if r.method == "clusca" and r.group == "main" and r.rule == "paper"}
+    if out or path is None:
+        return out
+    data = json.loads(path.read_text())
+    for k in ("samples", "seed", "steps", "cfg_scale"):
+        if data.get(k) != getattr(args, k):
+            raise SystemExit(f"--paper-rows {path}: expected {k} {getattr(args, k)}, got {data.get(k)}")
+    return {(r["interval"], r["clusters"], r["propagation"]): r for r in data["rows"]
+            if r["method"] == "clusca" and r["group"] == "main" and r.get("update", "paper") == "paper"
+            and not r.get("pair", False)}
+
+
+def update_sections(rows: list[Row], paper: dict, default) -> list[str]:
+    """The update rules' tables: PSNR by rule (N, gamma), the rows in full, and the default rule
+    against the paper's over the main grid."""
+    md = []
+    rules = [r for r in rows if r.group == "update-rules" or (r.method == "clusca" and r.clusters == 16
+             and r.interval in (5, 8) and r.propagation in (0.0, 0.2) and r.group == "main")]
+    ts = {r.interval: r for r in rows if r.method == "taylorseer" and r.order == ORDER and r.interval in (5, 8)}
+    if any(r.group == "update-rules" for r in rules):
+        cols = [(n, g) for n in (5, 8) for g in (0.0, 0.2)]
+        head = "| update rule (K=16) | " + " | ".join(f"N={n} gamma={g:g}" for n, g in cols) + " |"
+        md += [f"## Update rules (ClusCa K=16, O={ORDER}; PSNR vs full in dB, FID-digits in brackets)", "",
+               head, "|" + "---|" * (len(cols) + 1)]
+        for label, update, correction, pair in UPDATE_RULES:
+            cells = []
+            for n, g in cols:
+                r = next((r for r in rules if (r.interval, r.propagation, r.update, r.correction, r.pair)
+                          == (n, g, update, correction, pair)), None)
+                cells.append(f"{fmt(r.out['psnr'])} ({r.out['fid']:.2f})" if r else "-")
+            md.append(f"| {label} | " + " | ".join(cells) + " |")
+        md.append("| TaylorSeer O=2 (no fresh tokens) | " + " | ".join(
+            f"{fmt(ts[n].out['psnr'])} ({ts[n].out['fid']:.2f})" if n in ts else "-" for n, _ in cols) + " |")
+        md += ["", table([r for r in rows if r.group == "update-rules"]), ""]
+    rule = (default.update.value, default.correction, default.pair)
+    grid = [r for r in rows if r.group == "update-grid" or (  # with the grid's rows that ran in another group
+            any(q.group == "update-grid" for q in rows) and r.method == "clusca" and (r.update, r.correction, r.pair)
+            == rule and r.interval in range(3, 8) and r.clusters in (4, 8, 16, 32) and r.propagation in (0.0, 0.005))]
+    if grid:
+        md += [f"## The default update rule ({grid[0].rule}) over the main grid, against the paper's", "",
+               "| N | K | gamma | paper PSNR | default PSNR | difference (dB) | paper FID | default FID | "
+               "default wall speed-up |", "|" + "---|" * 9]
+        worst = None
+        for r in sorted(grid, key=lambda r: (r.propagation, r.clusters, r.interval)):
+            p = paper.get((r.interval, r.clusters, r.propagation))
+            diff = None if p is None else r.out["psnr"] - p["psnr"]
+            worst = diff if diff is not None and (worst is None or diff < worst) else worst
+            md.append(f"| {r.interval} | {r.clusters} | {r.propagation:g} | {fmt(p and p['psnr'])} | "
+                      f"{fmt(r.out['psnr'])} | {fmt(diff)} | {fmt(p and p['fid'])} | {r.out['fid']:.2f} | "
+                      f"{r.out['wall_speedup']:.2f}x |")
+        md += ["", f"Smallest difference (default minus paper) over the grid: {fmt(worst)} dB.", ""]
+    return md
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--samples", type=int, default=100, help="samples per row (labels 0..9 repeated)")
@@ -212,16 +319,25 @@ def main() -> None:
     p.add_argument("--engines", type=Path, default=ROOT / "engines" / "bench-digits", help="engine cache folder")
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     p.add_argument("--quick", action="store_true", help="a handful of rows (smoke run)")
+    p.add_argument("--groups", default=",".join(GROUPS),
+                   help=f"comma-separated row groups among {', '.join(GROUPS)} (full compute always runs)")
+    p.add_argument("--paper-rows", type=Path, default=None,
+                   help="update-grid without main: a quality.json of the same samples and seed whose main ClusCa rows "
+                        "(the paper's rule) the default rule is compared with")
     args = p.parse_args()
+    groups = tuple(g.strip() for g in args.groups.split(",") if g.strip())
+    unknown = sorted(set(groups) - set(GROUPS))
+    if unknown:
+        p.error(f"--groups: expected some of {', '.join(GROUPS)}, got {', '.join(unknown)}")
     logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")
     log = logging.getLogger("quality")
     log.setLevel(logging.INFO)
 
     t_start = time.perf_counter()
     labels = [i % 10 for i in range(args.samples)]
-    rows = rows_for(args.steps, args.quick)
-    ks = sorted({r.clusters for r in rows if r.clusters} | {16})
     loaded = load_model(MODEL)
+    rows = rows_for(args.steps, args.quick, groups, loaded.adapter.default_run)
+    ks = sorted({r.clusters for r in rows if r.clusters} | {16})
     ev = quality.load_evaluator()
 
     print(f"building engines for K in {ks} (batch {args.batch}, O={ORDER}) in {args.engines}", flush=True)
@@ -275,10 +391,14 @@ def main() -> None:
 
     main_rows = [r for r in rows if r.group == "main"]
     sweep = sorted([r for r in rows if r.method == "clusca" and r.interval == 5 and r.clusters == 16
-                    and r.order == ORDER and r.propagation in GAMMA_SWEEP], key=lambda r: r.propagation)
+                    and r.order == ORDER and r.propagation in GAMMA_SWEEP and r.rule == "paper"],
+                   key=lambda r: r.propagation)
+    stem = "quality" if set(groups) == set(GROUPS) or args.quick else "quality-" + "-".join(groups)
     args.out.mkdir(parents=True, exist_ok=True)
     real_fid = real.fid if real else float("nan")
-    plot(rows, real_fid, args.out / "quality.png")
+    if "main" in groups or args.quick:
+        plot(rows, real_fid, args.out / f"{stem}.png")
+    paper = paper_rows(rows, args.paper_rows, args)
 
     import onnxruntime
     import torch
@@ -288,8 +408,9 @@ def main() -> None:
         f"# Quality vs speed on `{MODEL}` (built-in, trained on scikit-learn digits)",
         "",
         f"Produced by `python benchmarks/quality.py{' --quick' if args.quick else ''} --samples {args.samples}"
-        f"{f' --threads {args.threads}' if args.threads != 1 else ''}` "
-        f"in {elapsed / 60:.0f} min on {platform.processor() or platform.machine()} "
+        f"{f' --threads {args.threads}' if args.threads != 1 else ''}"
+        f"{f' --groups {args.groups}' if set(groups) != set(GROUPS) else ''}` "
+        f"in {elapsed / 60:.0f} min on {device_name('cpu')} "
         f"(ONNX Runtime {onnxruntime.__version__} {base.engine.provider}, torch {torch.__version__}). "
         f"{args.samples} samples per row (class labels 0..9 repeated), seed {args.seed}, {args.steps}-step DDIM, "
         f"CFG {args.cfg_scale}, engine batch {args.batch} (graph batch {2 * args.batch}), "
@@ -302,12 +423,10 @@ def main() -> None:
            f"class accuracy {100 * real.accuracy:.1f}% against the same held-out reference: the floor of this metric "
            f"at this sample size is about there." if real else ""),
         "",
-        table(main_rows),
-        "",
-        f"## gamma sweep (ClusCa N=5, K=16, O={ORDER}; the paper's Table 4)",
-        "",
-        table(sweep),
-        "",
+        *([table(main_rows), ""] if "main" in groups else []),
+        *([f"## gamma sweep (ClusCa N=5, K=16, O={ORDER}; the paper's Table 4)", "", table(sweep), ""]
+          if sweep and "gamma-sweep" in groups else []),
+        *update_sections(rows, paper, loaded.adapter.default_run),
         "## Notes",
         "",
         "* FLOPs: analytic counts of the exported ONNX graphs (`clusca_trt.analysis.flops`: a multiply-add is 2 FLOPs; "
@@ -321,17 +440,19 @@ def main() -> None:
         "32x32). FID-digits: Frechet distance of the digits classifier's 64-wide penultimate features to those of "
         "the 449 held-out real digits; with few samples it is biased upwards, compare rows with each other.",
     ]
-    (args.out / "quality.md").write_text("\n".join(md) + "\n")
-    (args.out / "quality.json").write_text(json.dumps({
+    (args.out / f"{stem}.md").write_text("\n".join(md) + "\n")
+    (args.out / f"{stem}.json").write_text(json.dumps({
         "model": MODEL, "samples": args.samples, "steps": args.steps, "seed": args.seed, "cfg_scale": args.cfg_scale,
         "batch": args.batch, "full_seconds": full_seconds, "real_digits": None if real is None else real.__dict__,
+        "groups": list(groups), "device": device_name("cpu"),
         "rows": [dict(label=r.label, method=r.method, steps=r.steps, interval=r.interval, clusters=r.clusters,
-                      order=r.order, propagation=r.propagation, group=r.group, **r.out) for r in rows],
+                      order=r.order, propagation=r.propagation, group=r.group, update=r.update, correction=r.correction,
+                      pair=r.pair, **r.out) for r in rows],
     }, indent=1, default=float))
     for pipe in pipes.values():
         pipe.close()
-    print(f"\n{table(main_rows)}\n\ngamma sweep:\n{table(sweep)}\n")
-    print(f"wrote {args.out / 'quality.md'}, quality.json, quality.png in {elapsed / 60:.1f} min")
+    print("\n".join(md))
+    print(f"wrote {args.out / stem}.md, .json in {elapsed / 60:.1f} min")
 
 
 if __name__ == "__main__":

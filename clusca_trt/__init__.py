@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from ._version import __version__
 
-from .config import ClusCaConfig, FreshPolicy, Method
+from .config import ClusCaConfig, FreshPolicy, Method, UpdateRule
 from .errors import (
     BackendUnavailableError,
     CheckpointError,
@@ -39,6 +39,7 @@ __all__ = [
     "Method",
     "NonFiniteOutputError",
     "Pipeline",
+    "UpdateRule",
     "__version__",
     "disable",
     "enable",

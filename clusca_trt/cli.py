@@ -15,6 +15,7 @@ from pathlib import Path
 
 import click
 
+from .config import UpdateRule
 from .errors import ClusCaError, InputError, describe, one_line
 
 log = logging.getLogger("clusca_trt.cli")
@@ -151,6 +152,30 @@ def _device_options(fn):
                         help="torch backend: where it runs [default: cpu]; tensorrt: the GPU [default: cuda:0].")(fn)
 
 
+def _parse_correction(ctx, param, value):
+    if value is None:
+        return None
+    try:
+        values = [float(v) for v in value.split(",")]
+    except ValueError:
+        raise click.BadParameter(f"expected a number or comma-separated numbers, got {value!r}") from None
+    return values[0] if len(values) == 1 else tuple(values)
+
+
+def _update_options(fn):
+    """--update, --correction, --pair: how a partial step's fresh tokens update the caches (generate, bench)."""
+    fn = click.option("--pair/--no-pair", default=None,
+                      help="The cond and uncond rows of a sample share one clustering and its fresh tokens "
+                           "[default: the model's].")(fn)
+    fn = click.option("--correction", default=None, callback=_parse_correction, metavar="S|S0,S1,...",
+                      help="Share of the fresh tokens' correction applied, in [0, 1] (update residual, step); "
+                           "one number, or one per block with fresh rows.")(fn)
+    return click.option("--update", type=click.Choice([u.value for u in UpdateRule]), default=None,
+                        help="How fresh tokens update the MLP cache: paper (the reference), residual (by the "
+                             "forecast's error, kept), step (by the forecast's error, this step only) "
+                             "[default: the model's].")(fn)
+
+
 def _progress(total: int, label: str):
     """A progress bar on stderr for interactive use; silent when stderr is not a terminal or with -q."""
     quiet = not logging.getLogger("clusca_trt").isEnabledFor(logging.INFO)
@@ -206,6 +231,7 @@ def _family_inputs(pipe, values: dict) -> dict:
 @click.option("--clusters", "-K", type=int, default=None, help="Must equal the built K (checked).")
 @click.option("--warmup", "-W", type=int, default=None, help="Leading full steps.")
 @click.option("--fresh", type=click.Choice(["random", "nearest"]), default=None, help="Fresh-token policy.")
+@_update_options
 @_family_options
 @click.option("--height", type=int, default=None, help="FLUX: choose the build of this height (several in ENGINE_DIR).")
 @click.option("--width", type=int, default=None, help="FLUX: choose the build of this width.")
@@ -220,8 +246,8 @@ def _family_inputs(pipe, values: dict) -> dict:
               help="Run full, clusca, fora and taylorseer on the same inputs and seed; write a .png grid with one "
                    "row per method and print each one's measured speed-up vs full.")
 @_errors
-def generate(engine_dir, method, interval, propagation, order, clusters, warmup, fresh, provider, backend, device,
-             precision, out_file, height, width, frames, compare, **family_values):
+def generate(engine_dir, method, interval, propagation, order, clusters, warmup, fresh, update, correction, pair,
+             provider, backend, device, precision, out_file, height, width, frames, compare, **family_values):
     """Sample with the engines in ENGINE_DIR and write latents (.npz), an image grid (.png) or videos (.mp4)."""
     from .runtime.output import SUFFIXES, check_output, write_result
     from .runtime.pipeline import Pipeline
@@ -238,14 +264,16 @@ def generate(engine_dir, method, interval, propagation, order, clusters, warmup,
         seed = inputs.pop("seed", 0)
         if compare:
             _compare(pipe, inputs, out_file, seed, dict(interval=interval, propagation=propagation, order=order,
-                                                        warmup=warmup, fresh=fresh, clusters=clusters))
+                                                        warmup=warmup, fresh=fresh, clusters=clusters, update=update,
+                                                        correction=correction, pair=pair))
             return
         count = len(inputs[pipe.family.primary.name])
         chunks = -(-count // pipe.spec.options.batch)
         with _progress(steps * chunks, "sampling") as bar:
             result = pipe.generate(
                 **inputs, seed=seed, method=method, interval=interval, propagation=propagation, order=order,
-                warmup=warmup, fresh=fresh, clusters=clusters, progress=lambda _step: bar.update(1),
+                warmup=warmup, fresh=fresh, clusters=clusters, update=update, correction=correction, pair=pair,
+                progress=lambda _step: bar.update(1),
             )
     write_result(result, out_file)
     c = result.config
@@ -327,6 +355,7 @@ class _BaselineRefused(click.ClickException):
 @click.option("--order", "-O", type=int, default=None, help="Taylor order (<= the built order).")
 @click.option("--warmup", "-W", type=int, default=None, help="Leading full steps.")
 @click.option("--fresh", type=click.Choice(["random", "nearest"]), default=None, help="Fresh-token policy.")
+@_update_options
 @click.option("--steps", "-S", default=50, show_default=True)
 @click.option("--sampler", type=click.Choice(["ddim", "ddpm"]), default="ddim", show_default=True)
 @click.option("--cfg-scale", default=1.5, show_default=True)
@@ -347,9 +376,9 @@ class _BaselineRefused(click.ClickException):
 @click.option("--max-regression", default="10%", show_default=True,
               help="Tolerance against --baseline: exit 1 when a run is slower by more.")
 @_errors
-def bench(engine_dir, methods, interval, propagation, order, warmup, fresh, steps, sampler, cfg_scale, seed,
-          class_labels, repeats, warmup_runs, profile_calls, provider, backend, device, precision, threads, json_file,
-          baseline, max_regression):
+def bench(engine_dir, methods, interval, propagation, order, warmup, fresh, update, correction, pair, steps, sampler,
+          cfg_scale, seed, class_labels, repeats, warmup_runs, profile_calls, provider, backend, device, precision,
+          threads, json_file, baseline, max_regression):
     """Latency of the engines in ENGINE_DIR: full vs ClusCa vs FORA / TaylorSeer, interleaved.
 
     Prints median latency per step kind and per sampling run, wall and FLOPs speed-ups, their
@@ -364,7 +393,8 @@ def bench(engine_dir, methods, interval, propagation, order, warmup, fresh, step
     settings = BenchSettings(
         steps=steps, sampler=sampler, cfg_scale=cfg_scale, seed=seed,
         methods=tuple(m.strip() for m in methods.split(",") if m.strip()), interval=interval,
-        propagation=propagation, order=order, warmup=warmup, fresh=fresh, repeats=repeats,
+        propagation=propagation, order=order, warmup=warmup, fresh=fresh, update=update, correction=correction,
+        pair=pair, repeats=repeats,
         warmup_runs=warmup_runs, profile_calls=profile_calls,
     )
     labels = _labels(class_labels)

@@ -62,6 +62,43 @@ class FreshPolicy(str, Enum):
             ) from None
 
 
+class UpdateRule(str, Enum):
+    """How a partial step's fresh tokens update the MLP cache (``ops.partial_update``).
+
+    With ``w`` = 1 for a fresh token j and gamma for the other members of its cluster:
+
+    * paper:    the reference: ``F_0[n] <- w f_j + (1 - w) F_0[n]``, kept for later steps, so a fresh
+                token's output is ``f_j`` plus the Taylor trend and the next full step's derivatives
+                see the written values;
+    * residual: correct by the forecast's error, ``F_0[n] <- F_0[n] + w (f_j - forecast_j)``, kept;
+    * step:     the same correction for this step's output only: F_0 stays the model's output at the
+                last full step (nothing leaks into later steps or the next derivatives).
+
+    ``ClusCaConfig.correction`` scales the correction of the residual rules.
+    """
+
+    PAPER = "paper"
+    RESIDUAL = "residual"
+    STEP = "step"
+
+    @classmethod
+    def parse(cls, value: "str | UpdateRule") -> "UpdateRule":
+        try:
+            return cls(value)
+        except ValueError:
+            raise ConfigError(
+                f"update rule must be one of {', '.join(u.value for u in cls)}, got {value!r}"
+            ) from None
+
+    def fields(self, correction: float = 1.0) -> tuple[float, float, float]:
+        """The partial graph's ``update`` input (``ops.UPDATE_FIELDS``): (residual, keep, correction)."""
+        return {
+            UpdateRule.PAPER: (0.0, 1.0, 1.0),
+            UpdateRule.RESIDUAL: (1.0, 1.0, float(correction)),
+            UpdateRule.STEP: (1.0, 0.0, float(correction)),
+        }[self]
+
+
 @dataclass(frozen=True)
 class ClusCaConfig:
     """Cluster-driven caching. More clusters: higher fidelity, less speed-up.
@@ -72,6 +109,13 @@ class ClusCaConfig:
     order:       O, Taylor order of the forecast (0 = plain reuse).
     warmup:      W, leading steps that are always full.
     fresh:       fresh-token policy.
+    update:      how the fresh tokens update the MLP cache (``UpdateRule``).
+    correction:  in [0, 1], the share of the fresh tokens' correction applied (residual rules;
+                 1 with the paper's rule, whose update is not a correction); one number for every
+                 block, or one per block (a tuple as long as the model has blocks with fresh rows).
+    pair:        the rows of one sample (classifier-free guidance: its cond and uncond rows) share
+                 one clustering and the same fresh tokens; off, each row clusters and draws alone
+                 (the reference). No effect where a sample has one row.
     """
 
     interval: int = 5
@@ -80,6 +124,9 @@ class ClusCaConfig:
     order: int = 2
     warmup: int = 2
     fresh: FreshPolicy = FreshPolicy.RANDOM
+    update: UpdateRule = UpdateRule.PAPER
+    correction: float | tuple[float, ...] = 1.0
+    pair: bool = False
 
     def __post_init__(self) -> None:
         if not is_int(self.interval) or self.interval < 1:
@@ -94,6 +141,13 @@ class ClusCaConfig:
             raise ConfigError(f"warmup must be an integer >= 1, got {self.warmup!r}")
         object.__setattr__(self, "fresh", FreshPolicy.parse(self.fresh))
         object.__setattr__(self, "propagation", float(self.propagation))
+        object.__setattr__(self, "update", UpdateRule.parse(self.update))
+        object.__setattr__(self, "correction", _parse_correction(self.correction))
+        if not isinstance(self.pair, bool):
+            raise ConfigError(f"pair must be true or false, got {self.pair!r}")
+        if self.update is UpdateRule.PAPER and self.correction not in (1.0, (1.0,) * _len(self.correction)):
+            raise ConfigError(f"correction applies to the residual update rules: expected 1 with update paper, "
+                              f"got {self.correction}")
         for name in ("interval", "clusters", "order", "warmup"):  # numpy integers as plain ints (JSON)
             object.__setattr__(self, name, int(getattr(self, name)))
 
@@ -121,6 +175,9 @@ class ClusCaConfig:
         order: int | None = None,
         warmup: int | None = None,
         fresh: "str | FreshPolicy | None" = None,
+        update: "str | UpdateRule | None" = None,
+        correction: float | None = None,
+        pair: bool | None = None,
     ) -> "ClusCaConfig":
         """The config that runs ``method`` on engines built with ``built_clusters``/``built_order``.
 
@@ -164,4 +221,42 @@ class ClusCaConfig:
             order=order,
             warmup=base.warmup if warmup is None else warmup,
             fresh=base.fresh if fresh is None else fresh,
+            update=base.update if update is None else update,
+            correction=_correction(base, update, correction),
+            pair=base.pair if pair is None else pair,
         )
+
+    def corrections(self, blocks: int) -> tuple[float, ...]:
+        """The correction of each of ``blocks`` blocks (one number: the same for all)."""
+        if isinstance(self.correction, float):
+            return (self.correction,) * blocks
+        if len(self.correction) != blocks:
+            raise ConfigError(f"expected one correction per block with fresh rows ({blocks}), "
+                              f"got {len(self.correction)}")
+        return self.correction
+
+    def update_fields(self, blocks: int) -> tuple[tuple[float, float, float], ...]:
+        """The partial graph's ``update`` input for engines with ``blocks`` blocks of fresh rows."""
+        return tuple(self.update.fields(c) for c in self.corrections(blocks))
+
+
+def _len(value) -> int:
+    return len(value) if isinstance(value, tuple) else 1
+
+
+def _parse_correction(value) -> float | tuple[float, ...]:
+    """A correction in [0, 1], or a non-empty list of them (one per block) -> float or tuple."""
+    values = list(value) if isinstance(value, (list, tuple)) else [value]
+    if not values or not all(_is_real(v) and 0.0 <= float(v) <= 1.0 for v in values):
+        raise ConfigError(f"correction must be a number in [0, 1] or a list of them (one per block), got {value!r}")
+    return tuple(float(v) for v in values) if isinstance(value, (list, tuple)) else float(value)
+
+
+def _correction(base: ClusCaConfig, update, correction):
+    """The correction of a config made from ``base``: as given; else the base's, unless the rule
+    changes to the paper's (which takes none)."""
+    if correction is not None:
+        return correction
+    if update is not None and UpdateRule.parse(update) is UpdateRule.PAPER:
+        return 1.0
+    return base.correction

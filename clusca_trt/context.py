@@ -115,10 +115,12 @@ class FullContext(StepContext):
 
 
 class PartialContext(StepContext):
-    """No attention: forecast ``sum_i F_i d^i / i!``; fresh rows refresh F_0 with propagation.
+    """No attention: forecast ``sum_i F_i d^i / i!``; fresh rows update F_0 with propagation.
 
     With ``fresh`` empty (K = 0) this is the TaylorSeer / FORA forecast step. ``gamma`` is one
-    ratio [1] for every token group, or a ratio per group (``{"img": [1], "txt": [1]}``). What every
+    ratio [1] for every token group, or a ratio per group (``{"img": [1], "txt": [1]}``).
+    ``update`` [L, 3] is the update rule of every block (``ops.partial_update``: residual, keep,
+    correction); None: the paper's (propagate the fresh values into F_0 and keep them). What every
     block of a token group shares (the flat indices of the cluster members, the per-token weights
     of every block) is computed once, at the group's first block.
     """
@@ -131,10 +133,12 @@ class PartialContext(StepContext):
         gamma: torch.Tensor | dict[str, torch.Tensor] | None = None,
         assign: dict[str, torch.Tensor] | None = None,
         fresh: dict[str, torch.Tensor] | None = None,
+        update: torch.Tensor | None = None,
     ):
         super().__init__(slots, caches)
         self.coef = forecast_coef
         self.gamma = gamma
+        self.update = update
         self.assign = assign or {}
         self.fresh = fresh or {}
         self._shared: dict[str, tuple[torch.Tensor, ...]] = {}
@@ -149,6 +153,8 @@ class PartialContext(StepContext):
             fresh, assign = self.fresh[group], self.assign[group]
             gamma = self.gamma[group] if isinstance(self.gamma, dict) else self.gamma
             w_fresh, w_old = self.fns.fresh_weights(fresh, assign, gamma)
+            if self.update is not None:  # the rule of each of the group's blocks
+                w_fresh, w_old = self.fns.update_weights(w_fresh, w_old, self.update[: fresh.shape[0]])
             self._shared[group] = (self.fns.fresh_rows(fresh, tokens), self.fns.spread_index(assign, fresh.shape[-1]),
                                    w_fresh, w_old)
         return self._shared[group]
@@ -158,11 +164,16 @@ class PartialContext(StepContext):
         if group not in self.fresh:
             return self.branch(slot, layer, None)
         rows, members, w_fresh, w_old = self._group(group, h.shape[1])
+        old = self.cache(slot, "f0", layer)
+        hi = self.fns.taylor_forecast(None, self.cache(slot, "fhi", layer), self.coef)
         values = row_fn(self.fns.gather_rows(h, rows[layer]))  # the MLP on exactly K rows per batch element
+        rule = None if self.update is None else self.update[layer]
+        if rule is not None:  # what a fresh row spreads: f_j, or its forecast's error f_j - forecast_j
+            values = self.fns.fresh_residual(values, self.fns.fresh_forecast(old, hi, rows[layer]), rule)
         per_token = self.fns.spread(values, members)  # each token's cluster's fresh value
-        f0 = self.fns.propagate(self.cache(slot, "f0", layer), per_token, w_fresh[layer], w_old[layer])
-        self.write(slot, "f0", layer, f0)
-        return self.fns.forecast_add(f0, self.fns.taylor_forecast(None, self.cache(slot, "fhi", layer), self.coef))
+        f0 = self.fns.propagate(old, per_token, w_fresh[layer], w_old[layer])
+        self.write(slot, "f0", layer, f0 if rule is None else self.fns.keep_state(f0, old, rule))
+        return self.fns.forecast_add(f0, hi)
 
     def _expected(self):
         return [cache_name(s.name, "f0", i) + STATE_SUFFIX for s in self.slots.values()

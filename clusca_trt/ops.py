@@ -9,8 +9,14 @@ Pure torch functions over static shapes; each traces into a small, static ONNX s
                        else gamma * f_c(n) + (1 - gamma) * F_0[n]                   (partial step)
   (``fresh_weights``, ``flat_rows``, ``take_rows``, ``propagate_rows``: its parts, so that a step
   computes what every block shares once)
+* ``partial_update``:  the partial step's MLP-branch update under an update rule (``update``
+                       [residual, keep, correction]): the paper's ``propagate``, or the correction
+                       of the forecast by the fresh tokens' forecast error ``f_j - forecast_j``,
+                       written back to F_0 or used for this step only                (partial step)
+  (``update_weights``, ``fresh_forecast``, ``fresh_residual``, ``keep_state``: its parts)
 * ``kmeans``:          warm-started Lloyd iterations, fixed count, one-hot centroid updates
 * ``select_fresh``:    one token per cluster: the member with the smallest key
+* ``pair_index``:      which row's clustering each row takes (the rows of a sample paired, or each its own)
 """
 
 from __future__ import annotations
@@ -94,6 +100,77 @@ def fresh_weights(fresh_index: torch.Tensor, assign: torch.Tensor, gamma: torch.
     return w_fresh, w_old
 
 
+# the update rule's fields, in the order of the last axis of the partial graph's ``update`` input
+UPDATE_FIELDS = ("residual", "keep", "correction")
+
+
+def update_field(update: torch.Tensor, name: str) -> torch.Tensor:
+    """One field of an update rule ``update`` [..., 3] (one rule per block along the leading axes),
+    shaped [..., 1, 1, 1] to scale a block's [B, T, D] (or [B, T, 1]) tensors."""
+    i = UPDATE_FIELDS.index(name)
+    return update[..., i : i + 1].unsqueeze(-1).unsqueeze(-1)
+
+
+def update_weights(
+    w_fresh: torch.Tensor, w_old: torch.Tensor, update: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``fresh_weights`` (``[..., B, T, 1]``) under the update rules ``update`` [..., 3] = (residual r,
+    keep, correction s), one per block along the same leading axes: ``(w_fresh * s, w_old + r *
+    w_fresh)``. The paper's rule (r 0, s 1) leaves both as they are (``x * 1`` and ``x + 0 * y`` are
+    ``x`` exactly); a residual rule (r 1) keeps the old value whole (``w_old`` 1: ``1 - gamma +
+    gamma``, or 0 + 1 for a fresh token) and adds ``s * w`` of the correction. ``keep`` is read by
+    ``keep_state``."""
+    return w_fresh * update_field(update, "correction"), w_old + update_field(update, "residual") * w_fresh
+
+
+def fresh_forecast(f0: torch.Tensor, hi: torch.Tensor | None, flat: torch.Tensor) -> torch.Tensor:
+    """The forecast ``F_0 + sum_{i>=1} F_i d^i / i!`` at the fresh rows only (``flat``:
+    ``flat_rows`` of the fresh indices): [B, K, D], two row gathers, no pass over all tokens."""
+    rows = take_rows(f0, flat)
+    return rows if hi is None else rows + take_rows(hi, flat)
+
+
+def fresh_residual(values: torch.Tensor, forecast: torch.Tensor, update: torch.Tensor) -> torch.Tensor:
+    """What a fresh row spreads over its cluster: ``f_j - r * forecast_j`` ([B, K, D]; ``update``
+    [3], the block's rule); the paper's rule (r 0) spreads ``f_j`` itself (``f - 0 * x`` is ``f``
+    exactly)."""
+    return values - update_field(update, "residual") * forecast
+
+
+def keep_state(new: torch.Tensor, old: torch.Tensor, update: torch.Tensor) -> torch.Tensor:
+    """The F_0 a partial step writes back (``update`` [3], the block's rule): ``new`` where the rule
+    keeps its correction (keep > 0.5), else ``old`` (the correction served this step's output only)."""
+    return torch.where(update_field(update, "keep") > 0.5, new, old)
+
+
+def partial_update(
+    f0: torch.Tensor,
+    hi: torch.Tensor | None,
+    fresh_values: torch.Tensor,
+    fresh_index: torch.Tensor,
+    assign: torch.Tensor,
+    gamma: torch.Tensor,
+    update: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One block's MLP-branch update in a partial step, whole (a step context computes the same
+    from the parts, the shared ones once): returns (the branch output [B, T, D], the F_0 to write).
+
+    f0 [B, T, D]; hi [B, T, D] the forecast's higher orders (``taylor_forecast(None, ...)``) or None;
+    fresh_values [B, K, D] the branch at ``fresh_index`` [B, K]; assign [B, T]; gamma [1];
+    update [3] = (residual r, keep, correction s). With w = 1 for a fresh token and gamma for the
+    other members of its cluster c:
+
+    * paper (r 0, keep 1, s 1): ``F_0[n] <- w f_c + (1 - w) F_0[n]``, output ``F_0 + hi``;
+    * residual (r 1): ``F_0[n] <- F_0[n] + s w (f_c - forecast_c)``, output ``F_0 + hi``: a fresh
+      token's output is ``f_j`` (s 1); keep 1 writes the corrected F_0, keep 0 the old one.
+    """
+    flat = flat_rows(fresh_index, f0.shape[1])
+    w_fresh, w_old = update_weights(*fresh_weights(fresh_index, assign, gamma), update)
+    spread = fresh_residual(fresh_values, fresh_forecast(f0, hi, flat), update)
+    new = propagate_rows(f0, take_rows(spread, flat_rows(assign, fresh_index.shape[-1])), w_fresh, w_old)
+    return forecast_add(new, hi), keep_state(new, f0, update)
+
+
 def propagate_rows(f0: torch.Tensor, per_token: torch.Tensor, w_fresh: torch.Tensor, w_old: torch.Tensor) -> torch.Tensor:
     """``f * w_f + F_0 * w_0`` (``fresh_weights``): the same values as a select between ``f`` and
     the blend (``f * 1 + F_0 * 0`` is ``f`` exactly), one pass over [B, T, D] fewer."""
@@ -167,6 +244,14 @@ def kmeans(
     return assign, c, own
 
 
+def pair_index(pair: torch.Tensor, rows: int, samples: int) -> torch.Tensor:
+    """[rows] int64: the row whose clustering each graph row takes. Row ``r`` belongs to sample
+    ``r % samples`` (with classifier-free guidance: its cond and uncond rows); with ``pair`` [1]
+    > 0.5 every row takes its sample's first row (``r % samples``), else its own (``r``)."""
+    own = torch.arange(rows, dtype=torch.int64)
+    return torch.where(pair > 0.5, own % samples, own)
+
+
 def select_fresh(assign: torch.Tensor, key: torch.Tensor, clusters: int) -> torch.Tensor:
     """One token per cluster: the member with the smallest key.
 
@@ -181,8 +266,9 @@ def select_fresh(assign: torch.Tensor, key: torch.Tensor, clusters: int) -> torc
 
 # The operations a step context calls, by the name scope their exported nodes carry
 # (``clusca.<name>``: what profiles and FLOPs counts attribute by). ``fresh_rows`` + ``gather_rows``
-# pick a block's fresh rows; ``fresh_weights``, ``spread_index``, ``spread`` and ``propagate`` are
-# the propagation (``ops.propagate`` in parts, the shared ones computed once per step).
+# pick a block's fresh rows; ``fresh_weights``, ``update_weights``, ``fresh_forecast``,
+# ``fresh_residual``, ``spread_index``, ``spread``, ``propagate`` and ``keep_state`` are the
+# propagation (``ops.partial_update`` in parts, the shared ones computed once per step).
 NAMED_FUNCTIONS = {
     "taylor_refresh": taylor_refresh,
     "taylor_forecast": taylor_forecast,
@@ -193,6 +279,10 @@ NAMED_FUNCTIONS = {
     "spread_index": flat_rows,
     "spread": take_rows,
     "propagate": propagate_rows,
+    "update_weights": update_weights,
+    "fresh_forecast": fresh_forecast,
+    "fresh_residual": fresh_residual,
+    "keep_state": keep_state,
 }
 
 

@@ -31,6 +31,9 @@ GRAPH_FORECAST = "forecast"
 STEP_GRAPHS = (GRAPH_PLAIN, GRAPH_FULL, GRAPH_PARTIAL, GRAPH_FORECAST)  # one adapter forward, four step contexts
 WEIGHTED_GRAPHS = (GRAPH_COND, *STEP_GRAPHS)  # the graphs with the model's weights (low precision applies)
 COND_ROW = "cond_row"
+UPDATE = "update"  # the partial graph's update rule per block: [blocks, (residual, keep, correction)]
+UPDATE_SIZE = 3
+PAIR = "pair"  # the cluster graph's flag: the rows of a sample (guidance halves) share one clustering
 TABLE_SUFFIX = "_table"
 
 DTYPES = ("float32", "int64")
@@ -174,6 +177,12 @@ class ExportSpec:
         return tuple(g for g in self.groups if g.clusters > 0 and self.fresh_layers(g.name) > 0)
 
     @property
+    def update_blocks(self) -> int:
+        """Blocks with fresh rows (the most of any clustered group): the partial graph's ``update``
+        input has one rule per block."""
+        return max((self.fresh_layers(g.name) for g in self.clustered_groups), default=0)
+
+    @property
     def cond_rows(self) -> int:
         """Rows of the conditioning tables: ``cond_steps`` steps of the graph batch."""
         return self.options.cond_steps * self.graph_batch
@@ -232,7 +241,9 @@ class ExportSpec:
         if self.clustered_groups:
             # one propagation ratio per clustered group, in the order of ``clustered_groups``
             gamma = TensorSpec("gamma", (len(self.clustered_groups),))
-            part_in = step_in + [coef, gamma]
+            # the update rule of the fresh rows, per block (``ops.UPDATE_FIELDS``: residual, keep, correction)
+            update = TensorSpec(UPDATE, (self.update_blocks, UPDATE_SIZE))
+            part_in = step_in + [coef, gamma, update]
             for g in self.clustered_groups:
                 part_in.append(TensorSpec(f"assign_{g.name}", (B, g.tokens), "int64"))
                 part_in.append(TensorSpec(f"fresh_{g.name}", (self.fresh_layers(g.name), B, g.clusters), "int64"))
@@ -254,6 +265,7 @@ class ExportSpec:
                     TensorSpec(f"centroids_{g.name}", (B, K, D)),
                     TensorSpec(f"init_{g.name}", (B, K), "int64"),
                     TensorSpec("warm", (1,)),
+                    TensorSpec(PAIR, (1,)),
                 ),
                 (
                     TensorSpec(f"assign_{g.name}{STATE_SUFFIX}", (B, T), "int64"),

@@ -3,12 +3,13 @@
 * cond:      conditioning inputs of cond_steps steps (timesteps, labels) -> conditioning tables (state)
 * plain:     step inputs -> out (the model alone, no caches: method full)
 * full:      step inputs, taylor_coef, caches -> out, hidden_<g>, refreshed caches
-* partial:   step inputs, forecast_coef, gamma (one per group), assign_<g>, fresh_<g>, caches -> out, fresh slots' F_0
+* partial:   step inputs, forecast_coef, gamma (one per group), update (the rule), assign_<g>, fresh_<g>, caches
+             -> out, fresh slots' F_0
 * forecast:  step inputs, forecast_coef, caches -> out
 
 Step inputs: the model inputs, then ``cond_row`` and the conditioning tables; each model step
 graph gathers its step's rows of the tables and gives the adapter the conditioning tensors by name.
-* cluster_<g>: hidden_<g>, centroids_<g>, init_<g>, warm -> assign_<g>, centroids_<g>, dist_<g>
+* cluster_<g>: hidden_<g>, centroids_<g>, init_<g>, warm, pair -> assign_<g>, centroids_<g>, dist_<g>
 * select_<g>:  assign_<g>, dist_<g>, key_<g>, dist_weight -> fresh_<g>
 
 Every module takes its inputs positionally in the spec's order and returns its outputs in
@@ -22,8 +23,8 @@ from torch import nn
 
 from . import ops
 from .context import FullContext, PartialContext, PlainContext
-from .spec import (COND_ROW, GRAPH_COND, GRAPH_FORECAST, GRAPH_FULL, GRAPH_PARTIAL, GRAPH_PLAIN, STEP_GRAPHS, OUT,
-                   STATE_SUFFIX, TABLE_SUFFIX, ExportSpec)
+from .spec import (COND_ROW, GRAPH_COND, GRAPH_FORECAST, GRAPH_FULL, GRAPH_PARTIAL, GRAPH_PLAIN, OUT, PAIR,
+                   STATE_SUFFIX, STEP_GRAPHS, TABLE_SUFFIX, UPDATE, ExportSpec)
 
 
 class StepGraph(nn.Module):
@@ -101,6 +102,7 @@ class ModelStepGraph(StepGraph):
                 {g: inputs["gamma"][i : i + 1] for i, g in enumerate(groups)},
                 assign={g: inputs[f"assign_{g}"] for g in groups},
                 fresh={g: inputs[f"fresh_{g}"] for g in groups},
+                update=inputs[UPDATE],
             )
         elif self.graph.name == GRAPH_FORECAST:
             ctx = PartialContext(slots, caches, inputs["forecast_coef"])
@@ -141,7 +143,10 @@ class ClusterGraph(StepGraph):
             self.spec.options.kmeans_iterations,
             self.spec.options.distance,
         )
-        return {f"assign_{g}_out": assign, f"centroids_{g}_out": centroids, f"dist_{g}_out": dist}
+        # paired: every row takes its sample's first row's clustering (the guidance halves share it)
+        rows = ops.pair_index(inputs[PAIR], self.spec.graph_batch, self.spec.options.batch)
+        return {f"assign_{g}_out": assign.index_select(0, rows), f"centroids_{g}_out": centroids.index_select(0, rows),
+                f"dist_{g}_out": dist.index_select(0, rows)}
 
 
 class SelectGraph(StepGraph):

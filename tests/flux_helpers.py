@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 
+from clusca_trt.config import UpdateRule
 from clusca_trt.models import flux
 from tests.step_helpers import per_block, step_tables
 
@@ -117,7 +118,7 @@ class PartialStep:
     def feeds(self, inputs: dict, adapter) -> dict:
         gamma = torch.tensor([self.gamma["img"], self.gamma["txt"]])
         feeds = {**inputs, **step_tables(adapter, self.spec, inputs), **per_block(self.caches), "forecast_coef": self.coef,
-                 "gamma": gamma}
+                 "gamma": gamma, "update": torch.tensor([UpdateRule.PAPER.fields()] * self.spec.update_blocks)}
         for g in self.tokens:
             feeds[f"assign_{g}"], feeds[f"fresh_{g}"] = self.assign[g], self.fresh[g]
         return feeds

@@ -1,6 +1,6 @@
 import pytest
 
-from clusca_trt.config import ClusCaConfig, FreshPolicy, Method
+from clusca_trt.config import ClusCaConfig, FreshPolicy, Method, UpdateRule
 from clusca_trt.errors import ConfigError
 
 
@@ -14,6 +14,13 @@ from clusca_trt.errors import ConfigError
         ({"order": -1}, "order must be an integer >= 0"),
         ({"warmup": 0}, "warmup must be an integer >= 1"),
         ({"fresh": "best"}, "fresh-token policy must be one of random, nearest, got 'best'"),
+        ({"update": "exact"}, "update rule must be one of paper, residual, step, got 'exact'"),
+        ({"update": "step", "correction": 1.5}, "correction must be a number in [0, 1] or a list of them"),
+        ({"update": "step", "correction": [0.5, -1]}, "correction must be a number in [0, 1] or a list of them"),
+        ({"update": "step", "correction": []}, "correction must be a number in [0, 1] or a list of them"),
+        ({"update": "step", "correction": True}, "correction must be a number in [0, 1]"),
+        ({"correction": 0.5}, "correction applies to the residual update rules: expected 1 with update paper"),
+        ({"pair": 1}, "pair must be true or false, got 1"),
     ],
 )
 def test_invalid_config_is_one_line(kwargs, message):
@@ -72,3 +79,47 @@ def test_config_is_frozen_and_parses_policy():
     assert c.fresh is FreshPolicy.NEAREST
     with pytest.raises(Exception):
         c.interval = 3  # type: ignore[misc]
+
+
+@pytest.mark.parametrize(
+    "update, correction, blocks, fields",
+    [
+        ("paper", 1.0, 2, ((0.0, 1.0, 1.0),) * 2),  # absolute values, kept
+        ("residual", 1.0, 2, ((1.0, 1.0, 1.0),) * 2),  # the forecast's error, kept
+        ("step", 1.0, 1, ((1.0, 0.0, 1.0),)),  # the forecast's error, this step only
+        ("step", 0.25, 2, ((1.0, 0.0, 0.25),) * 2),
+        ("step", [0.0, 1.0, 0.5], 3, ((1.0, 0.0, 0.0), (1.0, 0.0, 1.0), (1.0, 0.0, 0.5))),  # one per block
+        ("paper", (1.0, 1.0), 2, ((0.0, 1.0, 1.0),) * 2),
+    ],
+)
+def test_update_fields_by_rule(update, correction, blocks, fields):
+    """What the partial graph's ``update`` input gets: (residual, keep, correction) per block."""
+    c = ClusCaConfig(update=update, correction=correction)
+    assert c.update is UpdateRule(update)
+    assert c.update_fields(blocks) == fields
+
+
+def test_a_correction_per_block_must_match_the_blocks():
+    with pytest.raises(ConfigError, match=r"expected one correction per block with fresh rows \(4\), got 2"):
+        ClusCaConfig(update="step", correction=(0.0, 1.0)).update_fields(4)
+
+
+@pytest.mark.parametrize(
+    "defaults, kwargs, expect",
+    [
+        (ClusCaConfig(), {}, dict(update=UpdateRule.PAPER, correction=1.0, pair=False)),
+        (ClusCaConfig(), {"update": "step", "correction": 0.5, "pair": True},
+         dict(update=UpdateRule.STEP, correction=0.5, pair=True)),
+        (ClusCaConfig(update="step", correction=(0.0, 1.0), pair=True), {},
+         dict(update=UpdateRule.STEP, correction=(0.0, 1.0), pair=True)),
+        # back to the paper's rule: the family's correction does not come along
+        (ClusCaConfig(update="step", correction=0.5), {"update": "paper"},
+         dict(update=UpdateRule.PAPER, correction=1.0)),
+        (ClusCaConfig(update="step", correction=0.5), {"update": "residual"},
+         dict(update=UpdateRule.RESIDUAL, correction=0.5)),
+    ],
+)
+def test_for_method_carries_the_update_rule(defaults, kwargs, expect):
+    c = ClusCaConfig.for_method("clusca", built_clusters=8, built_order=2, defaults=defaults, **kwargs)
+    for k, v in expect.items():
+        assert getattr(c, k) == v

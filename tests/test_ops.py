@@ -47,6 +47,77 @@ def test_empty_cluster_never_writes_and_never_double_counts():
     assert not (out == 99.0).any() and not (out == 77.0).any()
 
 
+def _update_case(seed=4):
+    g = _gen(seed)
+    B, T, K, D = 2, 24, 5, 3
+    f0, hi = torch.randn(B, T, D, generator=g), torch.randn(B, T, D, generator=g)
+    assign = torch.randint(0, K - 1, (B, T), generator=g)  # cluster K-1 is empty
+    fresh_index = ops.select_fresh(assign, torch.rand(1, B, T, generator=g), K)[0]
+    values = torch.randn(B, K, D, generator=g)
+    return f0, hi, values, fresh_index, assign
+
+
+UPDATE_RULES = {  # rule -> (residual, keep, correction): what ``UpdateRule.fields`` feeds the partial graph
+    "paper": (0.0, 1.0, 1.0), "residual": (1.0, 1.0, 1.0), "step": (1.0, 0.0, 1.0), "step-half": (1.0, 0.0, 0.5),
+    "residual-none": (1.0, 1.0, 0.0),
+}
+
+
+@pytest.mark.parametrize("gamma", [0.0, 0.2])
+@pytest.mark.parametrize("rule", list(UPDATE_RULES))
+def test_partial_update_by_rule_token_by_token(rule, gamma):
+    """The branch output and the written F_0 of every update rule, against a per-token reading (seed 4,
+    tolerance 1e-6): paper = ``propagate`` + the forecast's higher orders; the residual rules add
+    ``correction * w * (f_j - forecast_j)`` to the forecast (a fresh token's output is ``f_j`` at
+    correction 1); ``keep`` 0 writes the old F_0 back unchanged."""
+    f0, hi, values, fresh_index, assign = _update_case()
+    residual, keep, correction = UPDATE_RULES[rule]
+    out, written = ops.partial_update(f0, hi, values, fresh_index, assign, torch.tensor([gamma]),
+                                      torch.tensor(UPDATE_RULES[rule]))
+    forecast = f0 + hi
+    want = torch.empty_like(f0)
+    for b in range(f0.shape[0]):
+        fresh = {int(fresh_index[b, c]): c for c in range(values.shape[1]) if (assign[b] == c).any()}
+        by_cluster = {c: j for j, c in fresh.items()}
+        for n in range(f0.shape[1]):
+            j = by_cluster[int(assign[b, n])]
+            f = values[b, assign[b, n]]
+            w = 1.0 if n == j else gamma
+            if residual:
+                want[b, n] = forecast[b, n] + correction * w * (f - forecast[b, j])
+            else:
+                want[b, n] = w * f + (1 - w) * f0[b, n] + hi[b, n]
+            if residual and correction == 1.0 and n == j:
+                torch.testing.assert_close(out[b, n], f, atol=1e-6, rtol=1e-6)  # the fresh token's output is f_j
+    torch.testing.assert_close(out, want, atol=1e-6, rtol=1e-6)
+    if keep:
+        torch.testing.assert_close(written, out - hi, atol=1e-6, rtol=1e-6)
+    else:
+        assert torch.equal(written, f0)  # nothing of the correction leaks into later steps
+
+
+def test_paper_rule_is_propagate_bit_for_bit():
+    """The paper's rule through the update parts is today's ``propagate`` exactly (not just closely)."""
+    f0, hi, values, fresh_index, assign = _update_case(5)
+    gamma = torch.tensor([0.005])
+    out, written = ops.partial_update(f0, hi, values, fresh_index, assign, gamma, torch.tensor(UPDATE_RULES["paper"]))
+    old = ops.propagate(f0, values, fresh_index, assign, gamma)
+    assert torch.equal(written, old) and torch.equal(out, old + hi)
+
+
+def test_residual_rule_with_no_higher_orders_and_empty_clusters():
+    """O = 0 (no ``hi``): the forecast is F_0; an empty cluster's row never lands anywhere."""
+    B, T, K, D = 1, 6, 4, 2
+    assign = torch.tensor([[0, 0, 1, 1, 1, 0]])  # clusters 2, 3 empty
+    idx = ops.select_fresh(assign, torch.tensor([[[0.9, 0.1, 0.5, 0.2, 0.7, 0.3]]]), K)[0]  # fresh 1 and 3
+    f0 = torch.arange(T * D, dtype=torch.float32).reshape(B, T, D)
+    values = torch.tensor([[[10.0, 10.0], [20.0, 20.0], [99.0, 99.0], [77.0, 77.0]]])
+    out, written = ops.partial_update(f0, None, values, idx, assign, torch.tensor([0.5]), torch.tensor([1.0, 0.0, 1.0]))
+    assert out[0, 1].tolist() == [10.0, 10.0] and out[0, 3].tolist() == [20.0, 20.0]
+    assert out[0, 0].tolist() == (f0[0, 0] + 0.5 * (values[0, 0] - f0[0, 1])).tolist()
+    assert not (out == 99.0).any() and not (out == 77.0).any() and torch.equal(written, f0)
+
+
 def test_select_fresh_is_a_uniform_member():
     g = _gen(2)
     T, K = 12, 3

@@ -54,7 +54,9 @@ OVERHEAD = {  # where each part of ClusCa's overhead is measured (graph kinds, o
     "clustering": ("graph", ("cluster",)),
     "selection": ("graph", ("select",)),
     "gather": ("partial", ("clusca.fresh_rows", "clusca.gather_rows")),
-    "propagation": ("partial", ("clusca.fresh_weights", "clusca.spread_index", "clusca.spread", "clusca.propagate")),
+    "propagation": ("partial", ("clusca.fresh_weights", "clusca.update_weights", "clusca.fresh_forecast",
+                                "clusca.fresh_residual", "clusca.spread_index", "clusca.spread", "clusca.propagate",
+                                "clusca.keep_state")),
 }
 
 
@@ -86,6 +88,9 @@ class BenchSettings:
     order: int | None = None
     warmup: int | None = None
     fresh: str | None = None
+    update: str | None = None
+    correction: float | None = None
+    pair: bool | None = None
     repeats: int = 3
     warmup_runs: int = 1
     warmup_steps: int = 8
@@ -246,8 +251,14 @@ def _run(pipe, method: str, settings: BenchSettings, args: tuple, kwargs: dict, 
     kw = dict(kwargs, steps=steps or settings.steps)
     return pipe.generate(
         *args, method=method, interval=settings.interval if method != "full" else None,
-        propagation=settings.propagation, order=settings.order, warmup=settings.warmup, fresh=settings.fresh, **kw,
+        propagation=settings.propagation, order=settings.order, warmup=settings.warmup, fresh=settings.fresh,
+        **_rule(settings), **kw,
     )
+
+
+def _rule(settings: BenchSettings) -> dict:
+    """The update rule settings (``generate`` keywords)."""
+    return dict(update=settings.update, correction=settings.correction, pair=settings.pair)
 
 
 def run_bench(pipe, settings: BenchSettings = BenchSettings(), inputs: tuple[tuple, dict] | None = None,
@@ -262,7 +273,7 @@ def run_bench(pipe, settings: BenchSettings = BenchSettings(), inputs: tuple[tup
     for m in settings.methods:
         try:
             configs[m] = pipe.resolve_config(m, settings.interval if m != "full" else None, settings.propagation,
-                                             settings.order, settings.warmup, settings.fresh)
+                                             settings.order, settings.warmup, settings.fresh, **_rule(settings))
         except ConfigError as e:
             if m == Method.FULL.value:
                 raise
@@ -380,7 +391,8 @@ def _method_result(pipe, method, config, results, full_runs, per_graph_flops, pr
     out = {
         "method": method,
         "config": {"interval": config.interval, "clusters": config.clusters, "order": config.order,
-                   "propagation": config.propagation, "warmup": config.warmup, "fresh": config.fresh.value},
+                   "propagation": config.propagation, "warmup": config.warmup, "fresh": config.fresh.value,
+                   "update": config.update.value, "correction": config.correction, "pair": config.pair},
         "runs_ms": [_ms(s) for s in seconds],
         "run_ms": _ms(_median(seconds)),
         "step_ms": _ms(_median(seconds) / steps),
@@ -517,7 +529,8 @@ def comparable(result: dict, baseline: dict) -> None:
     names = TIMING_VERSIONS + (("torch",) if result.get("backend") == "torch" else ())
     checks += [(f"{n} version", bv.get(n), rv.get(n)) for n in names]
     bs, rs = baseline.get("settings") or {}, result.get("settings") or {}
-    for key in ("steps", "sampler", "interval", "propagation", "order", "warmup", "fresh"):
+    for key in ("steps", "sampler", "interval", "propagation", "order", "warmup", "fresh", "update", "correction",
+                "pair"):
         checks.append((f"setting {key}", bs.get(key), rs.get(key)))
     for what, base, now in checks:
         if base != now:

@@ -115,6 +115,12 @@ def _with_default(name: str, values: tuple) -> Callable[[Build], tuple]:
     return lambda b: tuple(sorted(set(values) | {getattr(b.defaults, name)}))
 
 
+def _corrections(b: Build) -> tuple:
+    """1 (the whole correction) and the build's default share, where that is one number."""
+    default = b.defaults.correction
+    return tuple(sorted({1.0} | ({float(default)} if isinstance(default, (int, float)) else set())))
+
+
 # One row per searched field (add a field: add a row). interval must be there: it spans the lines.
 DIMENSIONS: tuple[Dimension, ...] = (
     Dimension("interval", SEARCHED, _intervals),
@@ -123,10 +129,10 @@ DIMENSIONS: tuple[Dimension, ...] = (
     Dimension("order", ("clusca",), lambda b: tuple(range(0, b.order + 1))),
     Dimension("propagation", ("clusca",), _with_default("propagation", (0.0, 0.02))),
     Dimension("fresh", ("clusca",), ("random", "nearest")),
-    # issue 25's update rules (searched once ClusCaConfig has these fields; ClusCaConfig drops the
-    # combinations it refuses, e.g. a correction other than 1 with the paper's rule)
+    # the update rules (ClusCaConfig drops the combinations it refuses: a correction other than 1
+    # with the paper's rule); guidance-row pairing keeps the build's default
     Dimension("update", ("clusca",), ("paper", "residual", "step")),
-    Dimension("correction", ("clusca",), (1.0, 0.5)),
+    Dimension("correction", ("clusca",), _corrections),
 )
 
 

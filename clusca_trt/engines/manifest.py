@@ -62,10 +62,11 @@ log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
 LOCK = ".lock"
-# 4: build folders in builds/ (were .builds/), the manifest sealed by its digest, no model loader;
-# 3: cond and plain graphs, sampling facts and the model loader in the manifest; 2: graph files in an
-# immutable build folder named by the manifest (1: beside it)
-FORMAT = 4
+# 5: the partial graph's update rule input and the cluster graphs' pair flag; 4: build folders in
+# builds/ (were .builds/), the manifest sealed by its digest, no model loader; 3: cond and plain graphs,
+# sampling facts and the model loader in the manifest; 2: graph files in an immutable build folder named
+# by the manifest (1: beside it)
+FORMAT = 5
 DIGEST = "digest"
 
 T = TypeVar("T")

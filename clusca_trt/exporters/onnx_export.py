@@ -2,7 +2,7 @@
 each checked with ``onnx.checker``.
 
     full.onnx      x, t, y, taylor_coef, caches -> out, hidden_img, refreshed caches
-    partial.onnx   x, t, y, forecast_coef, gamma, assign_img, fresh_img, caches -> out, mlp_f0
+    partial.onnx   x, t, y, forecast_coef, gamma, update, assign_img, fresh_img, caches -> out, mlp_f0
     forecast.onnx  x, t, y, forecast_coef, caches -> out
     cluster_img.onnx, select_img.onnx
 """

@@ -267,7 +267,10 @@ class DiTAdapter(nn.Module):
 
     family = FAMILY
     cfg_multiplier = 2  # classifier-free guidance doubles the batch
-    default_run = ClusCaConfig(interval=5, clusters=16, propagation=0.005, order=2, warmup=2)
+    # the reference's N, K, gamma, O, W; the update rule the quality table chose (README, "Update rules"):
+    # the forecast's error for this step only, a quarter of it, the guidance rows paired
+    default_run = ClusCaConfig(interval=5, clusters=16, propagation=0.005, order=2, warmup=2, update="step",
+                               correction=0.25, pair=True)
 
     def __init__(self, model: DiT):
         super().__init__()

@@ -27,7 +27,8 @@ from ..config import ClusCaConfig, FreshPolicy
 from ..engines.base import StepEngine
 from ..errors import ConfigError, InputError, NonFiniteOutputError
 from ..schedule import PlannedStep, StepKind
-from ..spec import COND_ROW, GRAPH_COND, GRAPH_FORECAST, GRAPH_FULL, GRAPH_PARTIAL, GRAPH_PLAIN, ExportSpec
+from ..spec import (COND_ROW, GRAPH_COND, GRAPH_FORECAST, GRAPH_FULL, GRAPH_PARTIAL, GRAPH_PLAIN, PAIR, UPDATE,
+                    ExportSpec)
 
 # stream numbers of a sample key: initial noise (drawn by the family runtime), the ClusCa cycle's
 # draws (this module), the sampler's own noise (DDPM)
@@ -105,10 +106,11 @@ class RandomPlan:
 
     @classmethod
     def draw(cls, spec: ExportSpec, planned: list[PlannedStep], groups, fresh: FreshPolicy,
-             keys: list[SampleKey]) -> "RandomPlan":
+             keys: list[SampleKey], pair: bool = False) -> "RandomPlan":
         """Graph row ``r`` belongs to sample ``r % batch`` (classifier-free guidance: the cond and
         uncond rows of a sample); each sample draws its rows' values from its own CLUSCA stream, in
-        plan order."""
+        plan order. ``pair``: a sample draws its fresh-token keys once, for all its rows (which
+        share one clustering), so its rows compute the same fresh tokens."""
         batch, rows = len(keys), spec.graph_batch
         if rows % batch:
             raise ConfigError(f"expected a key per sample of the engine batch, got {batch} for {rows} graph rows")
@@ -131,7 +133,11 @@ class RandomPlan:
                             init[s][g.name][r] = rng.choice(g.tokens, g.clusters, replace=False)
                     elif draw_keys and s in fresh_keys and g.name in fresh_keys[s]:
                         for r in own:
-                            fresh_keys[s][g.name][:, r] = rng.random((spec.fresh_layers(g.name), g.tokens), np.float32)
+                            into = fresh_keys[s][g.name]
+                            if pair and r != i:  # the sample's other rows: its first row's keys
+                                into[:, r] = into[:, i]
+                            else:
+                                into[:, r] = rng.random((spec.fresh_layers(g.name), g.tokens), np.float32)
         return cls(dict(init), dict(fresh_keys))
 
 
@@ -201,6 +207,8 @@ class ScheduledDenoiser(Denoiser):
             if not 0.0 <= float(value) <= 1.0:
                 raise ConfigError(f"propagation (gamma) of {name} tokens must be in [0, 1], got {value!r}")
         self.gamma = np.array([gammas.get(g.name, config.propagation) for g in self.spec.clustered_groups], np.float32)
+        # the partial graph's update rule per block (only ClusCa runs one)
+        self.update = np.array(config.update_fields(self.spec.update_blocks), np.float32) if self.groups else None
         needed = {self.graph_of(p) for p in planned}
         missing = sorted(g for g in needed if not engine.has_graph(g))
         if missing:
@@ -219,7 +227,8 @@ class ScheduledDenoiser(Denoiser):
         """Zero the engine's state and draw the run's randomness."""
         self.engine.reset()
         self._cond_feeds, self._cond_chunk = None, -1
-        self.random = RandomPlan.draw(self.spec, self.planned, self.groups, self.config.fresh, self.keys)
+        self.random = RandomPlan.draw(self.spec, self.planned, self.groups, self.config.fresh, self.keys,
+                                      self.config.pair)
 
     def condition(self, step_feeds: list[dict[str, np.ndarray]]) -> None:
         """Every step's conditioning inputs (``spec.cond_inputs``, each ``[graph batch]``), ahead."""
@@ -283,8 +292,10 @@ class ScheduledDenoiser(Denoiser):
             calls.append((GRAPH_FULL, feeds))
             if p.cluster:
                 warm = np.array([float(p.warm_start)], np.float32)
+                pair = np.array([float(self.config.pair)], np.float32)
                 for g in self.groups:
-                    calls.append((f"cluster_{g.name}", {f"init_{g.name}": self.random.init[step][g.name], "warm": warm}))
+                    calls.append((f"cluster_{g.name}", {f"init_{g.name}": self.random.init[step][g.name], "warm": warm,
+                                                       PAIR: pair}))
             return calls
         feeds["forecast_coef"] = p.coef
         if p.kind is StepKind.FORECAST:
@@ -293,4 +304,5 @@ class ScheduledDenoiser(Denoiser):
         for g in self.groups:
             calls.append((f"select_{g.name}", {f"key_{g.name}": self.random.keys[step][g.name], "dist_weight": weight}))
         feeds["gamma"] = self.gamma
+        feeds[UPDATE] = self.update
         return calls + [(GRAPH_PARTIAL, feeds)]

@@ -4,10 +4,10 @@
     out = pipe.generate([207, 360], seed=0)           # DiT: class labels; FLUX: a prompt
     out.latents, out.images, out.engine, out.timings
 
-The ClusCa settings (method, interval, propagation, order, warm-up, fresh policy) are the same for
-every model family; the family's inputs (``clusca_trt.families``: DiT's class labels, sampler and
-guidance; FLUX's prompts or embeddings and guidance, ...) are checked against its schema and its
-runtime module (``runtime/<family>.py``) samples.
+The ClusCa settings (method, interval, propagation, order, warm-up, fresh policy, update rule,
+correction, pairing) are the same for every model family; the family's inputs
+(``clusca_trt.families``: DiT's class labels, sampler and guidance; FLUX's prompts or embeddings and
+guidance, ...) are checked against its schema and its runtime module (``runtime/<family>.py``) samples.
 
 A ``Pipeline`` may be shared by threads: it serialises its calls with a lock around the engine
 (whose state, the module caches, is one per engine), so every call gets the result it gets
@@ -169,6 +169,9 @@ class Pipeline:
         warmup: int | None = None,
         fresh: str | None = None,
         clusters: int | None = None,
+        update: str | None = None,
+        correction: float | None = None,
+        pair: bool | None = None,
     ) -> ClusCaConfig:
         """The settings a run uses: ``method`` None is the build's default method (the method of its
         ``defaults``: clusca unless ``clusca-trt tune --write`` chose another); unset options take
@@ -183,7 +186,7 @@ class Pipeline:
                 f"engines were built with --clusters {built_k}, requested {clusters}; "
                 f"rebuild with clusca-trt build --clusters {clusters}"
             )
-        return ClusCaConfig.for_method(
+        config = ClusCaConfig.for_method(
             method,
             built_clusters=built_k if self.spec.clustered_groups else 0,
             built_order=self.spec.options.order,
@@ -193,7 +196,13 @@ class Pipeline:
             order=order,
             warmup=warmup,
             fresh=fresh,
+            update=update,
+            correction=correction,
+            pair=pair,
         )
+        if config.clusters:
+            config.corrections(self.spec.update_blocks)  # one per block of these engines, if a list
+        return config
 
     def check_config(self, config: ClusCaConfig) -> None:
         """Refuse a ``ClusCaConfig`` these engines cannot run: K other than 0 or the built K (K is
@@ -218,6 +227,9 @@ class Pipeline:
         warmup: int | None = None,
         fresh: str | None = None,
         clusters: int | None = None,
+        update: str | None = None,
+        correction: float | None = None,
+        pair: bool | None = None,
         config: ClusCaConfig | None = None,
         **inputs,
     ) -> GenerateResult:
@@ -226,7 +238,9 @@ class Pipeline:
         ClusCa settings (None: the build's defaults, ``inspect`` shows them, ``clusca-trt tune
         --write`` chooses them): ``method`` (clusca, taylorseer, fora, full; None: the defaults'),
         ``interval`` N, ``propagation`` gamma, ``order`` O (<= built), ``warmup`` W, ``fresh``
-        (random, nearest), ``clusters`` (must equal the built K); or ``config``, a whole
+        (random, nearest), ``clusters`` (must equal the built K), ``update`` (paper, residual, step: how a partial step's
+        fresh tokens update the caches), ``correction`` (the share of the fresh correction applied, one
+        value or one per block), ``pair`` (guidance rows share their clusters); or ``config``, a whole
         ``ClusCaConfig`` run as given (checked against the build; no other setting with it).
 
         The family's inputs, by keyword (the first may also be given positionally), as
@@ -248,7 +262,7 @@ class Pipeline:
         family_inputs = self.family.resolve(args, inputs, self.model.get("sampling") or {})
         if family_inputs.get("keys"):  # what their noise costs, by the sample size (the runtimes check it too)
             check_noise_cost(family_inputs["keys"], self.spec.model_inputs[0].shape[1:])
-        settings = (method, interval, propagation, order, warmup, fresh, clusters)
+        settings = (method, interval, propagation, order, warmup, fresh, clusters, update, correction, pair)
         if config is None:
             config = self.resolve_config(*settings)
         elif any(v is not None for v in settings):

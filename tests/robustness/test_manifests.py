@@ -10,6 +10,7 @@ import pytest
 from click.testing import CliRunner
 
 from clusca_trt.cli import main
+from clusca_trt.engines.manifest import FORMAT
 from clusca_trt.errors import EngineError
 from clusca_trt.exporters.build import build_engines
 from clusca_trt.runtime.pipeline import Pipeline

@@ -141,8 +141,8 @@ def test_caches_stay_in_the_engine(pipes, embeds, monkeypatch):
     engine.generate(**embeds, seed=0, steps=6, interval=2)
     fed = {name for _, names in calls for name in names}
     assert fed <= {"hidden_states", "encoder_hidden_states", "pooled_projections", "timestep", "guidance",
-                   "cond_row", "taylor_coef", "forecast_coef", "gamma", "init_img", "init_txt", "warm", "key_img",
-                   "key_txt", "dist_weight"}
+                   "cond_row", "taylor_coef", "forecast_coef", "gamma", "update", "init_img", "init_txt", "warm",
+                   "pair", "key_img", "key_txt", "dist_weight"}
     assert [g for g, _ in calls][:9] == ["cond", "full", "full", "full", "cluster_img", "cluster_txt", "select_img",
                                          "select_txt", "partial"]
 

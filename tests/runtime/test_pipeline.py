@@ -78,6 +78,38 @@ def test_clusca_engines_equal_reference(pipes, K, order, gamma):
     assert rel_err(got.latents, want.latents) < 1e-4
 
 
+@pytest.mark.parametrize("kw", [
+    dict(update="residual"), dict(update="step"), dict(update="step", correction=0.5, propagation=0.2),
+    dict(update="step", correction=(0.0, 1.0, 0.5, 0.0)), dict(update="residual", pair=True),
+    dict(update="paper", pair=True),
+    dict(update="step", pair=True, fresh="nearest"),
+])
+def test_update_rules_engines_equal_reference(pipes, kw):
+    """Every update rule and pairing on the ONNX Runtime engines against the torch backend (the same
+    step modules run eagerly), one engine directory for all (1e-4, seed 0); and each one differs
+    from the paper's unpaired run."""
+    engine, reference = pipes[4]
+    run = dict(seed=0, method="clusca", interval=4, steps=STEPS)
+    got = engine.generate(LABELS, **run, **kw)
+    want = reference.generate(LABELS, **run, **kw)
+    assert rel_err(got.latents, want.latents) < 1e-4
+    paper = engine.generate(LABELS, **run, fresh=kw.get("fresh"), propagation=kw.get("propagation"), update="paper",
+                            pair=False)
+    assert rel_err(got.latents, paper.latents) > 1e-5
+
+
+@pytest.mark.parametrize("update", ["step", "residual"])
+def test_a_residual_rule_with_no_correction_is_taylorseer(pipes, update):
+    """Correction 0: the fresh rows are computed and change nothing, so ClusCa is TaylorSeer (same full
+    steps, same forecasts) to float rounding (1e-6, seed 3)."""
+    engine, _ = pipes[4]
+    run = dict(seed=3, interval=4, order=2, steps=STEPS)
+    got = engine.generate(LABELS, method="clusca", update=update, correction=0.0, propagation=0.2, **run)
+    want = engine.generate(LABELS, method="taylorseer", **run)
+    assert got.step_counts["partial"] == want.step_counts["forecast"] == 14
+    assert rel_err(got.latents, want.latents) < 1e-6
+
+
 @pytest.mark.parametrize(
     "method, kw", [("taylorseer", {"order": 2}), ("taylorseer", {"order": 1}), ("fora", {}), ("clusca", {"fresh": "nearest"})]
 )
@@ -117,8 +149,8 @@ def test_caches_stay_in_the_engine(pipes, monkeypatch):
     monkeypatch.setattr(engine.engine, "run", spy)
     engine.generate([1, 2], seed=0, steps=8, interval=3)
     fed = {name for _, names in calls for name in names}
-    assert fed <= {"x", "t", "y", "cond_row", "taylor_coef", "forecast_coef", "gamma", "init_img", "warm", "key_img",
-                   "dist_weight"}
+    assert fed <= {"x", "t", "y", "cond_row", "taylor_coef", "forecast_coef", "gamma", "update", "init_img", "warm",
+                   "pair", "key_img", "dist_weight"}
     # the conditioning of all 8 steps in one cond call, before the first step
     assert [g for g, _ in calls][:6] == ["cond", "full", "full", "cluster_img", "select_img", "partial"]
     assert [g for g, _ in calls].count("cond") == 1
