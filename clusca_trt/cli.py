@@ -146,7 +146,9 @@ def build(model_name, checkpoint, random_init, seed, clusters, order, batch, kme
 def _device_options(fn):
     """--device and --precision of generate and bench (the torch backend; TensorRT: the device)."""
     fn = click.option("--precision", type=click.Choice(["fp32", "bf16", "fp16"]), default=None,
-                      help="torch backend: weights and caches in this precision [default: fp32]; k-means stays fp32.")(fn)
+                      help="torch backend: weights and caches in this precision [default: fp32]; openvino: the model "
+                           "graphs' inference precision [default: bf16 where the CPU has bf16 units, else fp32]; "
+                           "k-means and selection stay fp32.")(fn)
     return click.option("--device", default=None, metavar="cpu|cuda[:N]",
                         help="torch backend: where it runs [default: cpu]; tensorrt: the GPU [default: cuda:0].")(fn)
 
@@ -210,9 +212,12 @@ def _family_inputs(pipe, values: dict) -> dict:
 @click.option("--width", type=int, default=None, help="FLUX: choose the build of this width.")
 @click.option("--frames", type=int, default=None, help="HunyuanVideo: choose the build of this frame count.")
 @click.option("--provider", type=click.Choice(["auto", "cpu", "cuda", "tensorrt"]), default="auto", show_default=True)
-@click.option("--backend", type=click.Choice(["onnxruntime", "torch", "tensorrt"]), default="onnxruntime",
-              show_default=True, help="tensorrt: the plans built with build --backend tensorrt.")
+@click.option("--backend", type=click.Choice(["onnxruntime", "openvino", "torch", "tensorrt"]), default="onnxruntime",
+              show_default=True, help="openvino: the graphs on OpenVINO's CPU plugin; tensorrt: the plans built with "
+                                      "build --backend tensorrt.")
 @_device_options
+@click.option("--threads", type=click.IntRange(min=1), default=None,
+              help="Intra-op threads of a CPU backend (onnxruntime, openvino) [default: the backend's].")
 @click.option("--out", "out_file", type=click.Path(path_type=Path), required=True,
               help=".npz (latents, labels, images), .png, or .mp4 for videos (several: <stem>-<i>.mp4)")
 @click.option("--compare", is_flag=True,
@@ -220,7 +225,7 @@ def _family_inputs(pipe, values: dict) -> dict:
                    "row per method and print each one's measured speed-up vs full.")
 @_errors
 def generate(engine_dir, method, interval, propagation, order, clusters, warmup, fresh, provider, backend, device,
-             precision, out_file, height, width, frames, compare, **family_values):
+             precision, threads, out_file, height, width, frames, compare, **family_values):
     """Sample with the engines in ENGINE_DIR and write latents (.npz), an image grid (.png) or videos (.mp4)."""
     from .runtime.output import SUFFIXES, check_output, write_result
     from .runtime.pipeline import Pipeline
@@ -230,7 +235,7 @@ def generate(engine_dir, method, interval, propagation, order, clusters, warmup,
     _labels(family_values.get("class_labels"))  # its syntax, before anything is loaded
     select = {"height": height, "width": width, "frames": frames}
     with Pipeline.load(engine_dir, provider=provider, backend=backend, select=select, device=device,
-                       precision=precision) as pipe:
+                       precision=precision, threads=threads) as pipe:
         check_output(out_file, has_decoder=pipe.decoder is not None)  # before sampling, not after
         inputs = _family_inputs(pipe, family_values)
         steps = inputs.setdefault("steps", pipe.family.steps(pipe.model["sampling"]))
@@ -339,9 +344,11 @@ class _BaselineRefused(click.ClickException):
 @click.option("--profile-calls", default=5, show_default=True,
               help="Profiled partial-graph calls that split its time (propagation); 0: skip.")
 @click.option("--provider", type=click.Choice(["auto", "cpu", "cuda", "tensorrt"]), default="auto", show_default=True)
-@click.option("--backend", type=click.Choice(["onnxruntime", "torch"]), default="onnxruntime", show_default=True)
+@click.option("--backend", type=click.Choice(["onnxruntime", "openvino", "torch"]), default="onnxruntime",
+              show_default=True)
 @_device_options
-@click.option("--threads", type=click.IntRange(min=1), default=None, help="ONNX Runtime intra-op threads.")
+@click.option("--threads", type=click.IntRange(min=1), default=None,
+              help="Intra-op threads of a CPU backend (onnxruntime, openvino).")
 @click.option("--json", "json_file", type=click.Path(path_type=Path), default=None,
               help="Write the result as JSON (usable as a --baseline later).")
 @click.option("--baseline", type=click.Path(path_type=Path), default=None,
