@@ -5,6 +5,8 @@ built-in trained model ``dit-digits`` (the paper's Table 3 and Table 4 in miniat
     python benchmarks/quality.py                      # 100 samples per row, 1 thread
     python benchmarks/quality.py --samples 500        # tighter FID
     python benchmarks/quality.py --quick              # a handful of rows, 20 samples: a smoke run
+    python benchmarks/quality.py --samples 200 --distance l2 --only full,clusca --tag l2   # quality-l2.md
+    python benchmarks/quality.py --samples 200 --backend openvino --precision bf16 --tag ov-bf16
 
 Every row samples the same class labels (0..9 repeated) from the same seed (so the same
 initial noise) with 50-step DDIM and classifier-free guidance 1.5, on ONNX Runtime engines
@@ -98,9 +100,11 @@ def rows_for(steps: int, quick: bool) -> list[Row]:
     return rows
 
 
-def build(k: int, batch: int, engines: Path, loaded) -> Path:
-    out = engines / f"k{k}-b{batch}"
-    build_engines(loaded, BuildOptions(batch=batch, clusters=k, order=ORDER), out)
+def build(k: int, batch: int, engines: Path, loaded, **options) -> Path:
+    """One engine set per K (and per non-default k-means option: ``distance``, ``kmeans_iterations``)."""
+    suffix = "".join(f"-{v}" for v in options.values())
+    out = engines / f"k{k}-b{batch}{suffix}"
+    build_engines(loaded, BuildOptions(batch=batch, clusters=k, order=ORDER, **options), out)
     return out
 
 
@@ -212,6 +216,14 @@ def main() -> None:
     p.add_argument("--engines", type=Path, default=ROOT / "engines" / "bench-digits", help="engine cache folder")
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     p.add_argument("--quick", action="store_true", help="a handful of rows (smoke run)")
+    p.add_argument("--only", default=None, help="comma-separated methods of the rows to run (full always runs), "
+                                                "e.g. full,clusca")
+    p.add_argument("--distance", choices=["l1", "l2"], default=None, help="k-means distance of the builds "
+                                                                          "[default: the build default]")
+    p.add_argument("--kmeans-iterations", type=int, default=None, help="Lloyd iterations of the builds")
+    p.add_argument("--backend", choices=["onnxruntime", "openvino"], default="onnxruntime")
+    p.add_argument("--precision", choices=["fp32", "bf16"], default=None, help="openvino: inference precision")
+    p.add_argument("--tag", default=None, help="write quality-<tag>.{md,json,png} instead of quality.*")
     args = p.parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")
     log = logging.getLogger("quality")
@@ -220,12 +232,19 @@ def main() -> None:
     t_start = time.perf_counter()
     labels = [i % 10 for i in range(args.samples)]
     rows = rows_for(args.steps, args.quick)
+    if args.only:
+        keep = set(args.only.split(",")) | {"full"}
+        rows = [r for r in rows if r.method in keep]
+    build_options = {k: v for k, v in (("distance", args.distance), ("kmeans_iterations", args.kmeans_iterations))
+                     if v is not None}
+    stem = "quality" if args.tag is None else f"quality-{args.tag}"
     ks = sorted({r.clusters for r in rows if r.clusters} | {16})
     loaded = load_model(MODEL)
     ev = quality.load_evaluator()
 
     print(f"building engines for K in {ks} (batch {args.batch}, O={ORDER}) in {args.engines}", flush=True)
-    pipes = {k: Pipeline.load(build(k, args.batch, args.engines, loaded), threads=args.threads) for k in ks}
+    pipes = {k: Pipeline.load(build(k, args.batch, args.engines, loaded, **build_options), threads=args.threads,
+                              backend=args.backend, precision=args.precision) for k in ks}
     base = pipes[16]
     spec = base.spec
     per_graph = {k: {n: g.total for n, g in fl.count_engine_dir(pipe.manifest).items()} for k, pipe in pipes.items()}
@@ -278,7 +297,7 @@ def main() -> None:
                     and r.order == ORDER and r.propagation in GAMMA_SWEEP], key=lambda r: r.propagation)
     args.out.mkdir(parents=True, exist_ok=True)
     real_fid = real.fid if real else float("nan")
-    plot(rows, real_fid, args.out / "quality.png")
+    plot(rows, real_fid, args.out / f"{stem}.png")
 
     import onnxruntime
     import torch
@@ -287,10 +306,10 @@ def main() -> None:
     md = [
         f"# Quality vs speed on `{MODEL}` (built-in, trained on scikit-learn digits)",
         "",
-        f"Produced by `python benchmarks/quality.py{' --quick' if args.quick else ''} --samples {args.samples}"
-        f"{f' --threads {args.threads}' if args.threads != 1 else ''}` "
-        f"in {elapsed / 60:.0f} min on {platform.processor() or platform.machine()} "
-        f"(ONNX Runtime {onnxruntime.__version__} {base.engine.provider}, torch {torch.__version__}). "
+        f"Produced by `python {' '.join(sys.argv)}` "
+        f"in {elapsed / 60:.0f} min on {base.engine.info.hardware or platform.processor() or platform.machine()} "
+        f"(engines: {base.engine.info}; ONNX Runtime {onnxruntime.__version__}, torch {torch.__version__}; "
+        f"k-means {spec.options.kmeans_iterations} iterations, {spec.options.distance}). "
         f"{args.samples} samples per row (class labels 0..9 repeated), seed {args.seed}, {args.steps}-step DDIM, "
         f"CFG {args.cfg_scale}, engine batch {args.batch} (graph batch {2 * args.batch}), "
         f"{args.threads or 'default'} ONNX Runtime thread(s), warm-up W={WARMUP}, "
@@ -321,8 +340,10 @@ def main() -> None:
         "32x32). FID-digits: Frechet distance of the digits classifier's 64-wide penultimate features to those of "
         "the 449 held-out real digits; with few samples it is biased upwards, compare rows with each other.",
     ]
-    (args.out / "quality.md").write_text("\n".join(md) + "\n")
-    (args.out / "quality.json").write_text(json.dumps({
+    (args.out / f"{stem}.md").write_text("\n".join(md) + "\n")
+    (args.out / f"{stem}.json").write_text(json.dumps({
+        "engine": base.engine.info.to_dict(), "distance": spec.options.distance,
+        "kmeans_iterations": spec.options.kmeans_iterations,
         "model": MODEL, "samples": args.samples, "steps": args.steps, "seed": args.seed, "cfg_scale": args.cfg_scale,
         "batch": args.batch, "full_seconds": full_seconds, "real_digits": None if real is None else real.__dict__,
         "rows": [dict(label=r.label, method=r.method, steps=r.steps, interval=r.interval, clusters=r.clusters,
@@ -331,7 +352,7 @@ def main() -> None:
     for pipe in pipes.values():
         pipe.close()
     print(f"\n{table(main_rows)}\n\ngamma sweep:\n{table(sweep)}\n")
-    print(f"wrote {args.out / 'quality.md'}, quality.json, quality.png in {elapsed / 60:.1f} min")
+    print(f"wrote {args.out / stem}.md, .json, .png in {elapsed / 60:.1f} min")
 
 
 if __name__ == "__main__":

@@ -132,10 +132,15 @@ def pairwise_distance(x: torch.Tensor, centroids: torch.Tensor, metric: str) -> 
         per_centroid = [(x - centroids[:, j : j + 1]).abs().sum(-1) for j in range(k)]
         return torch.stack(per_centroid, dim=-1)
     if metric == "l2":
-        x2 = (x * x).sum(-1, keepdim=True)
-        c2 = (centroids * centroids).sum(-1).unsqueeze(1)
-        return x2 - 2.0 * torch.matmul(x, centroids.transpose(1, 2)) + c2
+        return (x * x).sum(-1, keepdim=True) + l2_scores(x, centroids)
     raise ValueError(f"distance must be 'l1' or 'l2', got {metric!r}")
+
+
+def l2_scores(x: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
+    """``|c|^2 - 2 x.c`` [B, T, K]: the squared L2 distance less ``|x|^2``, which is the same for
+    every centroid of a token, so its argmin over K is the nearest centroid's. One MatMul."""
+    c2 = (centroids * centroids).sum(-1).unsqueeze(1)
+    return c2 - 2.0 * torch.matmul(x, centroids.transpose(1, 2))
 
 
 def kmeans(
@@ -155,8 +160,10 @@ def kmeans(
     """
     k = centroids.shape[1]
     c = centroids * warm + gather_rows(x, init_index) * (1.0 - warm)
+    # L2: the iterations need only the argmin, so ``|x|^2`` (the same for every centroid) is left out
+    nearest = (lambda c: l2_scores(x, c)) if metric == "l2" else (lambda c: pairwise_distance(x, c, metric))
     for _ in range(iterations):
-        assign = pairwise_distance(x, c, metric).argmin(-1)
+        assign = nearest(c).argmin(-1)
         onehot = torch.nn.functional.one_hot(assign, k).to(x.dtype)  # [B, T, K]
         sums = torch.matmul(onehot.transpose(1, 2), x)  # [B, K, D]
         counts = onehot.sum(1).unsqueeze(-1)  # [B, K, 1]

@@ -90,7 +90,7 @@ def test_precision_the_cpu_cannot_run_is_refused(requested, capabilities, error,
 def test_graph_config_keeps_k_means_and_selection_at_fp32(graph, want, tmp_path):
     config = graph_config(graph, "bf16", 2, tmp_path)
     assert config == {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": want, "INFERENCE_NUM_THREADS": 2,
-                      "CACHE_DIR": str(tmp_path)}
+                      "CACHE_DIR": str(tmp_path), "ENABLE_CPU_PINNING": False}
     assert "INFERENCE_NUM_THREADS" not in graph_config(graph, "fp32", None, None)
 
 
