@@ -6,6 +6,7 @@ built-in trained model ``dit-digits`` (the paper's Table 3 and Table 4 in miniat
     python benchmarks/quality.py --samples 500        # tighter FID
     python benchmarks/quality.py --quick              # a handful of rows, 20 samples: a smoke run
     python benchmarks/quality.py --samples 200 --distance l2 --only full,clusca --tag l2   # quality-l2.md
+    python benchmarks/quality.py --samples 200 --only full,clusca --clusca-grid 3,5,7:4,16:0.005 --tag l1-grid
     python benchmarks/quality.py --samples 200 --backend openvino --precision bf16 --tag ov-bf16
 
 Every row samples the same class labels (0..9 repeated) from the same seed (so the same
@@ -224,6 +225,8 @@ def main() -> None:
     p.add_argument("--backend", choices=["onnxruntime", "openvino"], default="onnxruntime")
     p.add_argument("--precision", choices=["fp32", "bf16"], default=None, help="openvino: inference precision")
     p.add_argument("--tag", default=None, help="write quality-<tag>.{md,json,png} instead of quality.*")
+    p.add_argument("--clusca-grid", default=None, metavar="N,..:K,..:GAMMA,..",
+                   help="only these ClusCa rows (no gamma sweep), e.g. 5:4,16:0,0.005")
     args = p.parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")
     log = logging.getLogger("quality")
@@ -235,6 +238,10 @@ def main() -> None:
     if args.only:
         keep = set(args.only.split(",")) | {"full"}
         rows = [r for r in rows if r.method in keep]
+    if args.clusca_grid:  # e.g. "5:4,16:0,0.005": N values, K values, gamma values of the ClusCa rows
+        ns, ks, gs = ([float(v) for v in part.split(",")] for part in args.clusca_grid.split(":"))
+        rows = [r for r in rows if r.method != "clusca" or (r.interval in ns and r.clusters in ks
+                                                            and r.propagation in gs and r.group == "main")]
     build_options = {k: v for k, v in (("distance", args.distance), ("kmeans_iterations", args.kmeans_iterations))
                      if v is not None}
     stem = "quality" if args.tag is None else f"quality-{args.tag}"

@@ -310,6 +310,7 @@ def _format(info: dict) -> str:
         f"defaults     {info['defaults_summary']}",
         f"key          {info['key']}",
         f"cache        {info['cache']['summary']}",
+        f"cpu          {info['cpu_backends']['summary']}",
         "graphs",
     ]
     for name, g in info["graphs"].items():
