@@ -13,11 +13,13 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from clusca_trt.cli import main
+pytest.importorskip("openvino", reason="the openvino extra is not installed")
+
+from clusca_trt.cli import main  # noqa: E402
 from clusca_trt.engines.openvino import (CACHE_DIR, OpenVinoEngine, choose_precision, cpu_capabilities,
-                                         graph_config)
-from clusca_trt.errors import BackendUnavailableError, ConfigError, EngineError
-from clusca_trt.runtime.pipeline import Pipeline
+                                         graph_config)  # noqa: E402
+from clusca_trt.errors import BackendUnavailableError, ConfigError, EngineError  # noqa: E402
+from clusca_trt.runtime.pipeline import Pipeline  # noqa: E402
 
 RUN = {"seed": 3, "steps": 20}
 METHODS = ("full", "clusca", "taylorseer")
