@@ -74,7 +74,8 @@ def _labels(value: str | None) -> list[int] | None:
               help="Highest Taylor order the engines keep [default: the model's: DiT 2, FLUX/HunyuanVideo 1].")
 @click.option("--batch", "-B", default=1, show_default=True, help="Samples per engine call (CFG doubles it).")
 @click.option("--kmeans-iterations", default=10, show_default=True, help="Lloyd iterations in the cluster graph.")
-@click.option("--distance", type=click.Choice(["l1", "l2"]), default="l1", show_default=True)
+@click.option("--distance", type=click.Choice(["l1", "l2"]), default="l2", show_default=True,
+              help="k-means distance: squared L2 by one MatMul per iteration; l1: the reference's (costlier).")
 @click.option("--opset", default=20, show_default=True, type=click.IntRange(18, 20),
               help="ONNX opset; 20 exports tanh-GELU as one Gelu node (TensorRT 10 parses it).")
 @click.option("--height", type=int, default=None, help="FLUX: image height in pixels, multiple of 16 [default: 1024].")

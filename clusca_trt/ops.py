@@ -9,7 +9,8 @@ Pure torch functions over static shapes; each traces into a small, static ONNX s
                        else gamma * f_c(n) + (1 - gamma) * F_0[n]                   (partial step)
   (``fresh_weights``, ``flat_rows``, ``take_rows``, ``propagate_rows``: its parts, so that a step
   computes what every block shares once)
-* ``kmeans``:          warm-started Lloyd iterations, fixed count, one-hot centroid updates
+* ``kmeans``:          warm-started Lloyd iterations, fixed count, one-hot centroid updates; squared
+                       L2 distances by one MatMul per iteration (L1, the reference's, by differences)
 * ``select_fresh``:    one token per cluster: the member with the smallest key
 """
 
@@ -119,7 +120,8 @@ def propagate(
 
 
 def pairwise_distance(x: torch.Tensor, centroids: torch.Tensor, metric: str) -> torch.Tensor:
-    """x [B, T, D], centroids [B, K, D] -> [B, T, K]. ``l1`` (the reference) or squared ``l2``."""
+    """x [B, T, D], centroids [B, K, D] -> [B, T, K]. Squared ``l2`` (the default: ``|x|^2 + l2_scores``,
+    one MatMul) or ``l1`` (the reference code's: one |difference| sum per centroid, no matrix-product form)."""
     if metric == "l1":
         b, t, d = x.shape
         k = centroids.shape[1]
@@ -149,7 +151,7 @@ def kmeans(
     init_index: torch.Tensor,
     warm: torch.Tensor,
     iterations: int,
-    metric: str = "l1",
+    metric: str = "l2",
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Lloyd's k-means per batch element with a fixed iteration count.
 
