@@ -342,13 +342,15 @@ def cache_peers(folder: Path, args) -> tuple[list[Entry], dict[str, str]]:
     entries = [Entry("eager_bf16", "diffusers eager, bf16 (CPU autocast)", "diffusers", "torch.autocast('cpu', bf16)",
                      DiffusersSampler(_Autocast(load_diffusers(folder)), args))]
     skipped: dict[str, str] = {}
+    import os
+
+    os.environ.setdefault("CACHE_DIT_LOG_LEVEL", "warning")  # read when cache_dit is imported: its INFO is per call
     try:
         import cache_dit
         from cache_dit import DBCacheConfig, TaylorSeerCalibratorConfig
     except ImportError as e:
         skipped["cache-dit"] = f"not installed: {e}"
         return entries, skipped
-    logging.getLogger("cache_dit").setLevel(logging.WARNING)
     steps = args.steps
     full = our_full_steps(args)
     variants = [(f"cachedit{t}", f"cache-dit DBCache + TaylorSeer, threshold {t}",
