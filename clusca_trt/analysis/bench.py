@@ -55,7 +55,8 @@ log = logging.getLogger(__name__)
 FORMAT = 1
 METHODS = tuple(m.value for m in (Method.FULL, Method.CLUSCA, Method.FORA, Method.TAYLORSEER))
 # versions that change timings; a baseline recorded with others is not comparable
-TIMING_VERSIONS = ("clusca-trt", "onnxruntime", "onnxruntime-gpu", "openvino", "numpy", "python")
+TIMING_VERSIONS = ("clusca-trt", "onnxruntime", "onnxruntime-gpu", "numpy", "python")
+BACKEND_VERSIONS = {"torch": ("torch",), "openvino": ("openvino",)}  # checked only for that backend's runs
 OVERHEAD = {  # where each part of ClusCa's overhead is measured (graph kinds, or name scopes in the partial graph)
     "clustering": ("graph", ("cluster",)),
     "selection": ("graph", ("select",)),
@@ -671,7 +672,7 @@ def comparable(result: dict, baseline: dict) -> None:
         ("engines (key)", (baseline.get("engine") or {}).get("key"), (result.get("engine") or {}).get("key")),
     ]
     bv, rv = baseline.get("versions") or {}, result.get("versions") or {}
-    names = TIMING_VERSIONS + (("torch",) if result.get("backend") == "torch" else ())
+    names = TIMING_VERSIONS + BACKEND_VERSIONS.get(result.get("backend"), ())
     checks += [(f"{n} version", bv.get(n), rv.get(n)) for n in names]
     bs, rs = baseline.get("settings") or {}, result.get("settings") or {}
     for key in ("steps", "sampler", "interval", "propagation", "order", "warmup", "fresh"):

@@ -214,8 +214,9 @@ class OpenVinoEngine(StepEngine):
             if t.name in self._buffers:
                 if self._bound[graph, t.name] != self._parity[t.name]:
                     self._bind(graph, t.name, t.name, self._parity[t.name], "swap")
-            else:  # a host feed: a tensor over the caller's array, no copy
-                request.set_tensor(ports[t.name], self._ov.Tensor(np.ascontiguousarray(feeds[t.name]),
+            else:  # a host feed: a tensor over the caller's array, no copy (a read-only array is copied)
+                a = np.ascontiguousarray(feeds[t.name])
+                request.set_tensor(ports[t.name], self._ov.Tensor(a if a.flags.writeable else a.copy(),
                                                                   shared_memory=True))
                 self.binds["feed"] += 1
         for t in g.outputs:

@@ -108,6 +108,7 @@ def test_compare_flags_regressions_beyond_the_tolerance(now, regressed):
         ({"versions.clusca-trt": "0.2.0"}, "clusca-trt version"),
         ({"settings.steps": 20}, "setting steps"),
         ({"settings.interval": 4}, "setting interval"),
+        ({"backend": "openvino", "versions.openvino": "2025.0"}, "backend"),
     ],
 )
 def test_a_baseline_measured_otherwise_is_refused(change, what):
@@ -216,3 +217,13 @@ def test_result_reports_floors_of_graphs_and_runs(result):
     assert clusca["x_floor"] == pytest.approx(clusca["run_ms"] / clusca["floor_ms"], rel=1e-2)
     assert result["methods"]["full"]["floor_ms"] == pytest.approx(per_call["cond"] + 6 * per_call["plain"], rel=1e-3)
     assert "its floor" in format_table(result)
+
+
+def test_openvino_runs_compare_the_openvino_version_only():
+    """A baseline from before OpenVINO was recorded stays comparable for ONNX Runtime runs; an
+    OpenVINO run's baseline must have its OpenVINO version."""
+    assert compare(fake({"full": 1.0}, **{"versions.openvino": "2026.4"}), fake({"full": 1.0}), 0.1) == []
+    ov_now = fake({"full": 1.0}, backend="openvino", **{"versions.openvino": "2026.4"})
+    ov_then = fake({"full": 1.0}, backend="openvino", **{"versions.openvino": "2025.0"})
+    with pytest.raises(BaselineMismatchError, match="it was recorded with openvino version '2025.0'"):
+        compare(ov_now, ov_then, 0.1)
