@@ -2,11 +2,14 @@
 
   (a) diffusers ``DiTTransformer2DModel``, eager PyTorch, no cache (the reference of every error)
   (b) diffusers' own cache hooks that apply to it (TaylorSeer, FirstBlockCache, MagCache, PAB, ...;
-      the ones that do not apply are listed with the reason)
+      the ones that do not apply are listed with the reason); diffusers eager in bf16 (CPU
+      autocast); cache-dit's DBCache with its TaylorSeer calibrator (``cache_peers``)
   (c) our PyTorch reference ClusCa (``Pipeline.from_adapter``: the step modules, eager)
   (d) our engines (ONNX Runtime), full compute
   (e) our engines, ClusCa (and TaylorSeer / FORA from the same engines), with each update rule of
       ``--updates`` (the paper's, the residual rules, guidance rows paired; one engine directory)
+  (f) our engines on OpenVINO (bf16 where the CPU has bf16 units, else fp32): full and ClusCa
+      (``openvino_rows``; ``--no-openvino`` leaves them out)
 
     .venv/bin/python benchmarks/peers.py                                   # DiT-B/2 size, the defaults below
     .venv/bin/python benchmarks/peers.py --size tiny --steps 10 --repeats 1  # a quick check
@@ -31,7 +34,6 @@ import io
 import json
 import logging
 import math
-import platform
 import statistics
 import sys
 import time
@@ -197,7 +199,7 @@ def diffusers_hooks(folder: Path, args) -> tuple[list[Entry], dict[str, str]]:
 
     ratios = calibrate_magcache(folder, args, skipped)
     if ratios is not None:
-        attempt("mag", "diffusers MagCache", f"calibrated on these weights, threshold 0.06, max skip 3",
+        attempt("mag", "diffusers MagCache", "calibrated on these weights, threshold 0.06, max skip 3",
                 lambda m, s: H.apply_mag_cache(m, H.MagCacheConfig(num_inference_steps=steps, mag_ratios=ratios)))
     attempt("faster", "diffusers FasterCache", "spatial attention skip 2 (guidance part off: see notes)",
             lambda m, s: H.apply_faster_cache(m, H.FasterCacheConfig(
@@ -413,6 +415,138 @@ def ours_through_pipeline(folder: Path, args) -> list[Entry]:
 
 
 # ------------------------------------------------------------------------------------------
+# peers a user of this CPU would pick: diffusers in bf16, cache-dit
+
+
+class _Autocast(torch.nn.Module):
+    """A diffusers model called under ``torch.autocast`` on the CPU in bf16 (its output back in fp32)."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+        self.config = model.config
+
+    def forward(self, hidden_states, timestep=None, class_labels=None):
+        from types import SimpleNamespace
+
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = self.model(hidden_states, timestep=timestep, class_labels=class_labels).sample
+        return SimpleNamespace(sample=out.float())
+
+
+def our_full_steps(args) -> list[int]:
+    """The full steps of our ClusCa schedule with the engines' defaults (W=2): what cache-dit's mask row computes."""
+    from clusca_trt.config import ClusCaConfig
+    from clusca_trt.schedule import StepKind, plan
+
+    config = ClusCaConfig(interval=args.interval, clusters=args.clusters, order=2, warmup=2)
+    return [s for s, p in enumerate(plan(args.steps, config, 2)) if p.kind is StepKind.FULL]
+
+
+def cache_peers(folder: Path, args) -> tuple[list[Entry], dict[str, str]]:
+    """diffusers eager in bf16 (CPU autocast) and cache-dit's DBCache + TaylorSeer calibrator on the
+    same ``DiTTransformer2DModel`` (cache-dit supports it: its DiT block adapter). cache-dit rows:
+    F1B0 (the first block always computed) with the TaylorSeer calibrator (order 2) at each of
+    ``--cache-dit-thresholds``, and one whose computed steps are ours (a steps mask equal to our
+    ClusCa schedule's full steps: like with like). Each run starts a fresh cache context."""
+    entries = [Entry("eager_bf16", "diffusers eager, bf16 (CPU autocast)", "diffusers", "torch.autocast('cpu', bf16)",
+                     DiffusersSampler(_Autocast(load_diffusers(folder)), args))]
+    skipped: dict[str, str] = {}
+    import os
+
+    os.environ.setdefault("CACHE_DIT_LOG_LEVEL", "warning")  # read when cache_dit is imported: its INFO is per call
+    try:
+        import cache_dit
+        from cache_dit import DBCacheConfig, TaylorSeerCalibratorConfig
+    except ImportError as e:
+        skipped["cache-dit"] = f"not installed: {e}"
+        return entries, skipped
+    steps = args.steps
+    full = our_full_steps(args)
+    variants = [(f"cachedit{t}", f"cache-dit DBCache + TaylorSeer, threshold {t}",
+                 f"F1B0, residual threshold {t}, TaylorSeer O=2, warm-up 2",
+                 dict(residual_diff_threshold=t)) for t in args.cache_dit_thresholds]
+    variants.append(("cachedit_mask", "cache-dit DBCache + TaylorSeer, our full steps",
+                     f"F1B0, steps mask = our ClusCa full steps ({len(full)} of {steps}), TaylorSeer O=2",
+                     dict(steps_computation_mask=[int(s in full) for s in range(steps)],
+                          steps_computation_policy="static")))
+    for key, label, settings, extra in variants:
+        model = load_diffusers(folder)
+        config = dict(dict(Fn_compute_blocks=1, Bn_compute_blocks=0, max_warmup_steps=2, enable_separate_cfg=False,
+                           num_inference_steps=steps, residual_diff_threshold=0.08), **extra)
+
+        def refresh(model=model, config=config):
+            cache_dit.refresh_context(model, cache_config=DBCacheConfig(**config))
+
+        try:
+            with contextlib.redirect_stdout(io.StringIO()):
+                cache_dit.enable_cache(model, cache_config=DBCacheConfig(**config),
+                                       calibrator_config=TaylorSeerCalibratorConfig(taylorseer_order=2))
+            sampler = DiffusersSampler(model, args, on_reset=refresh)
+            sampler(min(3, steps))  # does it run at all?
+        except Exception as e:  # an API that moved: report why
+            skipped[label] = f"{type(e).__name__}: {e}".splitlines()[0][:240]
+            log.warning("%s does not run: %s", label, skipped[label])
+            continue
+        entries.append(Entry(key, label, "diffusers", settings, sampler))
+    return entries, skipped
+
+
+def openvino_rows(engines: Path, args) -> list[Entry]:
+    """Our engines (the same build as ``ours``) on OpenVINO: full compute and ClusCa, in bf16 where
+    the CPU has bf16 units, else fp32 (the backend's default)."""
+    pipe = Pipeline.load(engines, backend="openvino", verify=False)
+    precision = pipe.engine.precision
+    common = dict(seed=args.seed, sampler="ddim", cfg_scale=args.cfg_scale)
+    n, k = args.interval, args.clusters
+
+    def run(method, like_diffusers=False, **kw):
+        def sample(steps):
+            with diffusers_taylorseer_steps() if like_diffusers else contextlib.nullcontext():
+                return pipe.generate([args.label], method=method, steps=steps, **common, **kw).latents
+
+        return sample
+
+    cl = dict(interval=n, propagation=args.gamma)
+    return [
+        Entry("ov_full", f"ours: engines on OpenVINO {precision}, full", "ours-engines", "every step full",
+              run("full")),
+        Entry("ov_clusca", f"ours: engines on OpenVINO {precision}, ClusCa", "ours-engines",
+              f"N={n}, K={k}, O=2, gamma={args.gamma}", run("clusca", **cl)),
+        Entry("ov_clusca_dsteps", f"ours: engines on OpenVINO {precision}, ClusCa on diffusers TaylorSeer's full steps",
+              "ours-engines", f"N={n}, K={k}, O=2, gamma={args.gamma}; full at 0, 1, 3, 8, ...",
+              run("clusca", True, **cl)),
+    ]
+
+
+def cpu_targets(by: dict) -> dict:
+    """The issue-21 ratios from the rows measured: OpenVINO full vs ONNX Runtime full and vs eager
+    bf16; OpenVINO ClusCa vs ONNX Runtime ClusCa and vs OpenVINO full; and our fastest ClusCa vs the
+    fastest diffusers / cache-dit row of equal or better PSNR."""
+    t = {}
+    sec = {k: r["seconds"] for k, r in by.items()}
+    if "ov_full" in sec:
+        t["openvino_full_vs_onnxruntime_full"] = sec["ours_full"] / sec["ov_full"]
+        if "eager_bf16" in sec:
+            t["openvino_full_vs_eager_bf16"] = sec["eager_bf16"] / sec["ov_full"]
+    if "ov_clusca" in sec:
+        t["openvino_clusca_vs_onnxruntime_clusca"] = sec["ours_clusca"] / sec["ov_clusca"]
+        t["openvino_clusca_vs_openvino_full"] = sec["ov_full"] / sec["ov_clusca"]
+    ours = [by[k] for k in ("ours_clusca", "ours_clusca_dsteps", "ov_clusca", "ov_clusca_dsteps") if k in by]
+    peers = [r for r in by.values() if r["group"] == "diffusers"]
+    best = []
+    for o in ours:
+        equal = [r for r in peers if r["psnr"] >= o["psnr"]]
+        if equal:
+            f = min(equal, key=lambda r: r["seconds"])
+            best.append({"ours": o["label"], "ours_psnr": o["psnr"], "peer": f["label"], "peer_psnr": f["psnr"],
+                         "ratio": f["seconds"] / o["seconds"]})
+    if best:
+        t["clusca_vs_fastest_peer_of_equal_or_better_psnr"] = max(best, key=lambda b: b["ratio"])
+    return t
+
+
+# ------------------------------------------------------------------------------------------
 # run, measure, report
 
 
@@ -474,6 +608,7 @@ def summarize(entries: list[Entry], skipped: dict, args) -> dict:
             "taylorseer_rel_diff_to_hook": float(np.linalg.norm(lat["ours_taylorseer_dsteps"] - lat["ts"])
                                                  / np.linalg.norm(lat["ts"])),
         }
+    targets.update(cpu_targets(by))
     never = [e.label for e in entries if e.group == "diffusers" and np.array_equal(e.latent, lat["eager"])]
     return {
         "never_skipped": never,
@@ -483,6 +618,7 @@ def summarize(entries: list[Entry], skipped: dict, args) -> dict:
         "created": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "device": device_name(),
         "torch_threads": torch.get_num_threads(),
+        "cache_dit_version": _version("cache-dit"),
         "versions": library_versions(),
         "settings": {k: v for k, v in vars(args).items() if k != "out"},
         "rows": rows,
@@ -498,7 +634,8 @@ def markdown(s: dict) -> str:
         "",
         f"`{s['command']}` on {s['device']}, {s['created']}; torch {s['versions'].get('torch')} "
         f"({s['torch_threads']} threads), onnxruntime {s['versions'].get('onnxruntime-gpu') or s['versions'].get('onnxruntime')} (CPU), "
-        f"diffusers {s['versions'].get('diffusers')}.",
+        f"diffusers {s['versions'].get('diffusers')}, openvino {s['versions'].get('openvino')}, "
+        f"cache-dit {s.get('cache_dit_version')}.",
         "",
         f"Model: DiT {a['size']} size, random weights (seed {a['seed']}), {SIZE_TOKENS[a['size']]} tokens, one sample with "
         f"classifier-free guidance (batch 2), {a['steps']} DDIM steps, cfg {a['cfg_scale']}. Wall time: median of "
@@ -537,9 +674,21 @@ def markdown(s: dict) -> str:
         lines.append(f"- our full engines vs eager PyTorch (same weights, per step): {t['full_engines_vs_eager']:.2f}x (target >= 1.5x on every CPU kind)")
     c = t.get("clusca_vs_fastest_hook_of_equal_or_better_psnr")
     if c:
-        lines.append(f"- our ClusCa vs the fastest diffusers hook of equal or better PSNR: "
+        lines.append("- our ClusCa vs the fastest diffusers hook of equal or better PSNR: "
                      + (f"{c['ratio']:.2f}x faster than {c['hook']} (target >= 1.5x)" if c["hook"] else
                         "no diffusers hook reaches our PSNR"))
+    for key, what, goal in (("openvino_full_vs_onnxruntime_full", "OpenVINO full vs ONNX Runtime full", ">= 1.5x "
+                             "(AVX512-BF16), >= 4x (AMX); no slower without bf16 units"),
+                            ("openvino_full_vs_eager_bf16", "OpenVINO full vs diffusers eager bf16", ">= 1.5x"),
+                            ("openvino_clusca_vs_onnxruntime_clusca", "OpenVINO ClusCa vs ONNX Runtime ClusCa", ">= 3x"),
+                            ("openvino_clusca_vs_openvino_full", "OpenVINO ClusCa vs OpenVINO full", ">= 2.5x")):
+        if key in t:
+            lines.append(f"- {what}: {t[key]:.2f}x (target {goal})")
+    b = t.get("clusca_vs_fastest_peer_of_equal_or_better_psnr")
+    if b:
+        lines.append(f"- our fastest ClusCa ({b['ours']}, {b['ours_psnr']:.1f} dB) vs the fastest diffusers / cache-dit "
+                     f"row of equal or better PSNR ({b['peer']}, {b['peer_psnr']:.1f} dB): {b['ratio']:.2f}x "
+                     f"(target >= 1.5x)")
     c = t.get("clusca_vs_fastest_hook_any_psnr")
     if c:
         lines.append(f"- our ClusCa vs the fastest diffusers hook at any PSNR ({c['hook']}, {c['hook_psnr']:.1f} dB vs our "
@@ -548,6 +697,15 @@ def markdown(s: dict) -> str:
 
 
 SIZE_TOKENS = {"b2": 256, "tiny": 64}
+
+
+def _version(dist: str) -> str | None:
+    from importlib import metadata
+
+    try:
+        return metadata.version(dist)
+    except metadata.PackageNotFoundError:
+        return None
 
 
 def plot(s: dict, path: Path) -> None:
@@ -595,6 +753,10 @@ def main(argv=None) -> int:
     p.add_argument("--fbc-thresholds", type=float, nargs="*", default=[0.05, 0.2])
     p.add_argument("--updates", nargs="*", choices=sorted(UPDATE_VARIANTS), default=list(UPDATE_VARIANTS),
                    help="ClusCa update rules to run beside the default one (each an engines row)")
+    p.add_argument("--cache-dit-thresholds", type=float, nargs="*", default=[0.08, 0.8],
+                   help="cache-dit DBCache residual-diff thresholds (random weights change a lot per step)")
+    p.add_argument("--no-openvino", action="store_true", help="leave out our engines on OpenVINO")
+    p.add_argument("--no-cache-peers", action="store_true", help="leave out eager bf16 and cache-dit")
     p.add_argument("--work", type=Path, default=ROOT / "engines" / "peers", help="model folder and engines (reused)")
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     args = p.parse_args(argv)
@@ -608,8 +770,15 @@ def main(argv=None) -> int:
     eager = Entry("eager", "diffusers eager (no cache)", "reference", "DiTTransformer2DModel, PyTorch",
                   DiffusersSampler(load_diffusers(folder), args))
     hooks, skipped = diffusers_hooks(folder, args)
-    entries = [eager, *hooks, *ours(folder, args.work / f"engines-{args.size}-k{args.clusters}", args)]
+    if not args.no_cache_peers:
+        more, why = cache_peers(folder, args)
+        hooks += more
+        skipped.update(why)
+    engines = args.work / f"engines-{args.size}-k{args.clusters}"
+    entries = [eager, *hooks, *ours(folder, engines, args)]
     entries += ours_through_pipeline(folder, args)
+    if not args.no_openvino:
+        entries += openvino_rows(engines, args)
     measure(entries, args)
     summary = summarize(entries, skipped, args)
     args.out.mkdir(parents=True, exist_ok=True)

@@ -7,6 +7,9 @@ built-in trained model ``dit-digits`` (the paper's Table 3 and Table 4 in miniat
     python benchmarks/quality.py --quick              # a handful of rows, 20 samples: a smoke run
     python benchmarks/quality.py --samples 200 --threads 2 --groups update-rules,update-grid
                                                       # only the update rules' rows (quality-update.md)
+    python benchmarks/quality.py --samples 200 --distance l2 --only full,clusca --tag l2   # quality-l2.md
+    python benchmarks/quality.py --samples 200 --only full,clusca --clusca-grid 3,5,7:4,16:0.005 --tag l1-grid
+    python benchmarks/quality.py --samples 200 --backend openvino --precision bf16 --tag ov-bf16
 
 Every row samples the same class labels (0..9 repeated) from the same seed (so the same
 initial noise) with 50-step DDIM and classifier-free guidance 1.5, on ONNX Runtime engines
@@ -146,9 +149,11 @@ def rows_for(steps: int, quick: bool, groups=GROUPS, default=None) -> list[Row]:
     return out
 
 
-def build(k: int, batch: int, engines: Path, loaded) -> Path:
-    out = engines / f"k{k}-b{batch}"
-    build_engines(loaded, BuildOptions(batch=batch, clusters=k, order=ORDER), out)
+def build(k: int, batch: int, engines: Path, loaded, **options) -> Path:
+    """One engine set per K (and per non-default k-means option: ``distance``, ``kmeans_iterations``)."""
+    suffix = "".join(f"-{v}" for v in options.values())
+    out = engines / f"k{k}-b{batch}{suffix}"
+    build_engines(loaded, BuildOptions(batch=batch, clusters=k, order=ORDER, **options), out)
     return out
 
 
@@ -324,6 +329,16 @@ def main() -> None:
     p.add_argument("--paper-rows", type=Path, default=None,
                    help="update-grid without main: a quality.json of the same samples and seed whose main ClusCa rows "
                         "(the paper's rule) the default rule is compared with")
+    p.add_argument("--only", default=None, help="comma-separated methods of the rows to run (full always runs), "
+                                                "e.g. full,clusca")
+    p.add_argument("--distance", choices=["l1", "l2"], default=None, help="k-means distance of the builds "
+                                                                          "[default: the build default]")
+    p.add_argument("--kmeans-iterations", type=int, default=None, help="Lloyd iterations of the builds")
+    p.add_argument("--backend", choices=["onnxruntime", "openvino"], default="onnxruntime")
+    p.add_argument("--precision", choices=["fp32", "bf16"], default=None, help="openvino: inference precision")
+    p.add_argument("--tag", default=None, help="write quality-<tag>.{md,json,png} instead of quality.*")
+    p.add_argument("--clusca-grid", default=None, metavar="N,..:K,..:GAMMA,..",
+                   help="only these ClusCa rows (no gamma sweep), e.g. 5:4,16:0,0.005")
     args = p.parse_args()
     groups = tuple(g.strip() for g in args.groups.split(",") if g.strip())
     unknown = sorted(set(groups) - set(GROUPS))
@@ -335,13 +350,23 @@ def main() -> None:
 
     t_start = time.perf_counter()
     labels = [i % 10 for i in range(args.samples)]
+    build_options = {k: v for k, v in (("distance", args.distance), ("kmeans_iterations", args.kmeans_iterations))
+                     if v is not None}
     loaded = load_model(MODEL)
     rows = rows_for(args.steps, args.quick, groups, loaded.adapter.default_run)
+    if args.only:
+        keep = set(args.only.split(",")) | {"full"}
+        rows = [r for r in rows if r.method in keep]
+    if args.clusca_grid:  # e.g. "5:4,16:0,0.005": N values, K values, gamma values of the ClusCa rows
+        ns, ks, gs = ([float(v) for v in part.split(",")] for part in args.clusca_grid.split(":"))
+        rows = [r for r in rows if r.method != "clusca" or (r.interval in ns and r.clusters in ks
+                                                            and r.propagation in gs and r.group == "main")]
     ks = sorted({r.clusters for r in rows if r.clusters} | {16})
     ev = quality.load_evaluator()
 
     print(f"building engines for K in {ks} (batch {args.batch}, O={ORDER}) in {args.engines}", flush=True)
-    pipes = {k: Pipeline.load(build(k, args.batch, args.engines, loaded), threads=args.threads) for k in ks}
+    pipes = {k: Pipeline.load(build(k, args.batch, args.engines, loaded, **build_options), threads=args.threads,
+                              backend=args.backend, precision=args.precision) for k in ks}
     base = pipes[16]
     spec = base.spec
     per_graph = {k: {n: g.total for n, g in fl.count_engine_dir(pipe.manifest).items()} for k, pipe in pipes.items()}
@@ -394,6 +419,7 @@ def main() -> None:
                     and r.order == ORDER and r.propagation in GAMMA_SWEEP and r.rule == "paper"],
                    key=lambda r: r.propagation)
     stem = "quality" if set(groups) == set(GROUPS) or args.quick else "quality-" + "-".join(groups)
+    stem = stem if args.tag is None else f"quality-{args.tag}"
     args.out.mkdir(parents=True, exist_ok=True)
     real_fid = real.fid if real else float("nan")
     if "main" in groups or args.quick:
@@ -407,11 +433,10 @@ def main() -> None:
     md = [
         f"# Quality vs speed on `{MODEL}` (built-in, trained on scikit-learn digits)",
         "",
-        f"Produced by `python benchmarks/quality.py{' --quick' if args.quick else ''} --samples {args.samples}"
-        f"{f' --threads {args.threads}' if args.threads != 1 else ''}"
-        f"{f' --groups {args.groups}' if set(groups) != set(GROUPS) else ''}` "
-        f"in {elapsed / 60:.0f} min on {device_name('cpu')} "
-        f"(ONNX Runtime {onnxruntime.__version__} {base.engine.provider}, torch {torch.__version__}). "
+        f"Produced by `python {' '.join(sys.argv)}` "
+        f"in {elapsed / 60:.0f} min on {base.engine.info.hardware or device_name('cpu')} "
+        f"(engines: {base.engine.info}; ONNX Runtime {onnxruntime.__version__}, torch {torch.__version__}; "
+        f"k-means {spec.options.kmeans_iterations} iterations, {spec.options.distance}). "
         f"{args.samples} samples per row (class labels 0..9 repeated), seed {args.seed}, {args.steps}-step DDIM, "
         f"CFG {args.cfg_scale}, engine batch {args.batch} (graph batch {2 * args.batch}), "
         f"{args.threads or 'default'} ONNX Runtime thread(s), warm-up W={WARMUP}, "
@@ -442,6 +467,8 @@ def main() -> None:
     ]
     (args.out / f"{stem}.md").write_text("\n".join(md) + "\n")
     (args.out / f"{stem}.json").write_text(json.dumps({
+        "engine": base.engine.info.to_dict(), "distance": spec.options.distance,
+        "kmeans_iterations": spec.options.kmeans_iterations,
         "model": MODEL, "samples": args.samples, "steps": args.steps, "seed": args.seed, "cfg_scale": args.cfg_scale,
         "batch": args.batch, "full_seconds": full_seconds, "real_digits": None if real is None else real.__dict__,
         "groups": list(groups), "device": device_name("cpu"),

@@ -75,7 +75,8 @@ def _labels(value: str | None) -> list[int] | None:
               help="Highest Taylor order the engines keep [default: the model's: DiT 2, FLUX/HunyuanVideo 1].")
 @click.option("--batch", "-B", default=1, show_default=True, help="Samples per engine call (CFG doubles it).")
 @click.option("--kmeans-iterations", default=10, show_default=True, help="Lloyd iterations in the cluster graph.")
-@click.option("--distance", type=click.Choice(["l1", "l2"]), default="l1", show_default=True)
+@click.option("--distance", type=click.Choice(["l1", "l2"]), default="l2", show_default=True,
+              help="k-means distance: squared L2 by one MatMul per iteration; l1: the reference's (costlier).")
 @click.option("--opset", default=20, show_default=True, type=click.IntRange(18, 20),
               help="ONNX opset; 20 exports tanh-GELU as one Gelu node (TensorRT 10 parses it).")
 @click.option("--height", type=int, default=None, help="FLUX: image height in pixels, multiple of 16 [default: 1024].")
@@ -147,7 +148,9 @@ def build(model_name, checkpoint, random_init, seed, clusters, order, batch, kme
 def _device_options(fn):
     """--device and --precision of generate and bench (the torch backend; TensorRT: the device)."""
     fn = click.option("--precision", type=click.Choice(["fp32", "bf16", "fp16"]), default=None,
-                      help="torch backend: weights and caches in this precision [default: fp32]; k-means stays fp32.")(fn)
+                      help="torch backend: weights and caches in this precision [default: fp32]; openvino: the model "
+                           "graphs' inference precision [default: bf16 where the CPU has bf16 units, else fp32]; "
+                           "k-means and selection stay fp32.")(fn)
     return click.option("--device", default=None, metavar="cpu|cuda[:N]",
                         help="torch backend: where it runs [default: cpu]; tensorrt: the GPU [default: cuda:0].")(fn)
 
@@ -237,9 +240,12 @@ def _family_inputs(pipe, values: dict) -> dict:
 @click.option("--width", type=int, default=None, help="FLUX: choose the build of this width.")
 @click.option("--frames", type=int, default=None, help="HunyuanVideo: choose the build of this frame count.")
 @click.option("--provider", type=click.Choice(["auto", "cpu", "cuda", "tensorrt"]), default="auto", show_default=True)
-@click.option("--backend", type=click.Choice(["onnxruntime", "torch", "tensorrt"]), default="onnxruntime",
-              show_default=True, help="tensorrt: the plans built with build --backend tensorrt.")
+@click.option("--backend", type=click.Choice(["onnxruntime", "openvino", "torch", "tensorrt"]), default="onnxruntime",
+              show_default=True, help="openvino: the graphs on OpenVINO's CPU plugin; tensorrt: the plans built with "
+                                      "build --backend tensorrt.")
 @_device_options
+@click.option("--threads", type=click.IntRange(min=1), default=None,
+              help="Intra-op threads of a CPU backend (onnxruntime, openvino) [default: the backend's].")
 @click.option("--out", "out_file", type=click.Path(path_type=Path), required=True,
               help=".npz (latents, labels, images), .png, or .mp4 for videos (several: <stem>-<i>.mp4)")
 @click.option("--compare", is_flag=True,
@@ -247,7 +253,7 @@ def _family_inputs(pipe, values: dict) -> dict:
                    "row per method and print each one's measured speed-up vs full.")
 @_errors
 def generate(engine_dir, method, interval, propagation, order, clusters, warmup, fresh, update, correction, pair,
-             provider, backend, device, precision, out_file, height, width, frames, compare, **family_values):
+             provider, backend, device, precision, threads, out_file, height, width, frames, compare, **family_values):
     """Sample with the engines in ENGINE_DIR and write latents (.npz), an image grid (.png) or videos (.mp4)."""
     from .runtime.output import SUFFIXES, check_output, write_result
     from .runtime.pipeline import Pipeline
@@ -257,7 +263,7 @@ def generate(engine_dir, method, interval, propagation, order, clusters, warmup,
     _labels(family_values.get("class_labels"))  # its syntax, before anything is loaded
     select = {"height": height, "width": width, "frames": frames}
     with Pipeline.load(engine_dir, provider=provider, backend=backend, select=select, device=device,
-                       precision=precision) as pipe:
+                       precision=precision, threads=threads) as pipe:
         check_output(out_file, has_decoder=pipe.decoder is not None)  # before sampling, not after
         inputs = _family_inputs(pipe, family_values)
         steps = inputs.setdefault("steps", pipe.family.steps(pipe.model["sampling"]))
@@ -330,6 +336,7 @@ def _format(info: dict) -> str:
         f"defaults     {info['defaults_summary']}",
         f"key          {info['key']}",
         f"cache        {info['cache']['summary']}",
+        f"cpu          {info['cpu_backends']['summary']}",
         "graphs",
     ]
     for name, g in info["graphs"].items():
@@ -366,9 +373,11 @@ class _BaselineRefused(click.ClickException):
 @click.option("--profile-calls", default=5, show_default=True,
               help="Profiled partial-graph calls that split its time (propagation); 0: skip.")
 @click.option("--provider", type=click.Choice(["auto", "cpu", "cuda", "tensorrt"]), default="auto", show_default=True)
-@click.option("--backend", type=click.Choice(["onnxruntime", "torch"]), default="onnxruntime", show_default=True)
+@click.option("--backend", type=click.Choice(["onnxruntime", "openvino", "torch"]), default="onnxruntime",
+              show_default=True)
 @_device_options
-@click.option("--threads", type=click.IntRange(min=1), default=None, help="ONNX Runtime intra-op threads.")
+@click.option("--threads", type=click.IntRange(min=1), default=None,
+              help="Intra-op threads of a CPU backend (onnxruntime, openvino).")
 @click.option("--json", "json_file", type=click.Path(path_type=Path), default=None,
               help="Write the result as JSON (usable as a --baseline later).")
 @click.option("--baseline", type=click.Path(path_type=Path), default=None,
@@ -438,7 +447,7 @@ def bench(engine_dir, methods, interval, propagation, order, warmup, fresh, upda
 @click.option("--width", type=int, default=None, help="FLUX: choose the build of this width.")
 @click.option("--frames", type=int, default=None, help="HunyuanVideo: choose the build of this frame count.")
 @click.option("--provider", type=click.Choice(["auto", "cpu", "cuda", "tensorrt"]), default="auto", show_default=True)
-@click.option("--backend", type=click.Choice(["onnxruntime", "torch", "tensorrt"]), default="onnxruntime",
+@click.option("--backend", type=click.Choice(["onnxruntime", "openvino", "torch", "tensorrt"]), default="onnxruntime",
               show_default=True, help="The backend you will run: every candidate is timed on it.")
 @_device_options
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="Intra-op threads of a CPU backend.")
@@ -616,9 +625,10 @@ def flops(engine_dir, model_name, clusters, order, batch, interval, warmup, step
               help="Requests admitted beyond those the replicas hold; more get 503.")
 @click.option("--address", default=None, help="Join this Ray cluster (HOST:PORT or auto) instead of a local Ray.")
 @click.option("--threads", type=click.IntRange(min=1), default=None,
-              help="ONNX Runtime threads per replica [default: local: the cores shared out; cluster: ONNX Runtime's].")
+              help="CPU backend threads per replica [default: local: the cores shared out; cluster: the backend's].")
 @click.option("--provider", type=click.Choice(["auto", "cpu", "cuda", "tensorrt"]), default="auto", show_default=True)
-@click.option("--backend", type=click.Choice(["onnxruntime", "tensorrt"]), default="onnxruntime", show_default=True)
+@click.option("--backend", type=click.Choice(["onnxruntime", "openvino", "tensorrt"]), default="onnxruntime",
+              show_default=True, help="openvino: OpenVINO's CPU plugin (bf16 where the CPU has bf16 units).")
 @click.option("--gpus-per-replica", type=click.FloatRange(min=0), default=None,
               help="GPUs each replica reserves [default: 1 for a GPU provider or backend, else 0].")
 @click.option("--max-body-mb", type=click.FloatRange(min=0, min_open=True), default=64.0, show_default=True,

@@ -14,7 +14,8 @@ Pure torch functions over static shapes; each traces into a small, static ONNX s
                        of the forecast by the fresh tokens' forecast error ``f_j - forecast_j``,
                        written back to F_0 or used for this step only                (partial step)
   (``update_weights``, ``fresh_forecast``, ``fresh_residual``, ``keep_state``: its parts)
-* ``kmeans``:          warm-started Lloyd iterations, fixed count, one-hot centroid updates
+* ``kmeans``:          warm-started Lloyd iterations, fixed count, one-hot centroid updates; squared
+                       L2 distances by one MatMul per iteration (L1, the reference's, by differences)
 * ``select_fresh``:    one token per cluster: the member with the smallest key
 * ``pair_index``:      which row's clustering each row takes (the rows of a sample paired, or each its own)
 """
@@ -196,7 +197,8 @@ def propagate(
 
 
 def pairwise_distance(x: torch.Tensor, centroids: torch.Tensor, metric: str) -> torch.Tensor:
-    """x [B, T, D], centroids [B, K, D] -> [B, T, K]. ``l1`` (the reference) or squared ``l2``."""
+    """x [B, T, D], centroids [B, K, D] -> [B, T, K]. Squared ``l2`` (the default: ``|x|^2 + l2_scores``,
+    one MatMul) or ``l1`` (the reference code's: one |difference| sum per centroid, no matrix-product form)."""
     if metric == "l1":
         b, t, d = x.shape
         k = centroids.shape[1]
@@ -209,10 +211,15 @@ def pairwise_distance(x: torch.Tensor, centroids: torch.Tensor, metric: str) -> 
         per_centroid = [(x - centroids[:, j : j + 1]).abs().sum(-1) for j in range(k)]
         return torch.stack(per_centroid, dim=-1)
     if metric == "l2":
-        x2 = (x * x).sum(-1, keepdim=True)
-        c2 = (centroids * centroids).sum(-1).unsqueeze(1)
-        return x2 - 2.0 * torch.matmul(x, centroids.transpose(1, 2)) + c2
+        return (x * x).sum(-1, keepdim=True) + l2_scores(x, centroids)
     raise ValueError(f"distance must be 'l1' or 'l2', got {metric!r}")
+
+
+def l2_scores(x: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
+    """``|c|^2 - 2 x.c`` [B, T, K]: the squared L2 distance less ``|x|^2``, which is the same for
+    every centroid of a token, so its argmin over K is the nearest centroid's. One MatMul."""
+    c2 = (centroids * centroids).sum(-1).unsqueeze(1)
+    return c2 - 2.0 * torch.matmul(x, centroids.transpose(1, 2))
 
 
 def kmeans(
@@ -221,7 +228,7 @@ def kmeans(
     init_index: torch.Tensor,
     warm: torch.Tensor,
     iterations: int,
-    metric: str = "l1",
+    metric: str = "l2",
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Lloyd's k-means per batch element with a fixed iteration count.
 
@@ -232,8 +239,10 @@ def kmeans(
     """
     k = centroids.shape[1]
     c = centroids * warm + gather_rows(x, init_index) * (1.0 - warm)
+    # L2: the iterations need only the argmin, so ``|x|^2`` (the same for every centroid) is left out
+    nearest = (lambda c: l2_scores(x, c)) if metric == "l2" else (lambda c: pairwise_distance(x, c, metric))
     for _ in range(iterations):
-        assign = pairwise_distance(x, c, metric).argmin(-1)
+        assign = nearest(c).argmin(-1)
         onehot = torch.nn.functional.one_hot(assign, k).to(x.dtype)  # [B, T, K]
         sums = torch.matmul(onehot.transpose(1, 2), x)  # [B, K, D]
         counts = onehot.sum(1).unsqueeze(-1)  # [B, K, 1]

@@ -112,7 +112,7 @@ class BuildOptions:
     text_clusters: int | None = None
     order: int = 2
     kmeans_iterations: int = 10
-    distance: str = "l1"
+    distance: str = "l2"  # k-means: squared L2 by one MatMul (l1: the reference's; docs/algorithm.md says why)
     dtype: str = "float32"
     opset: int = 20  # 20: GELU is one Gelu node (18: a chain of Mul/Pow/Tanh)
     cond_steps: int = 50

@@ -53,6 +53,11 @@ def test_inspect(built):
     j = json.loads(CliRunner().invoke(main, ["inspect", str(built), "--json"]).output)
     assert j["build"]["clusters"] == 4 and j["cache"]["bytes"] == 4 * (2 * 2) * 4 * 4 * 64 * 64
     assert set(j["graphs"]) == {"cond", "plain", "full", "partial", "forecast", "cluster_img", "select_img"}
+    cpu = j["cpu_backends"]  # what the CPU backends run here (OpenVINO: bf16 only where the CPU has bf16 units)
+    assert cpu["onnxruntime"] == {"precision": "fp32"}
+    if "precision" in cpu["openvino"]:  # OpenVINO installed (the test extra has it)
+        assert cpu["openvino"]["precision"] == ("bf16" if "BF16" in cpu["openvino"]["capabilities"] else "fp32")
+    assert "openvino cache" in r.output
 
 
 @pytest.mark.parametrize(

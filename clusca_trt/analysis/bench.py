@@ -12,13 +12,20 @@ speed-up (1.0: the method reaches its FLOPs limit).
 
 Overhead of ClusCa = clustering (the cluster graphs) + selection (the select graphs, and the
 gather of the fresh rows inside the partial graph) + propagation (inside the partial graph).
-What runs inside the partial graph is measured with ONNX Runtime's per-node profiler on a
-separate profiled session of the same graph (profiling slows the session it is on, so the
-benchmarked engine runs without it): each node is attributed by the name scope the exporter
-recorded (``steps.ClusCaOps``: ``clusca.propagate``, ``clusca.gather_rows``, ...), and the shares
-of the partial graph's node time are applied to the partial graph's un-profiled median.
-A variant graph without propagation would measure the same thing with a second export; the
-profile needs none and also says where the rest of the partial step goes.
+What runs inside the partial graph is measured with the backend's per-node profiler (ONNX
+Runtime's session profile; OpenVINO's ``PERF_COUNT``) on a separate profiled session of the same
+graph (profiling slows the session it is on, so the benchmarked engine runs without it): each node
+is attributed by the name scope the exporter recorded (``steps.ClusCaOps``: ``clusca.propagate``,
+``clusca.gather_rows``, ...), and the shares of the partial graph's node time are applied to the
+partial graph's un-profiled median. A variant graph without propagation would measure the same
+thing with a second export; the profile needs none and also says where the rest of the partial
+step goes.
+
+Floors (CPU): every graph's floor is the larger of the bytes a call must read at this machine's
+measured bandwidth and its FLOPs at this machine's measured matrix throughput in the engine's
+precision (one large MatMul run by the same backend: ``matmul_throughput``); in bf16 / fp16 the
+weights count at 2 bytes. A run's floor is the sum of its calls' floors; ``of_floor`` = run time /
+that sum (1.0: every call at its floor).
 """
 
 from __future__ import annotations
@@ -50,6 +57,7 @@ FORMAT = 1
 METHODS = tuple(m.value for m in (Method.FULL, Method.CLUSCA, Method.FORA, Method.TAYLORSEER))
 # versions that change timings; a baseline recorded with others is not comparable
 TIMING_VERSIONS = ("clusca-trt", "onnxruntime", "onnxruntime-gpu", "numpy", "python")
+BACKEND_VERSIONS = {"torch": ("torch",), "openvino": ("openvino",)}  # checked only for that backend's runs
 OVERHEAD = {  # where each part of ClusCa's overhead is measured (graph kinds, or name scopes in the partial graph)
     "clustering": ("graph", ("cluster",)),
     "selection": ("graph", ("select",)),
@@ -164,6 +172,80 @@ def memory_bandwidth(threads: int | None = None, mib: int = 256, calls: int = 5)
     return x.nbytes / statistics.median(times)
 
 
+MATMUL_SHAPE = (1024, 1024, 4096)  # M, K, N of the probe: a transformer MLP's GEMM on 1024 tokens
+
+
+def matmul_throughput(backend: str = "onnxruntime", precision: str = "fp32", threads: int | None = None,
+                      calls: int = 5) -> float:
+    """FLOPs per second of one large MatMul (``MATMUL_SHAPE``, constant weights as in a Linear layer)
+    run by ``backend`` in ``precision`` with the engine's threads; the median of ``calls``. ONNX
+    Runtime runs float32 only; OpenVINO at the inference precision (bf16 on CPUs with bf16 units);
+    the torch backend with ``torch.matmul`` in the dtype."""
+    m, k, n = MATMUL_SHAPE
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((m, k), dtype=np.float32)
+    w = (rng.standard_normal((k, n), dtype=np.float32) / np.sqrt(k)).astype(np.float32)
+    if backend == "openvino":
+        run = _openvino_matmul(x, w, precision, threads)
+    elif backend == "torch":
+        run = _torch_matmul(x, w, precision, threads)
+    else:
+        if precision != "fp32":
+            raise ConfigError(f"ONNX Runtime runs the float32 graphs: expected precision fp32, got {precision}")
+        run = _ort_matmul(x, w, threads)
+    run()
+    times = []
+    for _ in range(calls):
+        t0 = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - t0)
+    return 2.0 * m * k * n / statistics.median(times)
+
+
+def _ort_matmul(x, w, threads):
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["y"])], "matmul",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(x.shape))],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [x.shape[0], w.shape[1]])],
+        [numpy_helper.from_array(w, "w")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    model.ir_version = 9
+    so = ort.SessionOptions()
+    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    if threads:
+        so.intra_op_num_threads = threads
+    session = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    return lambda: session.run(None, {"x": x})
+
+
+def _openvino_matmul(x, w, precision, threads):
+    import openvino as ov
+    import openvino.opset13 as ops
+
+    from ..engines.openvino import DEVICE, graph_config
+
+    param = ops.parameter(list(x.shape), np.float32, name="x")
+    model = ov.Model([ops.matmul(param, ops.constant(w), False, False)], [param], "matmul")
+    compiled = ov.Core().compile_model(model, DEVICE, graph_config("plain", precision, threads, None))
+    request = compiled.create_infer_request()
+    request.set_tensor(compiled.inputs[0], ov.Tensor(x, shared_memory=True))
+    return request.infer
+
+
+def _torch_matmul(x, w, precision, threads):
+    import torch
+
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+    a, b = torch.from_numpy(x).to(dtype), torch.from_numpy(w).to(dtype)
+    if threads:
+        torch.set_num_threads(threads)
+    return lambda: torch.matmul(a, b)
+
+
 def graph_traffic(spec, graph: str, weight_bytes: int) -> dict[str, int]:
     """Bytes one call of ``graph`` must read at least: its weights and its inputs (of a conditioning
     table only the ``graph batch`` rows it gathers), and the bytes of its outputs."""
@@ -191,6 +273,39 @@ def _median(values) -> float | None:
 
 # ------------------------------------------------------------------------------------------
 # profile of one graph
+
+
+def profile_graph_openvino(manifest, graph: str, precision: str, threads: int | None, calls: int) -> dict[str, float]:
+    """Seconds per call of every component (exporter name scope) of ``graph``, from OpenVINO's
+    per-node counters (``PERF_COUNT``) of a separate compiled model fed with valid example inputs.
+    A node OpenVINO fused keeps the name of one of its ONNX nodes (its time goes to that node's
+    component); nodes it made itself (layout reorders, conversions) count as ``fused``."""
+    import onnx
+    import openvino as ov
+
+    from .flops import _component
+    from ..engines.openvino import DEVICE, graph_config
+    from ..steps import example_inputs
+
+    spec = manifest.spec
+    path = manifest.graph_path(graph)
+    proto = onnx.load(str(path), load_external_data=False)
+    component = {n.name: _component(n) for n in proto.graph.node}
+    component.update({out: _component(n) for n in proto.graph.node for out in n.output})
+    del proto
+    config = dict(graph_config(graph, precision, threads, None), PERF_COUNT=True)
+    compiled = ov.Core().compile_model(str(path), DEVICE, config)
+    request = compiled.create_infer_request()
+    for t, a in zip(spec.graphs[graph].inputs, example_inputs(spec, graph)):
+        request.set_tensor(t.name, ov.Tensor(np.ascontiguousarray(a.numpy())))
+    request.infer()  # the first call allocates: its counters are replaced by the next call's
+    per: Counter = Counter()
+    for _ in range(calls):
+        request.infer()
+        for info in request.profiling_info:
+            if info.status == info.Status.EXECUTED:
+                per[component.get(info.node_name, "fused")] += info.real_time.total_seconds()
+    return {k: v / calls for k, v in per.most_common()}
 
 
 def profile_graph(manifest, graph: str, provider: str, threads: int | None, calls: int) -> dict[str, float]:
@@ -300,9 +415,13 @@ def run_bench(pipe, settings: BenchSettings = BenchSettings(), inputs: tuple[tup
         flops_detail = {n: g.to_dict() for n, g in counted.items()}
 
     profile = {}
-    if (pipe.engine.backend == "onnxruntime" and settings.profile_calls and pipe.manifest is not None
-            and pipe.engine.has_graph("partial") and "clusca" in methods):
-        profile = profile_graph(pipe.manifest, "partial", pipe.engine.provider, threads, settings.profile_calls)
+    if (settings.profile_calls and pipe.manifest is not None and pipe.engine.has_graph("partial")
+            and "clusca" in methods):
+        if pipe.engine.backend == "onnxruntime":
+            profile = profile_graph(pipe.manifest, "partial", pipe.engine.provider, threads, settings.profile_calls)
+        elif pipe.engine.backend == "openvino":
+            profile = profile_graph_openvino(pipe.manifest, "partial", pipe.engine.precision, threads,
+                                             settings.profile_calls)
 
     result = {
         "format": FORMAT,
@@ -337,31 +456,63 @@ def run_bench(pipe, settings: BenchSettings = BenchSettings(), inputs: tuple[tup
     result["partial_profile_ms"] = {k: _ms(v) for k, v in profile.items()}
     result["flops"] = flops_detail
     result["traffic"] = _traffic(pipe, flops_detail, by_graph, threads)
+    _run_floors(result, pipe, configs)
     # the engine's own buffers (half-precision caches, ping-pong spares); what else it knows it holds
     result["memory"] = {"peak_rss_mib": round(peak_mib, 1), "state_mib": round(pipe.engine.state_bytes() / 2**20, 1),
                         "device_mib": {k: round(v / 2**20, 1) for k, v in pipe.engine.memory().items()}}
     return result
 
 
+def graph_floor(read_bytes: float, flops: float, bandwidth: float, matmul: float) -> tuple[float, str]:
+    """A call's floor in seconds and what sets it: the larger of its bytes at ``bandwidth`` (B/s)
+    and its FLOPs at ``matmul`` (FLOP/s)."""
+    memory, compute = read_bytes / bandwidth, flops / matmul
+    return (memory, "bytes") if memory >= compute else (compute, "flops")
+
+
 def _traffic(pipe, flops_detail: dict, by_graph: dict, threads: int | None) -> dict:
-    """Per graph: the bytes a call must read, its median time, the effective GB/s, and the floor
-    (bytes / this machine's measured bandwidth); only on the CPU (the bandwidth is ONNX Runtime's)."""
+    """Per graph: the bytes a call must read (weights at the engine precision's width), its FLOPs,
+    its median time, the effective GB/s, and its floor (``graph_floor``: bytes at this machine's
+    measured bandwidth or FLOPs at the backend's measured matrix throughput, the larger); only on
+    the CPU."""
     if not flops_detail or pipe.engine.info.device != "cpu":
         return {}
     bandwidth = memory_bandwidth(threads)
+    precision = pipe.engine.precision
+    matmul = matmul_throughput(pipe.engine.backend, precision, threads)
+    weight_scale = 0.5 if precision in ("bf16", "fp16") else 1.0  # low-precision weights: 2 bytes a value
     per_graph = {}
     for graph, detail in flops_detail.items():
         times = by_graph.get(graph)
-        t = graph_traffic(pipe.spec, graph, detail.get("weight_bytes", 0))
+        t = graph_traffic(pipe.spec, graph, int(detail.get("weight_bytes", 0) * weight_scale))
+        floor, bound = graph_floor(t["read"], detail.get("total", 0), bandwidth, matmul)
         entry = {"read_mb": round(t["read"] / 1e6, 2), "weights_mb": round(t["weights"] / 1e6, 2),
                  "inputs_mb": round(t["inputs"] / 1e6, 2), "written_mb": round(t["written"] / 1e6, 2),
-                 "floor_ms": _ms(t["read"] / bandwidth)}
+                 "gflops": round(detail.get("total", 0) / 1e9, 4),
+                 "memory_floor_ms": _ms(t["read"] / bandwidth), "compute_floor_ms": _ms(detail.get("total", 0) / matmul),
+                 "floor_ms": _ms(floor), "bound": bound}
         if times:
             median = _median(times)
-            entry.update(ms=_ms(median), gb_s=round(t["read"] / median / 1e9, 2),
-                         of_floor=round(t["read"] / bandwidth / median, 3))
+            entry.update(ms=_ms(median), gb_s=round(t["read"] / median / 1e9, 2), of_floor=round(floor / median, 3))
         per_graph[graph] = entry
-    return {"bandwidth_gb_s": round(bandwidth / 1e9, 2), "threads": threads, "graphs": per_graph}
+    return {"bandwidth_gb_s": round(bandwidth / 1e9, 2), "matmul_gflop_s": round(matmul / 1e9, 1),
+            "matmul_shape": list(MATMUL_SHAPE), "precision": precision, "threads": threads, "graphs": per_graph}
+
+
+def _run_floors(result: dict, pipe, configs: dict) -> None:
+    """Each method's floor (``floor_ms``): the sum of its calls' floors (``_traffic``); ``x_floor``:
+    its run time over that floor."""
+    graphs = (result.get("traffic") or {}).get("graphs") or {}
+    if not graphs:
+        return
+    floor_ns = {g: int(round(t["floor_ms"] * 1e6)) for g, t in graphs.items()}  # integers, as schedule_flops sums
+    for m, r in result["methods"].items():
+        config = configs[m]
+        sched = schedule_flops(floor_ns, pipe.spec, pipe.plan(result["settings"]["steps"], config),
+                               clustered=config.clusters > 0)
+        floor_ms = sched.total / 1e6
+        r["floor_ms"] = round(floor_ms, 3)
+        r["x_floor"] = round(r["run_ms"] / floor_ms, 3) if floor_ms else None  # 1.0: every call at its floor
 
 
 def _ms(seconds: float | None) -> float | None:
@@ -433,7 +584,7 @@ def _overhead(per_run_kind: list[dict[str, float]], seconds: list[float], profil
     return {
         "overhead_ms": {part: _ms(_median(v)) for part, v in parts.items()},
         "overhead_share": round(float(statistics.median(totals)), 5),
-        "overhead_measured": "clustering, selection" + (", gather, propagation (ONNX Runtime profile)" if node_total else
+        "overhead_measured": "clustering, selection" + (", gather, propagation (the backend's node profile)" if node_total else
                                                          " (propagation not measured: no profile)"),
     }
 
@@ -473,15 +624,23 @@ def format_table(result: dict) -> str:
     if prof:
         total = sum(prof.values())
         top = ", ".join(f"{k} {100 * v / total:.0f}%" for k, v in list(prof.items())[:8])
-        lines.append(f"partial graph by component (ONNX Runtime profile, {_f(total, 1)} ms of node time): {top}")
+        lines.append(f"partial graph by component ({result['backend']} profile, {_f(total, 1)} ms of node time): {top}")
     traffic = result.get("traffic") or {}
     if traffic:
-        lines.append(f"memory   this machine reads {traffic['bandwidth_gb_s']} GB/s (ONNX Runtime ReduceSum over 256 MiB); "
-                     "per call, bytes read (weights + inputs) and time vs that floor:")
+        matmul = (f", matrix throughput {traffic['matmul_gflop_s']} GFLOP/s in {traffic['precision']} "
+                  f"({result['backend']} MatMul {'x'.join(map(str, traffic['matmul_shape']))})"
+                  if "matmul_gflop_s" in traffic else "")
+        lines.append(f"floors   this machine reads {traffic['bandwidth_gb_s']} GB/s (ONNX Runtime ReduceSum over 256 MiB)"
+                     f"{matmul}; per call, bytes read (weights + inputs), time, and the floor (bytes or FLOPs):")
         for g, t in traffic["graphs"].items():
             if "ms" in t:
                 lines.append(f"  {g:<12}{t['read_mb']:>10.1f} MB (weights {t['weights_mb']:.1f}) {t['ms']:>9.2f} ms "
-                             f"{t['gb_s']:>6.2f} GB/s  floor {t['floor_ms']:.2f} ms ({100 * t['of_floor']:.0f}% of it)")
+                             f"{t['gb_s']:>6.2f} GB/s  floor {t['floor_ms']:.2f} ms by {t.get('bound', 'bytes')} "
+                             f"(at {100 * t['of_floor']:.0f}% of floor speed)")
+        runs = [f"{m} {_f(r['run_ms'], 1)} ms = {_f(r['x_floor'], 2)}x its floor {_f(r['floor_ms'], 1)} ms"
+                for m, r in result["methods"].items() if r.get("x_floor") is not None]
+        if runs:
+            lines.append("runs vs the sum of their calls' floors: " + "; ".join(runs))
     mem = result["memory"]
     lines.append(f"memory   peak RSS {mem['peak_rss_mib']} MiB (process), engine state {mem['state_mib']} MiB")
     return "\n".join(lines)
@@ -526,7 +685,7 @@ def comparable(result: dict, baseline: dict) -> None:
         ("engines (key)", (baseline.get("engine") or {}).get("key"), (result.get("engine") or {}).get("key")),
     ]
     bv, rv = baseline.get("versions") or {}, result.get("versions") or {}
-    names = TIMING_VERSIONS + (("torch",) if result.get("backend") == "torch" else ())
+    names = TIMING_VERSIONS + BACKEND_VERSIONS.get(result.get("backend"), ())
     checks += [(f"{n} version", bv.get(n), rv.get(n)) for n in names]
     bs, rs = baseline.get("settings") or {}, result.get("settings") or {}
     for key in ("steps", "sampler", "interval", "propagation", "order", "warmup", "fresh", "update", "correction",

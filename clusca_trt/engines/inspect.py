@@ -61,6 +61,30 @@ def defaults_summary(defaults: dict, source: dict | None) -> str:
     return text + f" ({' '.join(p for p in parts if p)}{': ' + detail if detail else ''})"
 
 
+def cpu_backends(manifest: Manifest) -> dict:
+    """What the CPU backends run here: the CPU, ONNX Runtime's precision (fp32), OpenVINO's default
+    precision on this CPU (bf16 where it has bf16 units) and its compiled-model cache in the engine
+    directory (files and bytes; none until a first ``--backend openvino`` load)."""
+    from .base import cpu_name
+    from .openvino import CACHE_DIR, choose_precision, cpu_capabilities
+
+    out = {"cpu": cpu_name(), "onnxruntime": {"precision": "fp32"}}
+    try:
+        caps = cpu_capabilities()
+        out["openvino"] = {"precision": choose_precision(None, caps), "capabilities": list(caps)}
+    except Exception as e:  # OpenVINO missing or broken: inspect still describes the build
+        out["openvino"] = {"unavailable": str(e).splitlines()[0][:200]}
+    cache = manifest.directory / CACHE_DIR
+    files = [f for f in cache.iterdir() if f.is_file()] if cache.is_dir() else []
+    out["openvino"]["cache"] = {"directory": str(cache), "files": len(files), "bytes": sum(f.stat().st_size for f in files)}
+    ov = out["openvino"]
+    head = (f"openvino {ov['precision']} ({', '.join(ov['capabilities'])})" if "precision" in ov
+            else f"openvino unavailable ({ov['unavailable']})")
+    out["summary"] = (f"{out['cpu']}: onnxruntime fp32, {head}; openvino cache {ov['cache']['files']} files, "
+                      f"{ov['cache']['bytes'] / 1e6:.1f} MB")
+    return out
+
+
 def describe(manifest: Manifest) -> dict:
     d = manifest.data
     spec = manifest.spec
@@ -98,5 +122,6 @@ def describe(manifest: Manifest) -> dict:
         "defaults_summary": defaults_summary(defaults, manifest.defaults_source),
         "graphs": graphs,
         "cache": cache_bytes(manifest),
+        "cpu_backends": cpu_backends(manifest),
         "versions": d["versions"],
     }

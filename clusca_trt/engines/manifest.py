@@ -76,7 +76,7 @@ def library_versions() -> dict[str, str]:
     from .._version import __version__
 
     out = {"python": platform.python_version(), "clusca-trt": __version__}
-    for dist in ("torch", "onnx", "onnxscript", "onnxruntime-gpu", "onnxruntime", "diffusers", "numpy"):
+    for dist in ("torch", "onnx", "onnxscript", "onnxruntime-gpu", "onnxruntime", "openvino", "diffusers", "numpy"):
         try:
             out[dist] = metadata.version(dist)
         except metadata.PackageNotFoundError:

@@ -113,9 +113,10 @@ class Pipeline:
     ) -> "Pipeline":
         """Open the engine directory ``directory`` (what ``clusca-trt build`` wrote).
 
-        backend:   ``onnxruntime`` (default), ``torch`` (the PyTorch step modules of the model the
-                   build was made from, loaded by the build's family), ``tensorrt`` (the plans of
-                   ``build --backend tensorrt``); see ``engines.open``.
+        backend:   ``onnxruntime`` (default), ``openvino`` (the same graphs on OpenVINO's CPU plugin,
+                   its compiled models cached in ``<directory>/openvino-cache``), ``torch`` (the PyTorch
+                   step modules of the model the build was made from, loaded by the build's family),
+                   ``tensorrt`` (the plans of ``build --backend tensorrt``); see ``engines.open``.
         provider:  ONNX Runtime's execution provider: ``auto`` (the best one that really loads), ``cpu``,
                    ``cuda``, ``tensorrt``.
         verify:    check every file's sha256 first (sizes, and each graph's inputs and outputs against
@@ -124,7 +125,9 @@ class Pipeline:
         select:    the build to open where the directory holds several (FLUX: one per resolution),
                    e.g. ``{"height": 768, "width": 1360}``.
         device:    ``cpu``, ``cuda`` or ``cuda:N`` (torch backend; TensorRT: its GPU).
-        precision: ``fp32``, ``bf16`` or ``fp16`` of the torch backend (TensorRT: checked against its plans).
+        precision: ``fp32``, ``bf16`` or ``fp16`` of the torch backend; of the openvino backend's model
+                   graphs (default: bf16 where the CPU has bf16 units, else fp32); TensorRT: checked
+                   against its plans.
         load_adapter: the torch backend's model where the caller has it (``manifest -> adapter``;
                    ``clusca_trt.diffusers``: the pipeline's own transformer); default: loaded by the
                    build's family from its recorded source.

@@ -32,7 +32,7 @@ from .proxy import Limits
 log = logging.getLogger(__name__)
 
 PROVIDERS = ("auto", "cpu", "cuda", "tensorrt")
-BACKENDS = ("onnxruntime", "tensorrt")
+BACKENDS = ("onnxruntime", "openvino", "tensorrt")
 CONNECT_WAIT_S = 10.0  # how long --address may not answer before we give up
 SERVE_LOGGING = {"log_level": "WARNING", "enable_access_log": False}
 
@@ -133,6 +133,8 @@ class Server:
         o = self.options
         if o.gpus_per_replica is not None:
             return o.gpus_per_replica
+        if o.backend == "openvino":  # OpenVINO's CPU plugin
+            return 0.0
         if o.backend == "tensorrt" or o.provider in ("cuda", "tensorrt"):
             return 1.0
         if o.provider == "auto" and self.local:

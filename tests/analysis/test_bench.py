@@ -108,6 +108,7 @@ def test_compare_flags_regressions_beyond_the_tolerance(now, regressed):
         ({"versions.clusca-trt": "0.2.0"}, "clusca-trt version"),
         ({"settings.steps": 20}, "setting steps"),
         ({"settings.interval": 4}, "setting interval"),
+        ({"backend": "openvino", "versions.openvino": "2025.0"}, "backend"),
     ],
 )
 def test_a_baseline_measured_otherwise_is_refused(change, what):
@@ -189,3 +190,40 @@ def test_result_reports_bytes_and_bandwidth(result):
     assert partial["read_mb"] == pytest.approx(partial["weights_mb"] + partial["inputs_mb"], abs=0.02)
     assert partial["gb_s"] == pytest.approx(partial["read_mb"] / partial["ms"], rel=0.02)
     assert "GB/s" in format_table(result)
+
+
+@pytest.mark.parametrize("read, flops, want", [
+    (10e9, 1e9, (1.0, "bytes")),  # 10 GB at 10 GB/s: 1 s; 1 GFLOP at 100 GFLOP/s: 0.01 s
+    (1e9, 50e9, (0.5, "flops")),  # 0.1 s of bytes, 0.5 s of FLOPs
+    (0, 0, (0.0, "bytes")),
+])
+def test_a_graph_floor_is_the_larger_of_bytes_and_flops(read, flops, want):
+    from clusca_trt.analysis.bench import graph_floor
+
+    assert graph_floor(read, flops, bandwidth=10e9, matmul=100e9) == pytest.approx(want)
+
+
+def test_result_reports_floors_of_graphs_and_runs(result):
+    traffic = result["traffic"]
+    assert traffic["matmul_gflop_s"] > 0.1 and traffic["precision"] == "fp32"
+    for g, t in traffic["graphs"].items():
+        assert t["floor_ms"] == pytest.approx(max(t["memory_floor_ms"], t["compute_floor_ms"]), abs=1e-3), g
+    per_call = {g: t["floor_ms"] for g, t in traffic["graphs"].items()}
+    clusca = result["methods"]["clusca"]
+    # 6 steps, N=5 default: cond once, 2 full, 1 cluster, 4 select + partial (the counts of test_result_has_...)
+    want = (per_call["cond"] + 2 * per_call["full"] + per_call["cluster_img"] + 4 * per_call["select_img"]
+            + 4 * per_call["partial"])
+    assert clusca["floor_ms"] == pytest.approx(want, rel=1e-3)
+    assert clusca["x_floor"] == pytest.approx(clusca["run_ms"] / clusca["floor_ms"], rel=1e-2)
+    assert result["methods"]["full"]["floor_ms"] == pytest.approx(per_call["cond"] + 6 * per_call["plain"], rel=1e-3)
+    assert "its floor" in format_table(result)
+
+
+def test_openvino_runs_compare_the_openvino_version_only():
+    """A baseline from before OpenVINO was recorded stays comparable for ONNX Runtime runs; an
+    OpenVINO run's baseline must have its OpenVINO version."""
+    assert compare(fake({"full": 1.0}, **{"versions.openvino": "2026.4"}), fake({"full": 1.0}), 0.1) == []
+    ov_now = fake({"full": 1.0}, backend="openvino", **{"versions.openvino": "2026.4"})
+    ov_then = fake({"full": 1.0}, backend="openvino", **{"versions.openvino": "2025.0"})
+    with pytest.raises(BaselineMismatchError, match="it was recorded with openvino version '2025.0'"):
+        compare(ov_now, ov_then, 0.1)

@@ -146,7 +146,7 @@ def test_device_and_precision_are_checked(tiny_model, engines_k4):
     if not torch.cuda.is_available():
         with pytest.raises(BackendUnavailableError, match="device cuda:1 needs a CUDA GPU, got .*torch"):
             parse_device("cuda:1")
-    with pytest.raises(ConfigError, match="device and precision apply to the torch and tensorrt backends"):
+    with pytest.raises(ConfigError, match="device and precision apply to the torch, openvino and tensorrt backends"):
         Pipeline.load(engines_k4.directory, precision="bf16")
 
 
@@ -158,7 +158,7 @@ def test_cli_generate_with_the_torch_backend_in_bf16(engines_k4, tmp_path):
     assert "on torch cpu bf16" in r.output and out.is_file()
     r = CliRunner().invoke(main, ["generate", str(engines_k4.directory), "--precision", "bf16", "--steps", "2",
                                   "--out", str(tmp_path / "x.npz")])
-    assert r.exit_code == 1 and "device and precision apply to the torch and tensorrt backends" in r.output
+    assert r.exit_code == 1 and "device and precision apply to the torch, openvino and tensorrt backends" in r.output
     if not torch.cuda.is_available():
         r = CliRunner().invoke(main, ["generate", str(engines_k4.directory), "--backend", "torch", "--device", "cuda",
                                       "--steps", "2", "--out", str(tmp_path / "y.npz")])

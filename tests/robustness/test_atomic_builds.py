@@ -4,7 +4,6 @@ killed build leaves a usable engine and no debris after the next build, user fil
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys

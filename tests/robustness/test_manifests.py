@@ -15,7 +15,6 @@ from clusca_trt.errors import EngineError
 from clusca_trt.exporters.build import build_engines
 from clusca_trt.runtime.pipeline import Pipeline
 
-from clusca_trt.engines.manifest import FORMAT
 
 from .conftest import OPTIONS, cli_error, copy_engine, micro_model, one_line, write_sealed
 
