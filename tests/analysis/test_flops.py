@@ -80,7 +80,8 @@ def hand_count_full_block(B, T, D, H, O):
 
 
 def hand_count_partial_block(B, T, D, K, O):
-    """One DiT block in the partial step: forecast attention, MLP on K rows, propagation, forecast MLP."""
+    """One DiT block in the partial step: forecast attention, MLP on K rows, the update rule's propagation,
+    forecast MLP."""
     linear = lambda rows, i, o: 2 * rows * i * o + rows * o  # noqa: E731
     btd, bkd = B * T * D, B * K * D
     forecast = (1 + 2 * O) * btd  # F_0 * c_0 + sum_i F_i * c_i
@@ -89,6 +90,8 @@ def hand_count_partial_block(B, T, D, K, O):
     f += 6 * bkd + B * D + 2 * bkd  # norm2 + modulate on the K gathered rows
     f += linear(B * K, D, 4 * D) + 8 * B * K * 4 * D + linear(B * K, 4 * D, D)
     f += 3 * B * T + 3 * btd  # propagate: is-fresh compare, the two per-token weights; f * w_f + F_0 * w_0
+    f += 3 * B * T + 3 * bkd  # the update rule: w_f * s, w_0 + r * w_f; f_j - r * (F_0 + hi) at the fresh rows
+    f += 1 + btd  # keep > 0.5, and the F_0 written: the corrected one or the old (Where)
     f += forecast + 2 * btd  # MLP forecast from the new F_0, gate, residual
     return f
 
