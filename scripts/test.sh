@@ -5,4 +5,5 @@ cd "$(dirname "$0")/.."
 python -m pip install -q --upgrade pip
 python -m pip install -q torch==2.13.0          # the CPU build; an unpinned torch pulls a multi-GB CUDA build
 python -m pip install -q -e ".[test,bench,serve]"
-python -m pytest -q "$@"
+# one worker per core (pytest-xdist); a worker takes whole test files, the serve tests share one
+python -m pytest -q -n auto --dist loadgroup "$@"

@@ -2,11 +2,25 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
 from clusca_trt.models import dit, load_model
 from clusca_trt.spec import BuildOptions
+
+TESTS = Path(__file__).resolve().parent
+
+
+def pytest_collection_modifyitems(config, items):
+    """Workers of pytest-xdist (``scripts/test.sh``: ``-n auto --dist loadgroup``) take whole test
+    files, so a module's fixtures are built once; the serve tests all go to one worker (one Ray at a
+    time). Without xdist the marks do nothing."""
+    for item in items:
+        path = Path(str(item.fspath)).resolve().relative_to(TESTS)
+        item.add_marker(pytest.mark.xdist_group("serve" if path.parts[0] == "serve" else path.as_posix()))
+
 
 TINY = dit.DiTConfig(input_size=8, patch_size=2, in_channels=4, hidden_size=32, depth=2, num_heads=4, num_classes=10)
 

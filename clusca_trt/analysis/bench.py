@@ -146,7 +146,6 @@ def device_name(info: EngineInfo | None = None) -> str:
 def memory_bandwidth(threads: int | None = None, mib: int = 256, calls: int = 5) -> float:
     """Bytes per second ONNX Runtime reads on this machine: a ReduceSum over a ``mib`` MiB float32
     tensor (too large for any cache), with the engine's intra-op threads; the median of ``calls``."""
-    import onnxruntime as ort
     from onnx import TensorProto, helper
 
     n = mib * 2**20 // 4
@@ -155,6 +154,15 @@ def memory_bandwidth(threads: int | None = None, mib: int = 256, calls: int = 5)
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, [64, n // 64])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, [])],
     )
+    x = np.ones((64, n // 64), np.float32)
+    return x.nbytes / _median_seconds(_ort_probe(graph, x, threads), calls)
+
+
+def _ort_probe(graph, x: np.ndarray, threads: int | None):
+    """A call of a one-node probe ``graph`` (input ``x``) on ONNX Runtime's CPU provider, no spinning."""
+    import onnxruntime as ort
+    from onnx import helper
+
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
     model.ir_version = 9
     so = ort.SessionOptions()
@@ -162,14 +170,18 @@ def memory_bandwidth(threads: int | None = None, mib: int = 256, calls: int = 5)
     if threads:
         so.intra_op_num_threads = threads
     session = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
-    x = np.ones((64, n // 64), np.float32)
-    session.run(None, {"x": x})
+    return lambda: session.run(None, {"x": x})
+
+
+def _median_seconds(run, calls: int) -> float:
+    """The median time of ``calls`` calls of ``run`` after one untimed call."""
+    run()
     times = []
     for _ in range(calls):
         t0 = time.perf_counter()
-        session.run(None, {"x": x})
+        run()
         times.append(time.perf_counter() - t0)
-    return x.nbytes / statistics.median(times)
+    return statistics.median(times)
 
 
 MATMUL_SHAPE = (1024, 1024, 4096)  # M, K, N of the probe: a transformer MLP's GEMM on 1024 tokens
@@ -193,17 +205,10 @@ def matmul_throughput(backend: str = "onnxruntime", precision: str = "fp32", thr
         if precision != "fp32":
             raise ConfigError(f"ONNX Runtime runs the float32 graphs: expected precision fp32, got {precision}")
         run = _ort_matmul(x, w, threads)
-    run()
-    times = []
-    for _ in range(calls):
-        t0 = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - t0)
-    return 2.0 * m * k * n / statistics.median(times)
+    return 2.0 * m * k * n / _median_seconds(run, calls)
 
 
 def _ort_matmul(x, w, threads):
-    import onnxruntime as ort
     from onnx import TensorProto, helper, numpy_helper
 
     graph = helper.make_graph(
@@ -212,14 +217,7 @@ def _ort_matmul(x, w, threads):
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, [x.shape[0], w.shape[1]])],
         [numpy_helper.from_array(w, "w")],
     )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
-    model.ir_version = 9
-    so = ort.SessionOptions()
-    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    if threads:
-        so.intra_op_num_threads = threads
-    session = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
-    return lambda: session.run(None, {"x": x})
+    return _ort_probe(graph, x, threads)
 
 
 def _openvino_matmul(x, w, precision, threads):

@@ -35,8 +35,9 @@ def test_rebuild_with_same_inputs_reuses(small):
 def test_changed_inputs_rebuild(small, tmp_path):
     model, out = small
     target = tmp_path / "eng"
-    build_engines(model, OPTS, target)
+    shutil.copytree(out, target)  # the fixture's build, copied: an engine directory may move
     key = Manifest.read(target).key
+    assert build_engines(model, OPTS, target).reused
     r = build_engines(model, BuildOptions(batch=1, clusters=3, order=1, kmeans_iterations=2), target)
     assert not r.reused and r.manifest.key != key and r.manifest.spec.options.clusters == 3
     other = load_model("dit-tiny", random_init=True, seed=6)
@@ -46,9 +47,9 @@ def test_changed_inputs_rebuild(small, tmp_path):
 
 
 def test_failed_build_leaves_nothing_and_keeps_previous(small, tmp_path, monkeypatch):
-    model, _ = small
+    model, out = small
     target = tmp_path / "eng"
-    build_engines(model, OPTS, target)
+    shutil.copytree(out, target)
     before = sorted(p.name for p in target.iterdir())
 
     def boom(*a, **k):
