@@ -108,6 +108,9 @@ class Settings:
     order: int | None = None
     warmup: int | None = None
     fresh: str | None = None
+    update: str | None = None
+    correction: float | tuple[float, ...] | None = None
+    pair: bool | None = None
     text_propagation: float | None = None
     text_clusters: int | None = None
     seed: int = 0
@@ -148,12 +151,13 @@ class Settings:
     def config(self, built_clusters: int, built_order: int, defaults: ClusCaConfig) -> ClusCaConfig:
         return ClusCaConfig.for_method(self.method, built_clusters=built_clusters, built_order=built_order,
                                        defaults=defaults, interval=self.interval, propagation=self.propagation,
-                                       order=self.order, warmup=self.warmup, fresh=self.fresh)
+                                       order=self.order, warmup=self.warmup, fresh=self.fresh, update=self.update,
+                                       correction=self.correction, pair=self.pair)
 
     def resolve(self, holder: Pipeline) -> ClusCaConfig:
         """The config on a build (its K must be ``clusters``, its order at least ``order``)."""
         return holder.resolve_config(self.method.value, self.interval, self.propagation, self.order, self.warmup,
-                                     self.fresh, self.clusters)
+                                     self.fresh, self.clusters, self.update, self.correction, self.pair)
 
 
 # --------------------------------------------------------------------------------------------
@@ -811,6 +815,9 @@ def enable(
     order: int | None = None,
     warmup: int | None = None,
     fresh: str | None = None,
+    update: str | None = None,
+    correction: float | tuple[float, ...] | None = None,
+    pair: bool | None = None,
     text_propagation: float | None = None,
     text_clusters: int | None = None,
     seed: int = 0,
@@ -826,7 +833,8 @@ def enable(
     ClusCa settings, named as ``Pipeline.generate`` names them (None: the family's defaults; with
     ``engines``: the build's): ``method`` (clusca, taylorseer, fora, full), ``interval`` N,
     ``clusters`` K (a build's must be its K), ``propagation`` gamma, ``order`` O, ``warmup`` W,
-    ``fresh`` (random, nearest); FLUX and HunyuanVideo: ``text_propagation`` (gamma of the text
+    ``fresh`` (random, nearest), ``update`` (paper, residual, step), ``correction`` (one share, or one
+    per block), ``pair`` (guidance rows share their fresh tokens); FLUX and HunyuanVideo: ``text_propagation`` (gamma of the text
     tokens, 0 by default) and ``text_clusters`` (K of the text tokens: K, at most the text length);
     ``seed``: of ClusCa's own draws (sample ``j`` of a call has the key ``(seed, j)``).
 
@@ -853,7 +861,8 @@ def enable(
         raise ConfigError(f"text_propagation applies to families with text tokens (FLUX, HunyuanVideo), got it for "
                           f"{family.label}")
     settings = Settings(method=method, interval=interval, clusters=clusters, propagation=propagation, order=order,
-                        warmup=warmup, fresh=fresh, text_propagation=text_propagation, text_clusters=text_clusters,
+                        warmup=warmup, fresh=fresh, update=update, correction=correction, pair=pair,
+                        text_propagation=text_propagation, text_clusters=text_clusters,
                         seed=seed, engines=engines, backend=backend, device=device, precision=precision, verify=verify)
     fingerprint = Fingerprint.of(transformer)
     _check_transformer(transformer, fingerprint)

@@ -185,6 +185,8 @@ def _dit_twin(pipe, monkeypatch, seed, batch, **settings):
 @pytest.mark.parametrize("method, settings", [
     ("clusca", dict(interval=3, clusters=4, order=2, propagation=0.01)),
     ("clusca", dict(interval=4, clusters=2, order=1, propagation=0.0, fresh="nearest")),
+    ("clusca", dict(interval=3, clusters=4, order=2, propagation=0.2, update="paper", pair=False)),
+    ("clusca", dict(interval=3, clusters=4, order=2, propagation=0.2, update="residual", correction=(0.0, 1.0))),
     ("taylorseer", dict(interval=3, order=2)),
 ])
 def test_dit_clusca_equals_pipeline_generate(monkeypatch, enable, method, settings):
