@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -21,6 +22,9 @@ def pytest_collection_modifyitems(config, items):
         path = Path(str(item.fspath)).resolve().relative_to(TESTS)
         item.add_marker(pytest.mark.xdist_group("serve" if path.parts[0] == "serve" else path.as_posix()))
 
+
+if os.environ.get("PYTEST_XDIST_WORKER"):  # one worker per core: torch's own threads would oversubscribe them
+    torch.set_num_threads(1)
 
 TINY = dit.DiTConfig(input_size=8, patch_size=2, in_channels=4, hidden_size=32, depth=2, num_heads=4, num_classes=10)
 

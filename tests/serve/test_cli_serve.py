@@ -59,7 +59,7 @@ def test_serve_answers_then_stops_on_ctrl_c(engines_k4):
         r = requests.post(url + "/generate", data=json.dumps(body), timeout=60)
         assert r.status_code == 200 and np.load(io.BytesIO(r.content))["latents"].shape == (2, 4, 16, 16)
         proc.send_signal(signal.SIGINT)
-        assert proc.wait(60) == 0
+        assert proc.wait(180) == 0  # Ray shuts down slowly on a loaded 2-core machine (other test workers)
     finally:
         if proc.poll() is None:  # only if it hung: its own process group, started above
             os.killpg(proc.pid, signal.SIGKILL)
