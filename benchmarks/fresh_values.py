@@ -188,7 +188,7 @@ def main() -> None:
     md = [
         f"# Fresh values against the forecast, block by block (`{MODEL}`)",
         "",
-        f"`{cmd}` in {(time.perf_counter() - t0) / 60:.0f} min on {device_name('cpu')}, torch backend "
+        f"`{cmd}` in {(time.perf_counter() - t0) / 60:.0f} min on {device_name()}, torch backend "
         f"(torch {torch.__version__}). {args.samples} samples (labels 0..9), seed {args.seed}, 50-step DDIM, CFG 1.5, "
         f"N={args.interval}, K={args.clusters}, O=2, on the TaylorSeer trajectory (update step, correction 0). Relative "
         "L2 errors against the model run in full on the same input, at each block's fresh tokens, means over the "
@@ -203,7 +203,7 @@ def main() -> None:
                   f"{r['stream_forecast_error']:.4f} | {r['stream_corrected_error']:.4f} | {r['output_error_ratio']:.3f} |")
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "fresh-values.md").write_text("\n".join(md) + "\n")
-    (args.out / "fresh-values.json").write_text(json.dumps({"command": cmd, "device": device_name("cpu"),
+    (args.out / "fresh-values.json").write_text(json.dumps({"command": cmd, "device": device_name(),
                                                            "settings": {k: str(v) for k, v in vars(args).items()},
                                                            "blocks": rows}, indent=1))
     print("\n".join(md))

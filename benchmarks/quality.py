@@ -274,8 +274,8 @@ def update_sections(rows: list[Row], paper: dict, default) -> list[str]:
     """The update rules' tables: PSNR by rule (N, gamma), the rows in full, and the default rule
     against the paper's over the main grid."""
     md = []
-    rules = [r for r in rows if r.group == "update-rules" or (r.method == "clusca" and r.clusters == 16
-             and r.interval in (5, 8) and r.propagation in (0.0, 0.2) and r.group == "main")]
+    rules = [r for r in rows if r.method == "clusca" and r.clusters == 16 and r.interval in (5, 8)
+             and r.propagation in (0.0, 0.2)]  # the paper's rows may stand in main or gamma-sweep
     ts = {r.interval: r for r in rows if r.method == "taylorseer" and r.order == ORDER and r.interval in (5, 8)}
     if any(r.group == "update-rules" for r in rules):
         cols = [(n, g) for n in (5, 8) for g in (0.0, 0.2)]
@@ -434,7 +434,7 @@ def main() -> None:
         f"# Quality vs speed on `{MODEL}` (built-in, trained on scikit-learn digits)",
         "",
         f"Produced by `python {' '.join(sys.argv)}` "
-        f"in {elapsed / 60:.0f} min on {base.engine.info.hardware or device_name('cpu')} "
+        f"in {elapsed / 60:.0f} min on {base.engine.info.hardware or device_name()} "
         f"(engines: {base.engine.info}; ONNX Runtime {onnxruntime.__version__}, torch {torch.__version__}; "
         f"k-means {spec.options.kmeans_iterations} iterations, {spec.options.distance}). "
         f"{args.samples} samples per row (class labels 0..9 repeated), seed {args.seed}, {args.steps}-step DDIM, "
@@ -471,7 +471,7 @@ def main() -> None:
         "kmeans_iterations": spec.options.kmeans_iterations,
         "model": MODEL, "samples": args.samples, "steps": args.steps, "seed": args.seed, "cfg_scale": args.cfg_scale,
         "batch": args.batch, "full_seconds": full_seconds, "real_digits": None if real is None else real.__dict__,
-        "groups": list(groups), "device": device_name("cpu"),
+        "groups": list(groups), "device": device_name(),
         "rows": [dict(label=r.label, method=r.method, steps=r.steps, interval=r.interval, clusters=r.clusters,
                       order=r.order, propagation=r.propagation, group=r.group, update=r.update, correction=r.correction,
                       pair=r.pair, **r.out) for r in rows],
