@@ -352,9 +352,10 @@ def test_an_unreachable_floor_says_the_best_psnr_found(pipe):
 
 def test_a_time_limit_alone_maximises_psnr(pipe):
     full = _tune(pipe, min_psnr=0.0).full_seconds
-    r = _tune(pipe, max_seconds=full / 1.5)
+    limit = 0.9 * full  # room for the second tune's timings to drift (other test workers share the cores)
+    r = _tune(pipe, max_seconds=limit)
     assert r.chosen is not None and r.settings.objective == "psnr"
-    fits = [c for c in r.candidates if c.verdict is Verdict.PASS and c.predicted_seconds <= full / 1.5]
+    fits = [c for c in r.candidates if c.verdict is Verdict.PASS and c.predicted_seconds <= limit]
     assert r.chosen.mean_psnr == max(c.mean_psnr for c in fits)
 
 
