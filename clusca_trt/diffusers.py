@@ -834,8 +834,9 @@ def enable(
     ``engines``: the build's): ``method`` (clusca, taylorseer, fora, full), ``interval`` N,
     ``clusters`` K (a build's must be its K), ``propagation`` gamma, ``order`` O, ``warmup`` W,
     ``fresh`` (random, nearest), ``update`` (paper, residual, step), ``correction`` (one share, or one
-    per block), ``pair`` (guidance rows share their fresh tokens); FLUX and HunyuanVideo: ``text_propagation`` (gamma of the text
-    tokens, 0 by default) and ``text_clusters`` (K of the text tokens: K, at most the text length);
+    per block), ``pair`` (guidance rows share their fresh tokens); FLUX and HunyuanVideo:
+    ``text_propagation`` (gamma of the text tokens, 0 by default) and ``text_clusters`` (K of the text
+    tokens: K, at most the text length);
     ``seed``: of ClusCa's own draws (sample ``j`` of a call has the key ``(seed, j)``).
 
     Where it runs: without ``engines``, our PyTorch step modules over the transformer's own weights,
