@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import math
 import statistics
 import sys
 import time
@@ -41,6 +40,7 @@ from clusca_trt.engines.manifest import library_versions  # noqa: E402
 from clusca_trt.engines.openvino import cpu_capabilities  # noqa: E402
 from clusca_trt.exporters.build import build_engines  # noqa: E402
 from clusca_trt.models import load_model  # noqa: E402
+from clusca_trt.runtime.metrics import latent_psnr  # noqa: E402
 from clusca_trt.runtime.pipeline import Pipeline  # noqa: E402
 from clusca_trt.spec import BuildOptions  # noqa: E402
 
@@ -57,12 +57,6 @@ def configurations(requested: str | None) -> list[tuple[str, str]]:
     if "BF16" in cpu_capabilities():
         out.append(("openvino", "bf16"))
     return out
-
-
-def psnr(latent: np.ndarray, ref: np.ndarray) -> float:
-    mse = float(np.mean((latent.astype(np.float64) - ref) ** 2))
-    peak = float(ref.max() - ref.min())
-    return math.inf if mse == 0 else 10 * math.log10(peak**2 / mse)
 
 
 def main(argv=None) -> int:
@@ -129,7 +123,7 @@ def main(argv=None) -> int:
             "ms_per_call": {g: round(statistics.median(ts) * 1e3, 3) for g, ts in sorted(per_graph.items())},
             "clusca_vs_full": statistics.median(f / s for f, s in zip(runs[c, "full"], runs[c, "clusca"])),
             "clustering_selection_share": statistics.median(share[c]),
-            "psnr_vs_reference": {m: psnr(latents[c, m], latents[ref, m]) for m in METHODS} if c != ref else None,
+            "psnr_vs_reference": {m: latent_psnr(latents[c, m], latents[ref, m]) for m in METHODS} if c != ref else None,
             "tokens_in_another_cluster": float(np.mean(assign[c] != assign[ref])) if c != ref else None,
         }
     base = result["configs"][f"{ref[0]} {ref[1]}"]["run_s"]

@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import math
 import statistics
 import sys
 import time
@@ -46,6 +45,7 @@ from clusca_trt.engines.manifest import library_versions  # noqa: E402
 from clusca_trt.exporters.build import build_engines  # noqa: E402
 from clusca_trt.models import LoadedModel  # noqa: E402
 from clusca_trt.models import flux  # noqa: E402
+from clusca_trt.runtime.metrics import latent_psnr  # noqa: E402
 from clusca_trt.runtime.pipeline import Pipeline  # noqa: E402
 from clusca_trt.spec import BuildOptions  # noqa: E402
 
@@ -69,12 +69,6 @@ def loaded_model(args) -> LoadedModel:
     return LoadedModel(f"flux-dev-width-{args.double}d{args.single}s", flux.FAMILY, flux.FluxAdapter(model, cfg),
                        cfg.to_dict(), {"kind": "random-init", "seed": args.seed}, options=options,
                        build_name=f"{cfg.height}x{cfg.width}")
-
-
-def psnr(latent: np.ndarray, ref: np.ndarray) -> float:
-    mse = float(np.mean((latent.astype(np.float64) - ref) ** 2))
-    peak = float(ref.max() - ref.min())
-    return math.inf if mse == 0 else 10 * math.log10(peak**2 / mse)
 
 
 def main(argv=None) -> int:
@@ -143,7 +137,7 @@ def main(argv=None) -> int:
                        "warmup": config.warmup, "propagation": config.propagation},
             "seconds": statistics.median(seconds), "runs": seconds, "wall_speedup": speedup,
             "flops_speedup": fx, "efficiency": speedup / fx, "step_counts": runs[m][0].step_counts,
-            "psnr_vs_full": psnr(latents[m], latents["full"]) if m != "full" else None,
+            "psnr_vs_full": latent_psnr(latents[m], latents["full"]) if m != "full" else None,
             "ms_per_call": {g: round(statistics.median(ts) * 1e3, 2) for g, ts in timings.items()},
         }
     result = {

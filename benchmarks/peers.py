@@ -51,6 +51,7 @@ from clusca_trt.engines.manifest import library_versions  # noqa: E402
 from clusca_trt.models import load_model  # noqa: E402
 from clusca_trt.runtime import dit as dit_runtime  # noqa: E402
 from clusca_trt.analysis.bench import device_name  # noqa: E402
+from clusca_trt.runtime.metrics import latent_psnr  # noqa: E402
 from clusca_trt.runtime.pipeline import Pipeline  # noqa: E402
 from clusca_trt.spec import BuildOptions  # noqa: E402
 
@@ -551,10 +552,7 @@ def cpu_targets(by: dict) -> dict:
 
 
 def errors(latent: np.ndarray, ref: np.ndarray) -> tuple[float, float]:
-    rel = float(np.linalg.norm(latent - ref) / np.linalg.norm(ref))
-    mse = float(np.mean((latent.astype(np.float64) - ref) ** 2))
-    peak = float(ref.max() - ref.min())
-    return rel, (math.inf if mse == 0 else 10 * math.log10(peak**2 / mse))
+    return float(np.linalg.norm(latent - ref) / np.linalg.norm(ref)), latent_psnr(latent, ref)
 
 
 def measure(entries: list[Entry], args) -> None:

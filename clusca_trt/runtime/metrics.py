@@ -10,6 +10,8 @@ benchmark) use the one implementation.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 
@@ -34,6 +36,14 @@ def psnr_each(a: np.ndarray, b: np.ndarray, data_range: float = 1.0) -> np.ndarr
 def psnr(a: np.ndarray, b: np.ndarray, data_range: float = 1.0) -> float:
     """Mean over images of ``10 log10(data_range^2 / MSE)`` (inf where an image is identical)."""
     return float(np.mean(psnr_each(a, b, data_range)))
+
+
+def latent_psnr(latent: np.ndarray, reference: np.ndarray) -> float:
+    """One PSNR over two whole arrays (final latents of any shape), the reference's value range as
+    the peak: ``10 log10(range^2 / MSE)``; inf where they are equal (the benchmarks' error column)."""
+    mse = float(np.mean((np.asarray(latent, np.float64) - reference) ** 2))
+    peak = float(reference.max() - reference.min())
+    return math.inf if mse == 0 else 10 * math.log10(peak**2 / mse)
 
 
 def _gaussian_window(size: int = 11, sigma: float = 1.5) -> np.ndarray:

@@ -396,3 +396,12 @@ def test_flux_tunes_on_embeddings_and_refuses_none_for_trained_weights(flux_engi
         assert inputs["prompt_embeds"].shape[0] == 2
         r = T.tune(p, T.TuneSettings(min_psnr=20.0, budget_seconds=60.0, max_interval=3), inputs, steps=4)
     assert r.chosen is not None and r.scored_on == "images" and r.chosen.samples == 2
+
+
+def test_latent_psnr_is_one_psnr_over_the_arrays_with_the_reference_range_as_peak():
+    from clusca_trt.runtime.metrics import latent_psnr
+
+    ref = np.array([[0.0, 2.0], [1.0, 1.0]], np.float32)  # range 2
+    assert latent_psnr(ref, ref) == float("inf")
+    got = latent_psnr(ref + np.float32(0.1), ref)  # MSE 0.01: 10 log10(4 / 0.01)
+    assert got == pytest.approx(10 * np.log10(400.0), rel=1e-6)
