@@ -39,36 +39,18 @@ sys.path.insert(0, str(ROOT))
 import clusca_trt  # noqa: E402
 from clusca_trt.analysis.bench import device_name  # noqa: E402
 from clusca_trt.engines.manifest import library_versions  # noqa: E402
+from peers import SIZES, dit_pipeline, random_diffusers_dit  # noqa: E402  (benchmarks/: the script's folder)
 
 log = logging.getLogger("diffusers_overhead")
 
-SIZES = {  # heads, head dim, layers, latent side (DiT-B/2 at 256 px: 256 tokens)
-    "b2": dict(num_attention_heads=12, attention_head_dim=64, num_layers=12, sample_size=32),
-    "tiny": dict(num_attention_heads=4, attention_head_dim=8, num_layers=2, sample_size=16),
-}
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def make_pipeline(size: str, seed: int, device: str, dtype: torch.dtype):
-    from diffusers import AutoencoderKL, DDIMScheduler, DiTPipeline, DiTTransformer2DModel
-
-    torch.manual_seed(seed)
-    t = DiTTransformer2DModel(in_channels=4, out_channels=8, patch_size=2, num_embeds_ada_norm=1000, **SIZES[size])
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in t.parameters():
-            p.copy_(torch.randn(p.shape, generator=gen) / (p.shape[-1] ** 0.5 if p.ndim > 1 else 4.0))
-        first = t.transformer_blocks[0].norm1.emb
-        for blk in t.transformer_blocks[1:]:  # tied, as in every converted DiT checkpoint
-            blk.norm1.emb.load_state_dict(first.state_dict())
-    vae = AutoencoderKL(latent_channels=4, block_out_channels=(8, 8), down_block_types=("DownEncoderBlock2D",) * 2,
-                        up_block_types=("UpDecoderBlock2D",) * 2, layers_per_block=1, norm_num_groups=2)
-    scheduler = DDIMScheduler(beta_schedule="linear", beta_start=0.0001, beta_end=0.02, clip_sample=False,
-                              set_alpha_to_one=True, steps_offset=0)
-    pipe = DiTPipeline(transformer=t.eval(), vae=vae.eval(), scheduler=scheduler)
+    """peers.py's pipeline over peers.py's random DiT (``SIZES``: b2 is DiT-B/2 at 256 px, 256 tokens)."""
+    pipe = dit_pipeline(random_diffusers_dit(size, seed))
     if device != "cpu" or dtype != torch.float32:
         pipe = pipe.to(device, dtype)
-    pipe.set_progress_bar_config(disable=True)
     return pipe
 
 

@@ -79,14 +79,11 @@ class Entry:
 # the model
 
 
-def make_diffusers_dit(folder: Path, size: str, seed: int) -> None:
-    """A diffusers DiT with random weights, per-block conditioning embeddings tied (as in every
-    converted DiT checkpoint, and as our loader requires), saved to ``folder``."""
+def random_diffusers_dit(size: str, seed: int):
+    """A diffusers DiT of ``SIZES[size]`` with random weights, per-block conditioning embeddings tied
+    (as in every converted DiT checkpoint, and as our loader requires)."""
     from diffusers import DiTTransformer2DModel
 
-    if (folder / "config.json").is_file():
-        log.info("reusing %s", folder)
-        return
     torch.manual_seed(seed)
     m = DiTTransformer2DModel(in_channels=4, out_channels=8, patch_size=2, num_embeds_ada_norm=1000, **SIZES[size])
     gen = torch.Generator().manual_seed(seed)
@@ -96,7 +93,28 @@ def make_diffusers_dit(folder: Path, size: str, seed: int) -> None:
         first = m.transformer_blocks[0].norm1.emb
         for blk in m.transformer_blocks[1:]:
             blk.norm1.emb.load_state_dict(first.state_dict())
-    m.save_pretrained(folder)
+    return m.eval()
+
+
+def make_diffusers_dit(folder: Path, size: str, seed: int) -> None:
+    """``random_diffusers_dit`` saved to ``folder`` (kept where it is already there)."""
+    if (folder / "config.json").is_file():
+        log.info("reusing %s", folder)
+        return
+    random_diffusers_dit(size, seed).save_pretrained(folder)
+
+
+def dit_pipeline(transformer):
+    """A ``DiTPipeline`` over ``transformer`` with a tiny VAE and diffusers' DDIM set up as DiT samples."""
+    from diffusers import AutoencoderKL, DDIMScheduler, DiTPipeline
+
+    vae = AutoencoderKL(latent_channels=4, block_out_channels=(8, 8), down_block_types=("DownEncoderBlock2D",) * 2,
+                        up_block_types=("UpDecoderBlock2D",) * 2, layers_per_block=1, norm_num_groups=2).eval()
+    scheduler = DDIMScheduler(beta_schedule="linear", beta_start=0.0001, beta_end=0.02, clip_sample=False,
+                              set_alpha_to_one=True, steps_offset=0)
+    pipe = DiTPipeline(transformer=transformer, vae=vae, scheduler=scheduler)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
 
 
 def load_diffusers(folder: Path):
@@ -350,14 +368,7 @@ class PipelineSampler:
     VAE. ``before``: called before each pipeline call (a hook's reset); ``context``: around it."""
 
     def __init__(self, folder: Path, args, before=None, context=contextlib.nullcontext):
-        from diffusers import AutoencoderKL, DDIMScheduler, DiTPipeline
-
-        vae = AutoencoderKL(latent_channels=4, block_out_channels=(8, 8), down_block_types=("DownEncoderBlock2D",) * 2,
-                            up_block_types=("UpDecoderBlock2D",) * 2, layers_per_block=1, norm_num_groups=2).eval()
-        scheduler = DDIMScheduler(beta_schedule="linear", beta_start=0.0001, beta_end=0.02, clip_sample=False,
-                                  set_alpha_to_one=True, steps_offset=0)
-        self.pipe = DiTPipeline(transformer=load_diffusers(folder), vae=vae, scheduler=scheduler)
-        self.pipe.set_progress_bar_config(disable=True)
+        self.pipe = dit_pipeline(load_diffusers(folder))
         self.args, self.before, self.context = args, before, context
 
     def __call__(self, steps: int) -> np.ndarray:
