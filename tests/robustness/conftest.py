@@ -76,6 +76,30 @@ def write_sealed(directory: Path, data) -> None:
     (Path(directory) / "manifest.json").write_text(json.dumps(data))
 
 
+def set_key(value, *keys):
+    """An edit for ``edit_manifest``: ``d[k0][k1]...[kn] = value``."""
+    def edit(d):
+        target = d
+        for k in keys[:-1]:
+            target = target[k]
+        target[keys[-1]] = value
+        return d
+
+    return edit
+
+
+def drop_key(*keys):
+    """An edit for ``edit_manifest``: ``del d[k0][k1]...[kn]``."""
+    def edit(d):
+        target = d
+        for k in keys[:-1]:
+            target = target[k]
+        del target[keys[-1]]
+        return d
+
+    return edit
+
+
 def edit_manifest(directory: Path, edit, seal: bool = True) -> None:
     """``edit(data)`` (returning the new data) on ``DIR/manifest.json``; resealed unless ``seal`` is False."""
     data = edit(json.loads((Path(directory) / "manifest.json").read_text()))

@@ -16,29 +16,7 @@ from clusca_trt.exporters.build import build_engines
 from clusca_trt.runtime.pipeline import Pipeline
 
 
-from .conftest import OPTIONS, cli_error, copy_engine, micro_model, one_line, write_sealed
-
-
-def _drop(*keys):
-    def edit(d):
-        target = d
-        for k in keys[:-1]:
-            target = target[k]
-        del target[keys[-1]]
-        return d
-
-    return edit
-
-
-def _set(value, *keys):
-    def edit(d):
-        target = d
-        for k in keys[:-1]:
-            target = target[k]
-        target[keys[-1]] = value
-        return d
-
-    return edit
+from .conftest import OPTIONS, cli_error, copy_engine, drop_key, micro_model, one_line, set_key, write_sealed
 
 
 def _build_dir_of(d):
@@ -50,31 +28,31 @@ CASES = {
     "json-list": (lambda d: [d], "expected a JSON object, got a list"),
     "json-null": (lambda d: None, "expected a JSON object, got null"),
     "json-number": (lambda d: 3, "expected a JSON object, got an integer"),
-    "old-format": (_set(1, "format"), f"expected engine format {FORMAT}"),
-    "unknown-default": (_set(9, "defaults", "speed"), "expected defaults keys among interval, clusters"),
-    "bad-default": (_set(0, "defaults", "interval"), "defaults: interval must be an integer >= 1, got 0"),
-    "graph-removed": (_drop("graphs", "partial"), "expected graphs cond, plain, full, forecast, partial"),
-    "spec-field-removed": (_drop("spec", "slots"), "expected spec.slots, got none"),
-    "spec-field-wrong-type": (_set("64", "spec", "slots", 0, "tokens"), "expected spec.slots[0].tokens to be an integer"),
-    "spec-edited": (_set([2, 4, 8, 9], "spec", "graphs", "full", "outputs", 0, "shape"),
+    "old-format": (set_key(1, "format"), f"expected engine format {FORMAT}"),
+    "unknown-default": (set_key(9, "defaults", "speed"), "expected defaults keys among interval, clusters"),
+    "bad-default": (set_key(0, "defaults", "interval"), "defaults: interval must be an integer >= 1, got 0"),
+    "graph-removed": (drop_key("graphs", "partial"), "expected graphs cond, plain, full, forecast, partial"),
+    "spec-field-removed": (drop_key("spec", "slots"), "expected spec.slots, got none"),
+    "spec-field-wrong-type": (set_key("64", "spec", "slots", 0, "tokens"), "expected spec.slots[0].tokens to be an integer"),
+    "spec-edited": (set_key([2, 4, 8, 9], "spec", "graphs", "full", "outputs", 0, "shape"),
                     "expected spec to be the spec its options and shapes make"),
-    "build-mismatch": (_set(3, "build", "clusters"), "expected build to equal spec.options"),
-    "model-missing": (_drop("model"), "expected manifest.model, got none"),
-    "source-kind-missing": (_drop("model", "source", "kind"), "expected model.source.kind, got none"),
-    "sampling-missing": (_drop("model", "sampling", "num_classes"), "expected model.sampling.num_classes, got none"),
-    "family-unknown": (_set("unet", "model", "family"), "expected model.family to be one of dit, flux, hunyuan-video"),
-    "hash-not-hex": (_set("zz", "graphs", "full", "files", 0, "sha256"), "sha256 to be 64 hex digits"),
-    "bytes-wrong-type": (_set("10", "graphs", "full", "files", 0, "bytes"), "bytes to be an integer"),
-    "absolute-graph-path": (_set("/etc/passwd", "graphs", "full", "file"), "graphs.full.file to be a file name inside"),
-    "parent-graph-path": (_set("../../x.onnx", "graphs", "full", "files", 0, "file"), "to be a file name inside"),
-    "absolute-build-dir": (_set("/tmp", "build_dir"), "expected build_dir to be builds/<name>"),
-    "parent-build-dir": (_set(".builds/../..", "build_dir"), "expected build_dir to be builds/<name>"),
-    "relative-decoder": (_set({"kind": "vae", "path": "vae"}, "decoder"), "expected decoder.path to be an absolute"),
-    "decoder-kind": (_set({"kind": "gan"}, "decoder"), "expected decoder.kind to be one of pixels, vae, video-vae"),
-    "plan-outside": (_set({"key": "k", "platform": {}, "options": {}, "plans": {"full": {
+    "build-mismatch": (set_key(3, "build", "clusters"), "expected build to equal spec.options"),
+    "model-missing": (drop_key("model"), "expected manifest.model, got none"),
+    "source-kind-missing": (drop_key("model", "source", "kind"), "expected model.source.kind, got none"),
+    "sampling-missing": (drop_key("model", "sampling", "num_classes"), "expected model.sampling.num_classes, got none"),
+    "family-unknown": (set_key("unet", "model", "family"), "expected model.family to be one of dit, flux, hunyuan-video"),
+    "hash-not-hex": (set_key("zz", "graphs", "full", "files", 0, "sha256"), "sha256 to be 64 hex digits"),
+    "bytes-wrong-type": (set_key("10", "graphs", "full", "files", 0, "bytes"), "bytes to be an integer"),
+    "absolute-graph-path": (set_key("/etc/passwd", "graphs", "full", "file"), "graphs.full.file to be a file name inside"),
+    "parent-graph-path": (set_key("../../x.onnx", "graphs", "full", "files", 0, "file"), "to be a file name inside"),
+    "absolute-build-dir": (set_key("/tmp", "build_dir"), "expected build_dir to be builds/<name>"),
+    "parent-build-dir": (set_key(".builds/../..", "build_dir"), "expected build_dir to be builds/<name>"),
+    "relative-decoder": (set_key({"kind": "vae", "path": "vae"}, "decoder"), "expected decoder.path to be an absolute"),
+    "decoder-kind": (set_key({"kind": "gan"}, "decoder"), "expected decoder.kind to be one of pixels, vae, video-vae"),
+    "plan-outside": (set_key({"key": "k", "platform": {}, "options": {}, "plans": {"full": {
         "file": "../full.plan", "files": [{"file": "../full.plan", "bytes": 1, "sha256": "0" * 64}]}}}, "tensorrt"),
         "tensorrt.plans.full.file to be a file name inside"),
-    "versions-wrong": (_set({"torch": 2}, "versions"), "expected versions to map names to version strings"),
+    "versions-wrong": (set_key({"torch": 2}, "versions"), "expected versions to map names to version strings"),
 }
 
 

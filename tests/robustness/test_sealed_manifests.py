@@ -23,27 +23,8 @@ from clusca_trt.errors import EngineError
 from clusca_trt.exporters.build import build_engines
 from clusca_trt.runtime.pipeline import Pipeline
 
-from .conftest import (OPTIONS, TINY_BUILD_FLAGS, cli_error, copy_engine, copy_graphs, edit_manifest, micro_model,
-                       one_line)
-
-
-def _set(value, *keys):
-    def edit(d):
-        target = d
-        for k in keys[:-1]:
-            target = target[k]
-        target[keys[-1]] = value
-        return d
-
-    return edit
-
-
-def _drop(key):
-    def edit(d):
-        d.pop(key, None)
-        return d
-
-    return edit
+from .conftest import (OPTIONS, TINY_BUILD_FLAGS, cli_error, copy_engine, copy_graphs, drop_key, edit_manifest,
+                       micro_model, one_line, set_key)
 
 
 def _both(*edits):
@@ -58,12 +39,12 @@ def _both(*edits):
 CHANGED = "was changed after clusca-trt wrote it"
 # a hand edit (the digest left as it was) -> what refuses it
 HAND_EDITS = {
-    "num-classes": (_set(1000, "model", "sampling", "num_classes"), CHANGED),
-    "decoder-pixels": (_set({"kind": "pixels"}, "decoder"), CHANGED),
-    "latent-shape": (_set([4, 100000, 100000], "model", "sampling", "latent_shape"), CHANGED),
-    "default-interval": (_set(3, "defaults", "interval"), CHANGED),
-    "digest-garbage": (_set("0" * 64, "digest"), CHANGED),
-    "digest-removed": (_drop("digest"), "is not sealed: expected its digest, got none"),
+    "num-classes": (set_key(1000, "model", "sampling", "num_classes"), CHANGED),
+    "decoder-pixels": (set_key({"kind": "pixels"}, "decoder"), CHANGED),
+    "latent-shape": (set_key([4, 100000, 100000], "model", "sampling", "latent_shape"), CHANGED),
+    "default-interval": (set_key(3, "defaults", "interval"), CHANGED),
+    "digest-garbage": (set_key("0" * 64, "digest"), CHANGED),
+    "digest-removed": (drop_key("digest"), "is not sealed: expected its digest, got none"),
 }
 
 
@@ -107,7 +88,7 @@ def test_cli_build_does_not_call_an_edited_manifest_up_to_date(tiny, tmp_path, m
     d = copy_engine(tiny, tmp_path / "eng")
     r = CliRunner().invoke(main, ["-q", "build", *TINY_BUILD_FLAGS, "--out", str(d)])
     assert r.exit_code == 0 and "up to date" in r.output, r.output  # the same inputs: reused
-    edit_manifest(d, _set(1000, "model", "sampling", "num_classes"), seal=False)
+    edit_manifest(d, set_key(1000, "model", "sampling", "num_classes"), seal=False)
     monkeypatch.setattr("clusca_trt.exporters.build.export_all", lambda adapter, spec, out: copy_graphs(tiny, out))
     r = CliRunner().invoke(main, ["-q", "build", *TINY_BUILD_FLAGS, "--out", str(d)])
     assert r.exit_code == 0 and ": built (" in r.output, r.output
@@ -116,21 +97,21 @@ def test_cli_build_does_not_call_an_edited_manifest_up_to_date(tiny, tmp_path, m
 
 # a forged manifest (edited, then its digest recomputed) -> the check that refuses it
 FORGED = {
-    "num-classes-1000": (_both(_set(1000, "model", "sampling", "num_classes"),
-                               _set(1000, "model", "config", "num_classes")),
+    "num-classes-1000": (_both(set_key(1000, "model", "sampling", "num_classes"),
+                               set_key(1000, "model", "config", "num_classes")),
                          "cond.onnx embeds 10 classes (and the null class): expected model.sampling.num_classes 10, "
                          "got 1000"),
-    "num-classes-5": (_both(_set(5, "model", "sampling", "num_classes"), _set(5, "model", "config", "num_classes")),
+    "num-classes-5": (_both(set_key(5, "model", "sampling", "num_classes"), set_key(5, "model", "config", "num_classes")),
                       "cond.onnx embeds 10 classes"),
-    "num-classes-vs-config": (_set(1000, "model", "sampling", "num_classes"),
+    "num-classes-vs-config": (set_key(1000, "model", "sampling", "num_classes"),
                               "expected model.sampling.num_classes to equal model.config.num_classes 10, got 1000"),
-    "latent-shape": (_set([4, 100000, 100000], "model", "sampling", "latent_shape"),
+    "latent-shape": (set_key([4, 100000, 100000], "model", "sampling", "latent_shape"),
                      "expected model.sampling.latent_shape to be [4, 8, 8] (the x input's shape per sample)"),
-    "latent-channels": (_set([3, 8, 8], "model", "sampling", "latent_shape"),
+    "latent-channels": (set_key([3, 8, 8], "model", "sampling", "latent_shape"),
                         "expected model.sampling.latent_shape to be [4, 8, 8]"),
-    "decoder-pixels": (_set({"kind": "pixels"}, "decoder"),
+    "decoder-pixels": (set_key({"kind": "pixels"}, "decoder"),
                        "expected a pixels decoder on a model of 1 or 3 channels (grey, RGB), got 4 channels"),
-    "decoder-video": (_set({"kind": "video-vae", "path": "/tmp/vae"}, "decoder"),
+    "decoder-video": (set_key({"kind": "video-vae", "path": "/tmp/vae"}, "decoder"),
                       "expected decoder.kind of a dit build to be pixels or vae, got 'video-vae'"),
 }
 
