@@ -186,10 +186,9 @@ def _descends_from_us(pid: int) -> bool:
     return False
 
 
-def test_a_replica_killed_mid_request_is_retried_and_replaced(server, pipe):
-    pids = replica_pids()
-    assert len(pids) == 2
-    body = {"class_labels": [3], "seed": 11, "steps": 300}
+def post_in_flight(server, body: dict) -> tuple[threading.Thread, dict]:
+    """POST ``body`` from a thread and return once the server has it in flight (within 30 s): the
+    thread and the dict its ``response`` lands in."""
     result = {}
     client = threading.Thread(target=lambda: result.setdefault("response", post(server, body)))
     client.start()
@@ -197,6 +196,14 @@ def test_a_replica_killed_mid_request_is_retried_and_replaced(server, pipe):
     while requests.get(server.url + "/info", timeout=10).json()["in_flight"] < 1:
         assert time.monotonic() < deadline
         time.sleep(0.05)
+    return client, result
+
+
+def test_a_replica_killed_mid_request_is_retried_and_replaced(server, pipe):
+    pids = replica_pids()
+    assert len(pids) == 2
+    body = {"class_labels": [3], "seed": 11, "steps": 300}
+    client, result = post_in_flight(server, body)
     time.sleep(0.3)
     for pid in pids:
         os.kill(pid, signal.SIGKILL)
@@ -276,13 +283,7 @@ def test_a_killed_api_replica_answers_one_line_of_json(server, pipe):
     pids = replica_pids(API)
     assert len(pids) == 1
     body = {"class_labels": [3], "seed": 41, "steps": 300}
-    result = {}
-    client = threading.Thread(target=lambda: result.setdefault("response", post(server, body)))
-    client.start()
-    deadline = time.monotonic() + 30
-    while requests.get(server.url + "/info", timeout=10).json()["in_flight"] < 1:
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
+    client, result = post_in_flight(server, body)
     os.kill(pids[0], signal.SIGKILL)
     client.join(120)
     assert assert_one_line_error(result["response"], 500) == NO_ANSWER
