@@ -78,6 +78,16 @@ FLUX_OPTIONS = BuildOptions(batch=2, clusters=4, text_clusters=3, order=2)  # K_
 
 
 @pytest.fixture(scope="session")
+def hv_folder(tmp_path_factory):
+    """A tiny HunyuanVideo pipeline folder (transformer, Llama and CLIP text encoders, tokenizers, VAE)."""
+    from tests.hunyuan_helpers import make_hunyuan_folder
+
+    folder = tmp_path_factory.mktemp("hv") / "HunyuanVideo-tiny"
+    make_hunyuan_folder(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
 def flux_folder(tmp_path_factory):
     """A tiny FLUX.1-dev-like pipeline folder (transformer, T5, CLIP, tokenizers, VAE, scheduler)."""
     from tests.flux_helpers import make_flux_folder

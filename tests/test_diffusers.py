@@ -73,15 +73,6 @@ def flux_pipe(flux_base):
 
 
 @pytest.fixture(scope="module")
-def hv_folder(tmp_path_factory):
-    from tests.hunyuan_helpers import make_hunyuan_folder
-
-    folder = tmp_path_factory.mktemp("hv") / "HunyuanVideo-tiny"
-    make_hunyuan_folder(folder)
-    return folder
-
-
-@pytest.fixture(scope="module")
 def hv_base(hv_folder):
     from diffusers import HunyuanVideoPipeline
 

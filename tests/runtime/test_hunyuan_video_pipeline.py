@@ -15,7 +15,7 @@ from clusca_trt.models import load_model
 from clusca_trt.runtime.pipeline import Pipeline
 from clusca_trt.spec import BuildOptions
 from tests.exporters.test_export import _shapes
-from tests.hunyuan_helpers import TINY, make_hunyuan_folder
+from tests.hunyuan_helpers import TINY
 from tests.step_helpers import read_cache
 
 STEPS = 8
@@ -25,13 +25,6 @@ PROMPTS = ["a cat on the sea", "a red dog", "the blue sky"]  # 3: two chunks at 
 
 def rel_err(a, b):
     return float(np.abs(a - b).max() / np.abs(b).max())
-
-
-@pytest.fixture(scope="module")
-def hv_folder(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("hv") / "HunyuanVideo-tiny"
-    make_hunyuan_folder(folder)
-    return folder
 
 
 @pytest.fixture(scope="module")
